@@ -1,0 +1,18 @@
+from .attention_processor import (
+    SkyReelsV3Attention,
+    SkyReelsV3AttnProcessor,
+    SkyReelsV3AudioAttention,
+    SkyReelsV3AudioAttnProcessor,
+)
+from .audio_projection import SkyReelsV3AudioProjection
+from .transformer_skyreels_v3 import SkyReelsV3Transformer3DModel, SkyReelsV3TransformerBlock
+
+__all__ = [
+    "SkyReelsV3Attention",
+    "SkyReelsV3AttnProcessor",
+    "SkyReelsV3AudioAttention",
+    "SkyReelsV3AudioAttnProcessor",
+    "SkyReelsV3AudioProjection",
+    "SkyReelsV3Transformer3DModel",
+    "SkyReelsV3TransformerBlock",
+]

@@ -1,0 +1,184 @@
+"""Attention modules and processors of the SkyReels-V3 transformer.
+
+Every processor prepares query/key/value in the `(batch, seq, heads, head_dim)` layout and calls diffusers'
+`dispatch_attention_fn`, so `set_attention_backend(...)` and context parallelism (`enable_parallelism`) reach all
+of them. Each processor class carries the two attributes that contract relies on: `_attention_backend` and
+`_parallel_config`. A different kernel or parallel scheme is a different processor, never a patched forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttention
+
+
+def rms_norm_fp32(hidden_states: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """RMS-normalise over the last dim in float32 and multiply by the weight, returning float32.
+
+    Rounding to the compute dtype is left to the caller so that normalisation and RoPE round only once (the
+    extension original keeps this chain in float32; rounding earlier only adds error).
+    """
+    x = hidden_states.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return x * norm.weight.float()
+
+
+def apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent (even, odd) channel pairs of `[B, L, H, D]` by real cos/sin tables of shape `[1, L, 1, D]`.
+
+    The tables hold each frequency twice (repeat-interleaved); the math runs in float32 and the result stays in
+    float32.
+    """
+    x = hidden_states.float()
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class SkyReelsV3AttnProcessor:
+    """Self- and cross-attention of a SkyReels-V3 block (`attn1`, `attn2`).
+
+    * q/k RMSNorm across all heads and 3-D RoPE are computed in float32 and rounded to the compute dtype once,
+      right before the attention kernel.
+    * The image branch of the talking-avatar model (dual cross-attention) receives the CLIP tokens as a separate
+      argument (`encoder_hidden_states_image`) instead of splitting a concatenated context at a hard-coded text
+      length; its output is added to the text attention output before `to_out`.
+    * Self-attention passes the model's parallel config (context parallelism); cross-attention attends from the
+      local query shard to the full, replicated text/image tokens and passes none.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        is_self_attention = encoder_hidden_states is None
+        context = hidden_states if is_self_attention else encoder_hidden_states
+
+        if getattr(attn, "fused_projections", False):
+            if is_self_attention:
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(context).chunk(2, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+
+        query = rms_norm_fp32(query, attn.norm_q).unflatten(2, (attn.heads, -1))
+        key = rms_norm_fp32(key, attn.norm_k).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_rotary_emb(query, *rotary_emb)
+            key = apply_rotary_emb(key, *rotary_emb)
+        query, key = query.to(dtype), key.to(dtype)
+
+        hidden_states = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config if is_self_attention else None,
+        ).flatten(2, 3)
+
+        if encoder_hidden_states_image is not None:
+            if getattr(attn, "fused_projections", False):
+                key_img, value_img = attn.to_added_kv(encoder_hidden_states_image).chunk(2, dim=-1)
+            else:
+                key_img = attn.add_k_proj(encoder_hidden_states_image)
+                value_img = attn.add_v_proj(encoder_hidden_states_image)
+            key_img = rms_norm_fp32(key_img, attn.norm_added_k).to(dtype).unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            hidden_states_img = dispatch_attention_fn(
+                query, key_img, value_img, backend=self._attention_backend, parallel_config=None
+            ).flatten(2, 3)
+            hidden_states = hidden_states + hidden_states_img
+
+        hidden_states = attn.to_out[0](hidden_states.to(dtype))
+        return attn.to_out[1](hidden_states)
+
+
+class SkyReelsV3Attention(WanAttention):
+    """diffusers' `WanAttention` (same parameters and state-dict names) with the SkyReels-V3 processor."""
+
+    _default_processor_cls = SkyReelsV3AttnProcessor
+    _available_processors = [SkyReelsV3AttnProcessor]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+
+
+class SkyReelsV3AudioAttnProcessor:
+    """Per-latent-frame audio cross-attention of the talking-avatar model.
+
+    The visual tokens of latent frame `f` (queries) attend only to the audio tokens of frame `f` (keys/values):
+    the token axis is regrouped as `[B * frames, tokens_per_frame]`, so one attention call covers all frames.
+    No q/k norm and no RoPE (single speaker), exactly like the original.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: "SkyReelsV3AudioAttention",
+        hidden_states: torch.Tensor,
+        audio_hidden_states: torch.Tensor,
+    ) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        _, num_frames, num_audio_tokens, _ = audio_hidden_states.shape
+        if seq_len % num_frames != 0:
+            raise ValueError(
+                f"The token count {seq_len} is not a whole number of latent frames ({num_frames}); the audio "
+                "attention needs the same number of tokens in every frame."
+            )
+        dtype = hidden_states.dtype
+        query = attn.to_q(hidden_states).reshape(batch_size * num_frames, seq_len // num_frames, attn.heads, -1)
+        audio = audio_hidden_states.flatten(0, 1).to(dtype)
+        key = attn.to_k(audio).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(audio).unflatten(2, (attn.heads, -1))
+        hidden_states = dispatch_attention_fn(
+            query, key, value, backend=self._attention_backend, parallel_config=None
+        )
+        hidden_states = hidden_states.reshape(batch_size, seq_len, -1).to(dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+
+class SkyReelsV3AudioAttention(nn.Module, AttentionModuleMixin):
+    """Cross-attention from visual tokens (width `dim`) to audio tokens (width `audio_dim`), frame by frame."""
+
+    _default_processor_cls = SkyReelsV3AudioAttnProcessor
+    _available_processors = [SkyReelsV3AudioAttnProcessor]
+
+    def __init__(self, dim: int, audio_dim: int, heads: int, dim_head: int, processor=None):
+        super().__init__()
+        self.heads = heads
+        self.inner_dim = heads * dim_head
+        self.to_q = nn.Linear(dim, self.inner_dim, bias=True)
+        self.to_k = nn.Linear(audio_dim, self.inner_dim, bias=True)
+        self.to_v = nn.Linear(audio_dim, self.inner_dim, bias=True)
+        self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, dim, bias=True), nn.Dropout(0.0)])
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
+
+    def forward(self, hidden_states: torch.Tensor, audio_hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.processor(self, hidden_states, audio_hidden_states, **kwargs)
