@@ -1,7 +1,25 @@
 """skyreels-diffusers: SkyReels-V3 video generation as diffusers pipelines."""
 
+import logging as _logging
+
+# torchao (imported by diffusers) registers pytree constants and torch logs a deprecation for each; harmless noise.
+_logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
+
 __version__ = "0.1.0"
 
 from .models import SkyReelsV3Transformer3DModel  # noqa: E402
+from .pipelines import (  # noqa: E402
+    SkyReelsV3ExtensionPipeline,
+    SkyReelsV3PipelineOutput,
+    SkyReelsV3ReferencePipeline,
+    SkyReelsV3ShotSwitchingPipeline,
+)
 
-__all__ = ["SkyReelsV3Transformer3DModel", "__version__"]
+__all__ = [
+    "SkyReelsV3ExtensionPipeline",
+    "SkyReelsV3PipelineOutput",
+    "SkyReelsV3ReferencePipeline",
+    "SkyReelsV3ShotSwitchingPipeline",
+    "SkyReelsV3Transformer3DModel",
+    "__version__",
+]

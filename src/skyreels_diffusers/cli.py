@@ -1,0 +1,79 @@
+"""`skyreels-v3`: the command line of skyreels-diffusers (mirrors the original `generate_video.py`).
+
+    skyreels-v3 generate --task reference_to_video --model tiny --ref-imgs a.png b.png --prompt "..."
+    skyreels-v3 generate --task single_shot_extension --model PATH --input-video in.mp4 --duration 10
+
+Flags are kebab-case; the original's snake_case spellings (`--task_type`, `--model_id`, `--ref_imgs`,
+`--input_video`, ...) are accepted too. The written path is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .generation import DEFAULT_PROMPT, GenerationRequest, request_fields, run
+
+
+def _flag(parser, name: str, *aliases: str, **kwargs):
+    spellings = [f"--{name}"]
+    snake = f"--{name.replace('-', '_')}"
+    if snake not in spellings:
+        spellings.append(snake)
+    for alias in aliases:
+        spellings += [f"--{alias}", f"--{alias.replace('-', '_')}"]
+    parser.add_argument(*dict.fromkeys(spellings), dest=kwargs.pop("dest", name.replace("-", "_")), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skyreels-v3", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate one video")
+    _flag(gen, "task", "task-type", required=True,
+          choices=["reference_to_video", "single_shot_extension", "shot_switching_extension"])
+    _flag(gen, "model", "model-id", default=None,
+          help="'tiny' (random weights, offline) or a converted pipeline folder (scripts/convert_checkpoints.py)")
+    _flag(gen, "prompt", default=DEFAULT_PROMPT)
+    _flag(gen, "negative-prompt", default=None)
+    _flag(gen, "duration", type=int, default=5, help="seconds (shot switching: 2-5)")
+    _flag(gen, "resolution", choices=["480P", "540P", "720P"], default=None,
+          help="bucket table (default 720P; with --model tiny a 256-px size unless given)")
+    _flag(gen, "height", type=int, default=None, help="output height, multiple of 16 (overrides the bucket)")
+    _flag(gen, "width", type=int, default=None, help="output width, multiple of 16 (overrides the bucket)")
+    _flag(gen, "seed", type=int, default=42)
+    _flag(gen, "steps", "num-inference-steps", type=int, default=8)
+    _flag(gen, "guidance-scale", type=float, default=1.0)
+    _flag(gen, "ref-imgs", nargs="+", default=[], help="1-4 reference images (space or comma separated)")
+    _flag(gen, "input-video", default=None)
+    _flag(gen, "keep-source-fps", action="store_true",
+          help="count the duration in, and write at, the input video's frame rate instead of 24 fps")
+    _flag(gen, "resize-mode", choices=["bilinear", "bicubic", "area", "nearest"], default="bilinear",
+          help="input video resize ('nearest' = the original)")
+    _flag(gen, "return-input-video", action="store_true", help="prepend the input video to the output")
+    _flag(gen, "output", default=None, help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4)")
+    _flag(gen, "offload", action="store_true", help="model CPU offload (text encoder, transformer, VAE)")
+    _flag(gen, "device", default=None, help="cuda / cpu (default: cuda when available)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.command == "generate":
+        values = {k: v for k, v in vars(args).items() if k in request_fields() and v is not None}
+        if args.model is None:
+            print("error: --model: pass --model tiny (random weights) or a converted pipeline folder", file=sys.stderr)
+            return 2
+        try:
+            path = run(GenerationRequest(**values))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""One generation request, validated before any model loads, then run: the code path shared by the
+`skyreels-v3` command line (and anything else that drives the pipelines from plain arguments)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .pipelines.buckets import RESOLUTIONS, bucket_size, check_size, scale_to_long_side
+from .pipelines.pipeline_skyreels_v3_reference import MAX_REFERENCES
+from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
+from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
+from .pipelines.tiny import TASKS, TINY_LONG_SIDE, tiny_pipeline
+from .pipelines.video_io import load_image, load_video, write_video
+
+DEFAULT_PROMPT = "A man is making his way forward slowly, leaning on a white cane to prop himself up."
+MODEL_FPS = 24
+
+
+@dataclass
+class GenerationRequest:
+    """Everything one run needs; the field names follow the CLI flags."""
+
+    task: str
+    model: str = "tiny"
+    prompt: str = DEFAULT_PROMPT
+    negative_prompt: str | None = None
+    duration: int = 5
+    resolution: str | None = None
+    height: int | None = None
+    width: int | None = None
+    seed: int = 42
+    steps: int = 8
+    guidance_scale: float = 1.0
+    ref_imgs: list[str] = field(default_factory=list)
+    input_video: str | None = None
+    keep_source_fps: bool = False
+    resize_mode: str = "bilinear"
+    return_input_video: bool = False
+    output: str | None = None
+    offload: bool = False
+    device: str | None = None
+
+    # resolved by `validate`
+    fps: float = MODEL_FPS
+    _media: dict = field(default_factory=dict, repr=False)
+
+
+def _error(argument: str, message: str) -> ValueError:
+    return ValueError(f"--{argument.replace('_', '-')}: {message}")
+
+
+def validate(request: GenerationRequest) -> GenerationRequest:
+    """Check every argument against its accepted range and read the inputs; raises `ValueError` naming the argument.
+    Nothing is loaded but the input media."""
+    if request.task not in TASKS:
+        raise _error("task", f"must be one of {sorted(TASKS)}, got {request.task!r}")
+    if not request.prompt or not request.prompt.strip():
+        raise _error("prompt", "must not be empty")
+    if request.resolution is not None and request.resolution not in RESOLUTIONS:
+        raise _error("resolution", f"must be one of {list(RESOLUTIONS)}, got {request.resolution!r}")
+    try:
+        check_size(request.height, request.width)
+    except ValueError as error:
+        raise _error("height", str(error)) from None
+    if not isinstance(request.steps, int) or not 1 <= request.steps <= 100:
+        raise _error("steps", f"must be an integer in [1, 100], got {request.steps!r}")
+    if not request.guidance_scale >= 1.0:
+        raise _error("guidance_scale", f"must be >= 1 (1 = off), got {request.guidance_scale!r}")
+    if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
+        raise _error("seed", f"must be an integer in [0, 2^63), got {request.seed!r}")
+    if request.model != "tiny" and not Path(request.model).is_dir():
+        raise _error("model", f"{request.model!r} is neither 'tiny' nor a local pipeline folder")
+    if request.model != "tiny":
+        _check_model_folder(Path(request.model))
+
+    if request.task == "reference_to_video":
+        if not isinstance(request.duration, int) or not 1 <= request.duration <= 30:
+            raise _error("duration", f"must be an integer number of seconds in [1, 30], got {request.duration!r}")
+        refs = [p for item in request.ref_imgs for p in str(item).split(",") if p.strip()]
+        if not 1 <= len(refs) <= MAX_REFERENCES:
+            raise _error("ref_imgs", f"takes 1 to {MAX_REFERENCES} images, got {len(refs)}")
+        images = []
+        for path in refs:
+            try:
+                images.append(load_image(path.strip(), name="ref_imgs"))
+            except ValueError as error:
+                raise _error("ref_imgs", str(error).split(": ", 1)[-1]) from None
+        request.ref_imgs = [p.strip() for p in refs]
+        request._media = {"images": images, "size": (images[0].height, images[0].width)}
+    else:
+        if request.input_video is None:
+            raise _error("input_video", "is required for the extension tasks")
+        if request.task == "shot_switching_extension":
+            if request.duration not in SHOT_NUM_CONDITION_FRAMES_MAP:
+                raise _error("duration", f"must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} for shot switching, "
+                                         f"got {request.duration!r}")
+            needed = SHOT_NUM_CONDITION_FRAMES_MAP[request.duration]
+        else:
+            if not isinstance(request.duration, int) or request.duration < 1:
+                raise _error("duration", f"must be a positive integer number of seconds, got {request.duration!r}")
+            needed = NUM_CONDITION_FRAMES
+        try:
+            frames, source_fps = load_video(request.input_video, name="input_video")
+        except ValueError as error:
+            raise _error("input_video", str(error).split(": ", 1)[-1]) from None
+        if len(frames) < needed:
+            raise _error("input_video", f"has {len(frames)} frames; at least {needed} are needed")
+        if request.keep_source_fps:
+            if not source_fps or round(source_fps) % 4:
+                raise _error("keep_source_fps", f"needs a source frame rate that is a multiple of 4, got {source_fps}")
+            request.fps = float(round(source_fps))
+        request._media = {"frames": frames, "size": frames.shape[1:3]}
+    return request
+
+
+_REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+
+
+def _check_model_folder(folder: Path) -> None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise _error("model", f"{folder} has no model_index.json (convert the original weights first)")
+    entries = json.loads(index.read_text())
+    for name in _REQUIRED_COMPONENTS:
+        if name not in entries or not (folder / name).is_dir():
+            raise _error("model", f"{folder} is missing the {name!r} component")
+
+
+def output_size(request: GenerationRequest) -> tuple[int, int]:
+    """(height, width): explicit, else the bucket; `--model tiny` without `--resolution` shrinks the 480P bucket to
+    a long side of 256 px so that a CPU run takes seconds."""
+    if request.height is not None:
+        return request.height, request.width
+    height, width = request._media["size"]
+    if request.model == "tiny" and request.resolution is None:
+        return scale_to_long_side(*bucket_size(height, width, "480P"), TINY_LONG_SIDE)
+    return bucket_size(height, width, request.resolution or "720P")
+
+
+def default_output_path(request: GenerationRequest) -> Path:
+    return Path("result") / request.task / f"{request.seed}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.mp4"
+
+
+def load_pipeline(request: GenerationRequest):
+    """The task's pipeline: tiny random weights in-process, or a converted folder (bf16, VAE in fp32)."""
+    from . import pipelines
+
+    class_name = TASKS[request.task][0]
+    if request.model == "tiny":
+        print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
+        pipe = tiny_pipeline(request.task, seed=0)
+    else:
+        pipe = getattr(pipelines, class_name).from_pretrained(request.model, torch_dtype=torch.bfloat16)
+        pipe.vae.to(torch.float32)
+    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if request.offload and device != "cpu":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def run(request: GenerationRequest, pipe=None) -> Path:
+    """Validate, load, generate and write the mp4; returns its path."""
+    validate(request)
+    height, width = output_size(request)
+    output = Path(request.output) if request.output else default_output_path(request)
+    if output.suffix.lower() != ".mp4":
+        raise _error("output", f"must end in .mp4, got {output}")
+    pipe = pipe or load_pipeline(request)
+    generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    common = dict(
+        prompt=request.prompt, negative_prompt=request.negative_prompt, height=height, width=width,
+        num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
+        output_type="np",
+    )
+    if request.task == "reference_to_video":
+        frames = pipe(
+            ref_images=request._media["images"], num_frames=MODEL_FPS * request.duration + 1, **common
+        ).frames[0]
+    else:
+        frames = pipe(
+            video=request._media["frames"], duration=request.duration, fps=request.fps,
+            resize_mode=request.resize_mode, return_input_video=request.return_input_video, **common,
+        ).frames[0]
+    return write_video(np.asarray(frames), output, fps=request.fps)
+
+
+def request_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(GenerationRequest) if not f.name.startswith("_")]

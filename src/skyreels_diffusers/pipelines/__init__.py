@@ -1,0 +1,11 @@
+from .common import SkyReelsV3PipelineOutput
+from .pipeline_skyreels_v3_extension import SkyReelsV3ExtensionPipeline
+from .pipeline_skyreels_v3_reference import SkyReelsV3ReferencePipeline
+from .pipeline_skyreels_v3_shot_switching import SkyReelsV3ShotSwitchingPipeline
+
+__all__ = [
+    "SkyReelsV3ExtensionPipeline",
+    "SkyReelsV3PipelineOutput",
+    "SkyReelsV3ReferencePipeline",
+    "SkyReelsV3ShotSwitchingPipeline",
+]

@@ -1,0 +1,96 @@
+"""Tiny, randomly initialised pipelines for every task: `--model tiny`, the tests and the web app.
+
+They have the real components' classes and code paths (UMT5 encoder + tokenizer, Wan VAE, SkyReels-V3 transformer,
+UniPC flow scheduler) at toy sizes, build offline in about a second and run on a CPU. Their output is noise-like:
+RANDOM WEIGHTS, for trying the tools, not for looking at.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+from ..models import SkyReelsV3Transformer3DModel
+from ..models.configs import TINY_TRANSFORMER_CONFIGS
+
+#: task -> (pipeline class name, transformer variant, scheduler shift)
+TASKS = {
+    "reference_to_video": ("SkyReelsV3ReferencePipeline", "reference", 5.0),
+    "single_shot_extension": ("SkyReelsV3ExtensionPipeline", "extension", 8.0),
+    "shot_switching_extension": ("SkyReelsV3ShotSwitchingPipeline", "extension", 8.0),
+}
+
+TINY_VAE_CONFIG = dict(
+    base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+)
+TINY_TEXT_ENCODER_CONFIG = dict(
+    vocab_size=260, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+    relative_attention_max_distance=16, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
+    eos_token_id=1, decoder_start_token_id=0,
+)
+#: long side of the default output size of tiny pipelines when no resolution is asked for
+TINY_LONG_SIDE = 256
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built offline (pad 0, eos 1, unk 2, then the 256 bytes), appending `</s>` like UMT5."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for char in sorted(byte_alphabet):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def tiny_text_encoder(seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(**TINY_TEXT_ENCODER_CONFIG)).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKLWan:
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(**TINY_VAE_CONFIG).eval()
+
+
+def tiny_transformer(variant: str, seed: int = 0) -> SkyReelsV3Transformer3DModel:
+    torch.manual_seed(seed)
+    return SkyReelsV3Transformer3DModel(**TINY_TRANSFORMER_CONFIGS[variant]).eval()
+
+
+def flow_scheduler(shift: float) -> UniPCMultistepScheduler:
+    """The scheduler of every SkyReels-V3 video task but the avatar: UniPC with flow sigmas."""
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
+    )
+
+
+def tiny_components(task: str, seed: int = 0) -> dict:
+    if task not in TASKS:
+        raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {task!r}.")
+    _, variant, shift = TASKS[task]
+    return {
+        "tokenizer": tiny_tokenizer(),
+        "text_encoder": tiny_text_encoder(seed),
+        "transformer": tiny_transformer(variant, seed),
+        "vae": tiny_vae(seed),
+        "scheduler": flow_scheduler(shift),
+    }
+
+
+def tiny_pipeline(task: str, seed: int = 0):
+    """A tiny randomly initialised pipeline for `task` (float32, CPU)."""
+    from .. import pipelines
+
+    class_name = TASKS[task][0] if task in TASKS else None
+    components = tiny_components(task, seed)
+    return getattr(pipelines, class_name)(**components)
