@@ -74,3 +74,18 @@ def tiny_inputs(model, variant: str, frames: int = 3, height: int = 8, width: in
             generator=g,
         )
     return inputs
+
+
+def random_image(height: int = 40, width: int = 60, seed: int = 0):
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def random_video(frames: int = 30, height: int = 32, width: int = 48, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)

@@ -48,9 +48,9 @@ def bucket_size(height: int, width: int, resolution: str) -> tuple[int, int]:
 
 def scale_to_long_side(height: int, width: int, long_side: int, multiple: int = 16) -> tuple[int, int]:
     """Shrink (never enlarge) so that the longer side is at most `long_side`, keeping multiples of `multiple`."""
-    scale = min(1.0, long_side / max(height, width))
-    return (max(multiple, int(height * scale) // multiple * multiple),
-            max(multiple, int(width * scale) // multiple * multiple))
+    longest = max(height, width, long_side)
+    return (max(multiple, height * long_side // longest // multiple * multiple),
+            max(multiple, width * long_side // longest // multiple * multiple))
 
 
 def check_size(height: int | None, width: int | None) -> None:

@@ -303,3 +303,25 @@ class SkyReelsV3VideoPipelineBase(SkyReelsV3PipelineBase):
         from .video_io import resize_frames
 
         return self.encode_video(resize_frames(frames, height, width, resize_mode).to(device)).to(device)
+
+    def format_output(
+        self, video_frames: np.ndarray, frames: np.ndarray, height: int, width: int, resize_mode: str,
+        return_input_video: bool, output_type: str,
+    ):
+        """uint8 `[B, F, H, W, 3]` generated frames (optionally after the resized input video) -> `output_type`."""
+        from .video_io import resize_frames, to_uint8
+
+        if return_input_video:
+            source = resize_frames(frames, height, width, resize_mode)[0].permute(1, 2, 3, 0)
+            source = to_uint8((source / 2 + 0.5).clamp(0, 1))[None].repeat(len(video_frames), axis=0)
+            video_frames = np.concatenate([source, video_frames], axis=1)
+        frames01 = torch.from_numpy(video_frames).float().div(255).permute(0, 1, 4, 2, 3)
+        return self.format_frames(frames01, output_type)
+
+    def guided(self, branch: Callable[[str, torch.Tensor], torch.Tensor], state: dict) -> torch.Tensor:
+        """Text classifier-free guidance over a `branch(cache_name, embeds)` prediction function."""
+        cond = branch("cond", state["prompt_embeds"])
+        if not self.do_classifier_free_guidance:
+            return cond
+        uncond = branch("uncond", state["negative_prompt_embeds"])
+        return uncond + self.guidance_scale * (cond - uncond)

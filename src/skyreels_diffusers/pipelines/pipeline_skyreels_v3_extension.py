@@ -169,10 +169,12 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         dtype = self.transformer.dtype
         h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
 
-        prefixes = [frames[-NUM_CONDITION_FRAMES:]] * batch_size  # each video continues from its own frames
+        # pixels in [-1, 1] of the last 25 frames; each video of the batch continues from its own frames
+        first = resize_frames(frames[-NUM_CONDITION_FRAMES:], height, width, resize_mode).to(device)
+        prefixes = [first] * batch_size
         new_frames, chunk_latents = [], []
         for index, num_latents in enumerate(plan):
-            condition = torch.cat([self.condition_latents(p, height, width, resize_mode, device) for p in prefixes])
+            condition = torch.cat([self.encode_video(p).to(device) for p in prefixes])
             shape = (batch_size, self.transformer.config.out_channels, num_latents, h, w)
             if latents is None:
                 noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -195,11 +197,7 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
                     )
                     return out[:, :, frames_c:].float()
 
-                cond = branch("cond", state["prompt_embeds"])
-                if not self.do_classifier_free_guidance:
-                    return cond
-                uncond = branch("uncond", state["negative_prompt_embeds"])
-                return uncond + guidance_scale * (cond - uncond)
+                return self.guided(branch, state)
 
             chunk = self.denoise(
                 noise, predict, num_inference_steps, device, state, callback_on_step_end,
@@ -211,18 +209,17 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
             decoded = self.decode_latents(torch.cat([condition, chunk], dim=2))
             chunk_frames = to_uint8((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1))  # [B, F, H, W, 3]
             new_frames.append(chunk_frames[:, NUM_CONDITION_FRAMES:])
-            prefixes = [np.concatenate([p, n])[-NUM_CONDITION_FRAMES:] for p, n in zip(prefixes, new_frames[-1])]
+            generated = torch.from_numpy(new_frames[-1]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+            prefixes = [torch.cat([p, g[None]], dim=2)[:, :, -NUM_CONDITION_FRAMES:] for p, g in zip(prefixes, generated)]
 
         if output_type == "latent":
             output = torch.cat(chunk_latents, dim=2)
         else:
-            video_frames = np.concatenate(new_frames, axis=1) if new_frames else np.zeros((batch_size, 0, height, width, 3), np.uint8)
-            if return_input_video:
-                source = resize_frames(frames, height, width, resize_mode)[0].permute(1, 2, 3, 0)
-                source = to_uint8((source / 2 + 0.5).clamp(0, 1))[None].repeat(batch_size, axis=0)
-                video_frames = np.concatenate([source, video_frames], axis=1)
-            frames01 = torch.from_numpy(video_frames).float().div(255).permute(0, 1, 4, 2, 3)
-            output = self.format_frames(frames01, output_type)
+            empty = np.zeros((batch_size, 0, height, width, 3), np.uint8)
+            video_frames = np.concatenate(new_frames, axis=1) if new_frames else empty
+            output = self.format_output(
+                video_frames, frames, height, width, resize_mode, return_input_video, output_type
+            )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output,)

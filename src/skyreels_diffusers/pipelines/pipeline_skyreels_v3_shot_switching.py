@@ -9,7 +9,7 @@ from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from .common import SkyReelsV3PipelineOutput, SkyReelsV3VideoPipelineBase
-from .video_io import VideoInput, resize_frames, to_uint8
+from .video_io import VideoInput, to_uint8
 
 #: seconds after the cut -> condition frames taken from the end of the input video
 SHOT_NUM_CONDITION_FRAMES_MAP = {2: 9, 3: 17, 4: 25, 5: 33}
@@ -146,11 +146,7 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
                     encoder_hidden_states=embeds, condition_hidden_states=condition_input,
                 ).float()
 
-            cond = branch("cond", state["prompt_embeds"])
-            if not self.do_classifier_free_guidance:
-                return cond
-            uncond = branch("uncond", state["negative_prompt_embeds"])
-            return uncond + guidance_scale * (cond - uncond)
+            return self.guided(branch, state)
 
         state = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         latents = self.denoise(
@@ -163,14 +159,9 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
         else:
             decoded = self.decode_latents(latents)
             video_frames = to_uint8((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1))
-            if return_input_video:
-                import numpy as np
-
-                source = resize_frames(frames, height, width, resize_mode)[0].permute(1, 2, 3, 0)
-                source = to_uint8((source / 2 + 0.5).clamp(0, 1))[None].repeat(batch_size, axis=0)
-                video_frames = np.concatenate([source, video_frames], axis=1)
-            frames01 = torch.from_numpy(video_frames).float().div(255).permute(0, 1, 4, 2, 3)
-            output = self.format_frames(frames01, output_type)
+            output = self.format_output(
+                video_frames, frames, height, width, resize_mode, return_input_video, output_type
+            )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output,)
