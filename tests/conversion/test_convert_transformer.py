@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from skyreels_diffusers.conversion import convert_config, convert_transformer, map_keys, WAN_NATIVE_KEY_MAP
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
-from tests.helpers import GoldenCase, tiny_inputs
+from tests.helpers import GoldenCase
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from skyreels_diffusers import (
-    SkyReelsV3ExtensionPipeline,
     SkyReelsV3ReferencePipeline,
     SkyReelsV3ShotSwitchingPipeline,
 )
