@@ -4,9 +4,16 @@
     python scripts/convert_checkpoints.py transformer --variant {reference,extension,avatar} SRC DST
         [--dtype bf16|fp32] [--max-shard-size 5GB]
 
-SRC is an original transformer folder (`config.json` + `*.safetensors`; extension and avatar in Wan-native keys,
+    python scripts/convert_checkpoints.py repo --task {reference_to_video,video_extension,talking_avatar} SRC DST
+        [--push-to-hub REPO_ID] [--dtype bf16|fp32]
+
+`transformer`: SRC is an original transformer folder (`config.json` + `*.safetensors`; extension and avatar in Wan-native keys,
 reference in diffusers keys). DST becomes a folder that `SkyReelsV3Transformer3DModel.from_pretrained(DST)` loads
 strictly. Any key that does not fit the model is an error naming the keys, and nothing is written.
+
+`repo`: SRC is a whole original Hugging Face repo (downloaded); DST becomes a diffusers pipeline folder that both
+`DiffusionPipeline.from_pretrained(DST)` (after `import skyreels_diffusers`) and the task class load. The
+video-extension repo yields two: DST/single_shot_extension and DST/shot_switching_extension.
 """
 
 from __future__ import annotations
@@ -28,22 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
     transformer.add_argument("dst")
     transformer.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     transformer.add_argument("--max-shard-size", default="5GB")
+    repo = sub.add_parser("repo", help="convert a whole original repo into pipeline folder(s)")
+    repo.add_argument("--task", required=True, choices=["reference_to_video", "video_extension", "talking_avatar"])
+    repo.add_argument("src")
+    repo.add_argument("dst")
+    repo.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="transformer and text encoder dtype")
+    repo.add_argument("--max-shard-size", default="5GB")
+    repo.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from skyreels_diffusers.conversion import convert_transformer
+    from skyreels_diffusers.conversion import convert_repo, convert_transformer
 
     try:
         if args.command == "transformer":
             convert_transformer(
                 args.src, args.dst, args.variant, dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size
             )
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as error:
+            written = [args.dst]
+        else:
+            written = convert_repo(args.task, args.src, args.dst, dtype=DTYPES[args.dtype],
+                                   max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(args.dst)
+    for path in written:
+        print(path)
     return 0
 
 

@@ -15,6 +15,21 @@ from .pipelines import (  # noqa: E402
     SkyReelsV3ShotSwitchingPipeline,
 )
 
+
+
+def _register_with_diffusers() -> None:
+    """Make `DiffusionPipeline.from_pretrained(folder)` resolve our `_class_name`s (diffusers looks pipeline classes
+    up on its own module). Only names diffusers does not define are added; nothing of diffusers is replaced."""
+    import diffusers
+
+    for cls in (SkyReelsV3ReferencePipeline, SkyReelsV3ExtensionPipeline, SkyReelsV3ShotSwitchingPipeline,
+                SkyReelsV3Transformer3DModel):
+        if not hasattr(diffusers, cls.__name__):
+            setattr(diffusers, cls.__name__, cls)
+
+
+_register_with_diffusers()
+
 __all__ = [
     "SkyReelsV3ExtensionPipeline",
     "SkyReelsV3PipelineOutput",

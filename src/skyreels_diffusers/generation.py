@@ -80,9 +80,15 @@ def validate(request: GenerationRequest) -> GenerationRequest:
     if request.model != "tiny":
         _check_model_folder(Path(request.model))
 
+    if request.model == "tiny" and not request.ref_imgs and request.input_video is None:
+        request._media = example_media(request.task)
+        print("[skyreels-v3] no input given: using built-in synthetic example inputs.")
+
     if request.task == "reference_to_video":
         if not isinstance(request.duration, int) or not 1 <= request.duration <= 30:
             raise _error("duration", f"must be an integer number of seconds in [1, 30], got {request.duration!r}")
+        if "images" in request._media:
+            return request
         refs = [p for item in request.ref_imgs for p in str(item).split(",") if p.strip()]
         if not 1 <= len(refs) <= MAX_REFERENCES:
             raise _error("ref_imgs", f"takes 1 to {MAX_REFERENCES} images, got {len(refs)}")
@@ -95,7 +101,7 @@ def validate(request: GenerationRequest) -> GenerationRequest:
         request.ref_imgs = [p.strip() for p in refs]
         request._media = {"images": images, "size": (images[0].height, images[0].width)}
     else:
-        if request.input_video is None:
+        if request.input_video is None and "frames" not in request._media:
             raise _error("input_video", "is required for the extension tasks")
         if request.task == "shot_switching_extension":
             if request.duration not in SHOT_NUM_CONDITION_FRAMES_MAP:
@@ -107,7 +113,9 @@ def validate(request: GenerationRequest) -> GenerationRequest:
                 raise _error("duration", f"must be a positive integer number of seconds, got {request.duration!r}")
             needed = NUM_CONDITION_FRAMES
         try:
-            frames, source_fps = load_video(request.input_video, name="input_video")
+            frames, source_fps = request._media.get("frames"), MODEL_FPS
+            if frames is None:
+                frames, source_fps = load_video(request.input_video, name="input_video")
         except ValueError as error:
             raise _error("input_video", str(error).split(": ", 1)[-1]) from None
         if len(frames) < needed:
@@ -118,6 +126,27 @@ def validate(request: GenerationRequest) -> GenerationRequest:
             request.fps = float(round(source_fps))
         request._media = {"frames": frames, "size": frames.shape[1:3]}
     return request
+
+
+def example_media(task: str) -> dict:
+    """Synthetic inputs for `--model tiny` runs without inputs: two reference images (portrait and landscape), or a
+    2-second 24 fps clip of a moving disc."""
+    import PIL.Image
+
+    if task == "reference_to_video":
+        images = []
+        for height, width, colour in ((480, 360, (220, 120, 140)), (360, 480, (150, 110, 60))):
+            y, x = np.mgrid[0:height, 0:width]
+            disc = ((y - height / 2) ** 2 + (x - width / 2) ** 2) < (min(height, width) / 3) ** 2
+            array = np.full((height, width, 3), 245, np.uint8)
+            array[disc] = colour
+            images.append(PIL.Image.fromarray(array))
+        return {"images": images, "size": (images[0].height, images[0].width)}
+    frames = np.full((48, 144, 256, 3), 235, np.uint8)
+    y, x = np.mgrid[0:144, 0:256]
+    for i, frame in enumerate(frames):
+        frame[((y - 72) ** 2 + (x - 40 - 3.5 * i) ** 2) < 30**2] = (60, 110, 200)
+    return {"frames": frames, "size": frames.shape[1:3]}
 
 
 _REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")

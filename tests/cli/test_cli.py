@@ -149,3 +149,21 @@ def test_converted_folder_runs_through_the_cli(media, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(out)
     assert probe(out)[0] == 49
+
+
+@pytest.mark.parametrize("task, frames", [("reference_to_video", 25), ("shot_switching_extension", 49)])
+def test_tiny_without_inputs_uses_builtin_examples(tmp_path, task, frames):
+    out = tmp_path / "o.mp4"
+    duration = "1" if task == "reference_to_video" else "2"
+    assert main(["generate", "--task", task, "--model", "tiny", "--duration", duration, "--steps", "1",
+                 "--output", str(out)]) == 0
+    n, height, width, fps = probe(out)
+    assert n == frames and max(height, width) <= 256 and fps == 24.0
+
+
+def test_real_model_without_references_is_an_error(tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_pipeline("reference_to_video").save_pretrained(folder)
+    assert main(["generate", "--task", "reference_to_video", "--model", str(folder),
+                 "--output", str(tmp_path / "o.mp4")]) == 2
+    assert "--ref-imgs" in capsys.readouterr().err

@@ -25,7 +25,7 @@ TINY_VAE_CONFIG = dict(
 )
 TINY_TEXT_ENCODER_CONFIG = dict(
     vocab_size=260, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-    relative_attention_max_distance=16, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
+    relative_attention_max_distance=128, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
     eos_token_id=1, decoder_start_token_id=0,
 )
 #: long side of the default output size of tiny pipelines when no resolution is asked for

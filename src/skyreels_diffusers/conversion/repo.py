@@ -1,0 +1,256 @@
+"""Whole original SkyReels-V3 repos -> diffusers pipeline folders.
+
+* `reference_to_video` (the R2V repo, diffusers layout): `transformer/` through the transformer converter,
+  `vae/`, `text_encoder/`, `tokenizer/` re-saved, a UniPC flow scheduler with shift 5 (the original replaced the
+  repo's scheduler the same way).
+* `video_extension` (Wan-native layout): `Wan2.1_VAE.pth` -> `AutoencoderKLWan`, `models_t5_umt5-xxl-enc-bf16.pth`
+  -> `UMT5EncoderModel`, `google/umt5-xxl/` tokenizer; two pipeline folders, `single_shot_extension/` (from
+  `transformer/`) and `shot_switching_extension/` (from `shot_transformer/`), UniPC flow scheduler with shift 8.
+
+Each pipeline folder gets a `model_index.json` naming our classes and a model card. The transformer is converted
+tensor by tensor; `.pth` files are read with `weights_only=True`. Output appears atomically (temporary folder,
+renamed at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .transformer import convert_transformer
+
+TASKS = ("reference_to_video", "video_extension", "talking_avatar")
+
+# Wan-native UMT5 encoder (`models_t5_umt5-xxl-enc-bf16.pth`) -> transformers `UMT5EncoderModel`
+T5_KEY_MAP: list[tuple[str, str]] = [
+    (r"token_embedding\.weight", r"shared.weight"),
+    (r"blocks\.(\d+)\.norm1\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
+    (r"blocks\.(\d+)\.attn\.(q|k|v|o)\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (r"blocks\.(\d+)\.pos_embedding\.embedding\.weight",
+     r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (r"blocks\.(\d+)\.norm2\.weight", r"encoder.block.\1.layer.1.layer_norm.weight"),
+    (r"blocks\.(\d+)\.ffn\.gate\.0\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
+    (r"blocks\.(\d+)\.ffn\.fc1\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
+    (r"blocks\.(\d+)\.ffn\.fc2\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
+    (r"norm\.weight", r"encoder.final_layer_norm.weight"),
+]
+
+PIPELINE_CLASSES = {
+    "reference_to_video": "SkyReelsV3ReferencePipeline",
+    "single_shot_extension": "SkyReelsV3ExtensionPipeline",
+    "shot_switching_extension": "SkyReelsV3ShotSwitchingPipeline",
+}
+SCHEDULER_SHIFT = {"reference_to_video": 5.0, "single_shot_extension": 8.0, "shot_switching_extension": 8.0}
+
+
+def _load_pth(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def convert_t5(pth: Path, dtype: torch.dtype):
+    """Wan-native UMT5-XXL encoder checkpoint -> `UMT5EncoderModel` (config read off the tensor shapes)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    original = _load_pth(_require(pth, "T5 checkpoint"))
+    converted, unknown = {}, []
+    for key, tensor in original.items():
+        for pattern, target in T5_KEY_MAP:
+            match = re.fullmatch(pattern, key)
+            if match:
+                converted[match.expand(target)] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"T5 checkpoint {pth} has keys no rule matches: {sorted(unknown)}")
+    layers = len({k.split(".")[2] for k in converted if k.startswith("encoder.block.")})
+    vocab, d_model = converted["shared.weight"].shape
+    buckets, heads = converted["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
+    inner = converted["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
+    config = UMT5Config(
+        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, num_heads=heads, num_layers=layers,
+        d_ff=converted["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+        relative_attention_num_buckets=buckets, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    converted["encoder.embed_tokens.weight"] = converted["shared.weight"]
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    missing = sorted(set(model.state_dict()) - set(converted))
+    unexpected = sorted(set(converted) - set(model.state_dict()))
+    if missing or unexpected:
+        raise KeyError(f"T5 checkpoint {pth}: missing keys {missing}, unexpected keys {unexpected}")
+    model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def convert_wan_vae(pth: Path):
+    """`Wan2.1_VAE.pth` -> `AutoencoderKLWan` (Wan2.1 architecture; base width and latent channels read off the
+    tensors), float32, strict."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    original = _load_pth(_require(pth, "VAE checkpoint"))
+    converted = convert_wan_vae_to_diffusers(original)
+    config = dict(
+        base_dim=converted["encoder.conv_in.weight"].shape[0],
+        z_dim=converted["post_quant_conv.weight"].shape[0],
+        dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True],
+    )
+    with torch.device("meta"):
+        vae = AutoencoderKLWan(**config)
+    missing = sorted(set(vae.state_dict()) - set(converted))
+    unexpected = sorted(set(converted) - set(vae.state_dict()))
+    if missing or unexpected:
+        raise KeyError(f"VAE checkpoint {pth}: missing keys {missing}, unexpected keys {unexpected}")
+    vae.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True, assign=True)
+    return vae.eval()
+
+
+def _write_model_index(folder: Path, task: str, tokenizer_class: str) -> None:
+    import diffusers
+
+    from ..models import SkyReelsV3Transformer3DModel
+
+    index = {
+        "_class_name": PIPELINE_CLASSES[task],
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", tokenizer_class],
+        # diffusers resolves non-diffusers classes by their defining module (as its own save_pretrained writes it)
+        "transformer": [SkyReelsV3Transformer3DModel.__module__, "SkyReelsV3Transformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_model_card(folder: Path, task: str, source: Path) -> None:
+    cls = PIPELINE_CLASSES[task]
+    card = f"""---
+library_name: diffusers
+pipeline_tag: text-to-video
+tags: [skyreels-v3, video-generation, skyreels-diffusers]
+---
+
+# SkyReels-V3 {task.replace('_', ' ')} (diffusers layout)
+
+Converted from the original SkyReels-V3 checkpoint (`{source.name}`) with `scripts/convert_checkpoints.py` of
+[skyreels-diffusers](https://pypi.org/project/skyreels-diffusers/). Weights are unchanged; only names and layout.
+
+```python
+import torch
+import skyreels_diffusers
+from skyreels_diffusers import {cls}
+
+pipe = {cls}.from_pretrained("<this folder or repo>", torch_dtype=torch.bfloat16)
+pipe.vae.to(torch.float32)
+pipe.enable_model_cpu_offload()
+```
+
+Command line: `skyreels-v3 generate --task {task} --model <this folder> ...`
+"""
+    (folder / "README.md").write_text(card)
+
+
+def _save_components(folder: Path, task: str, transformer_src: Path, variant: str, text_encoder, tokenizer, vae,
+                     dtype: torch.dtype, max_shard_size: str, source: Path) -> None:
+    from ..pipelines.tiny import flow_scheduler
+
+    folder.mkdir(parents=True)
+    convert_transformer(transformer_src, folder / "transformer", variant, dtype=dtype, max_shard_size=max_shard_size)
+    text_encoder.save_pretrained(folder / "text_encoder", max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    vae.save_pretrained(folder / "vae")
+    flow_scheduler(SCHEDULER_SHIFT[task]).save_pretrained(folder / "scheduler")
+    _write_model_index(folder, task, type(tokenizer).__name__)
+    _write_model_card(folder, task, source)
+
+
+def convert_repo(
+    task: str,
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str = "5GB",
+    push_to_hub: str | None = None,
+) -> list[Path]:
+    """Convert an original repo folder; returns the pipeline folders written (one, or two for video_extension).
+
+    With `push_to_hub="user/name"` each pipeline folder is uploaded (two folders go to `user/name` under their
+    folder names). The transformer and text encoder are stored in `dtype`, the VAE in float32.
+    """
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    if task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
+    if task == "talking_avatar":
+        raise NotImplementedError("talking_avatar conversion lands with the talking-avatar pipeline")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source repo not found: {src}")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        if task == "reference_to_video":
+            from diffusers import AutoencoderKLWan
+
+            tokenizer = AutoTokenizer.from_pretrained(_require(src / "tokenizer", "tokenizer folder"))
+            text_encoder = UMT5EncoderModel.from_pretrained(
+                _require(src / "text_encoder", "text_encoder folder"), torch_dtype=dtype
+            )
+            vae = AutoencoderKLWan.from_pretrained(_require(src / "vae", "vae folder"), torch_dtype=torch.float32)
+            _save_components(tmp / "pipeline", task, _require(src / "transformer", "transformer folder"),
+                             "reference", text_encoder, tokenizer, vae, dtype, max_shard_size, src)
+            outputs = {"pipeline": dst}
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(_require(src / "google" / "umt5-xxl", "tokenizer folder"))
+            text_encoder = convert_t5(src / "models_t5_umt5-xxl-enc-bf16.pth", dtype)
+            vae = convert_wan_vae(src / "Wan2.1_VAE.pth")
+            outputs = {}
+            for name, transformer_dir in (("single_shot_extension", "transformer"),
+                                          ("shot_switching_extension", "shot_transformer")):
+                _save_components(tmp / name, name, _require(src / transformer_dir, f"{transformer_dir} folder"),
+                                 "extension", text_encoder, tokenizer, vae, dtype, max_shard_size, src)
+                outputs[name] = dst / name
+        if dst.exists():
+            dst.rmdir()
+        if task == "reference_to_video":
+            os.replace(tmp / "pipeline", dst)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    folders = list(outputs.values())
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, exist_ok=True)
+        for folder in folders:
+            api.upload_folder(
+                repo_id=push_to_hub, folder_path=str(folder),
+                path_in_repo=None if len(folders) == 1 else folder.name,
+                commit_message=f"Add SkyReels-V3 {folder.name} (converted with skyreels-diffusers)",
+            )
+    return folders

@@ -1,0 +1,134 @@
+"""Tiny repos in the ORIGINAL SkyReels-V3 layouts and key names, built offline for the converter tests.
+
+The inverse key maps here are written independently of the converter (from the original module structure), so a
+round trip through the converter checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+from safetensors.torch import save_file
+
+from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS
+from skyreels_diffusers.pipelines.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
+from tests.helpers import GoldenCase
+
+# transformers UMT5EncoderModel -> Wan-native T5 (`models_t5_umt5-xxl-enc-bf16.pth`)
+_T5_TO_ORIGINAL = [
+    (r"shared\.weight", r"token_embedding.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight", r"blocks.\1.attn.\2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+     r"blocks.\1.pos_embedding.embedding.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
+    (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.weight", r"blocks.\1.ffn.fc2.weight"),
+    (r"encoder\.final_layer_norm\.weight", r"norm.weight"),
+]
+
+# diffusers AutoencoderKLWan -> Wan2.1 `WanVAE_` (residual blocks: 0 norm, 2 conv, 3 norm, 6 conv)
+_RES = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
+        "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+
+def _vae_key_to_original(key: str) -> str:
+    fixed = {"quant_conv": "conv1", "post_quant_conv": "conv2", "encoder.conv_in": "encoder.conv1",
+             "decoder.conv_in": "decoder.conv1", "encoder.norm_out.gamma": "encoder.head.0.gamma",
+             "decoder.norm_out.gamma": "decoder.head.0.gamma", "encoder.conv_out": "encoder.head.2",
+             "decoder.conv_out": "decoder.head.2"}
+    for ours, theirs in fixed.items():
+        if key.startswith(ours + ".") or key == ours:
+            return theirs + key[len(ours):]
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(norm1\.gamma|conv1|norm2\.gamma|conv2)(.*)", key)
+    if m:
+        return f"{m[1]}.middle.{2 * int(m[2])}.{_RES[m[3]]}{m[4]}"
+    m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key)
+    if m:
+        return f"{m[1]}.middle.1.{m[2]}"
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(norm1\.gamma|conv1|norm2\.gamma|conv2|conv_shortcut)(.*)", key)
+    if m:
+        return f"encoder.downsamples.{m[1]}.{_RES[m[2]]}{m[3]}"
+    m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(resample|time_conv)(.*)", key)
+    if m:
+        return f"encoder.downsamples.{m[1]}.{m[2]}{m[3]}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)\.(norm1\.gamma|conv1|norm2\.gamma|conv2|conv_shortcut)(.*)",
+                     key)
+    if m:
+        return f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{_RES[m[3]]}{m[4]}"
+    m = re.fullmatch(r"decoder\.up_blocks\.(\d)\.upsamplers\.0\.(.*)", key)
+    if m:
+        return f"decoder.upsamples.{4 * int(m[1]) + 3}.{m[2]}"
+    raise KeyError(key)
+
+
+def wan_layout_vae(seed: int = 0) -> AutoencoderKLWan:
+    """A tiny VAE with the Wan2.1 block structure (width 4 instead of 96)."""
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def _rename(state: dict, rules) -> dict:
+    out = {}
+    for key, tensor in state.items():
+        for pattern, target in rules:
+            m = re.fullmatch(pattern, key)
+            if m:
+                out[m.expand(target)] = tensor.clone()
+                break
+        else:
+            if key != "encoder.embed_tokens.weight":  # tied to `shared` in transformers, one tensor in Wan
+                raise KeyError(key)
+    return out
+
+
+def build_extension_repo(folder: Path) -> dict:
+    """Video-Extension layout: Wan2.1_VAE.pth, T5 .pth, google/umt5-xxl/, transformer/, shot_transformer/.
+    The transformers are the golden extension checkpoint (original Wan-native keys). Returns the source objects."""
+    folder.mkdir(parents=True)
+    tokenizer, text_encoder, vae = tiny_tokenizer(), tiny_text_encoder(seed=1), wan_layout_vae(seed=2)
+    tokenizer.save_pretrained(folder / "google" / "umt5-xxl")
+    torch.save(_rename(text_encoder.state_dict(), _T5_TO_ORIGINAL), folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    torch.save({_vae_key_to_original(k): v.clone() for k, v in vae.state_dict().items()}, folder / "Wan2.1_VAE.pth")
+    case = GoldenCase("extension_fp32")
+    for name in ("transformer", "shot_transformer"):
+        case.write_original_folder(folder / name)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
+
+
+def build_reference_repo(folder: Path) -> dict:
+    """Reference2Video layout (diffusers): model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    folder.mkdir(parents=True)
+    parts = {"tokenizer": tiny_tokenizer(), "text_encoder": tiny_text_encoder(seed=1), "vae": tiny_vae(seed=2),
+             "transformer": tiny_transformer("reference", seed=3)}
+    parts["tokenizer"].save_pretrained(folder / "tokenizer")
+    parts["text_encoder"].save_pretrained(folder / "text_encoder")
+    parts["vae"].save_pretrained(folder / "vae")
+    (folder / "transformer").mkdir()
+    config = {"_class_name": "SkyReelsA2WanI2v3DModel", "_diffusers_version": "0.34.0",
+              **TINY_TRANSFORMER_CONFIGS["reference"], "image_dim": None, "added_kv_proj_dim": None,
+              "rope_max_seq_len": 1024}
+    config["patch_size"] = list(config["patch_size"])
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in parts["transformer"].state_dict().items()},
+              str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanSkyReelsA2WanT2VPipeline", "_diffusers_version": "0.34.0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"]}))
+    return parts
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
