@@ -99,7 +99,6 @@ def test_bad_reference_input_fails_before_loading(media, tmp_path, capsys, monke
 @pytest.mark.parametrize(
     "task, extra, argument",
     [
-        ("single_shot_extension", [], "--input-video"),
         ("single_shot_extension", ["--input-video", "{short}"], "--input-video"),
         ("shot_switching_extension", ["--input-video", "{video}", "--duration", "7"], "--duration"),
         ("single_shot_extension", ["--input-video", "{video}", "--resolution", "1080P"], None),
@@ -161,9 +160,11 @@ def test_tiny_without_inputs_uses_builtin_examples(tmp_path, task, frames):
     assert n == frames and max(height, width) <= 256 and fps == 24.0
 
 
-def test_real_model_without_references_is_an_error(tmp_path, capsys):
+@pytest.mark.parametrize("task, argument", [("reference_to_video", "--ref-imgs"),
+                                            ("single_shot_extension", "--input-video")])
+def test_real_model_without_inputs_is_an_error(tmp_path, capsys, task, argument):
     folder = tmp_path / "model"
-    tiny_pipeline("reference_to_video").save_pretrained(folder)
-    assert main(["generate", "--task", "reference_to_video", "--model", str(folder),
-                 "--output", str(tmp_path / "o.mp4")]) == 2
-    assert "--ref-imgs" in capsys.readouterr().err
+    tiny_pipeline(task).save_pretrained(folder)
+    assert main(["generate", "--task", task, "--model", str(folder), "--output", str(tmp_path / "o.mp4")]) == 2
+    assert argument in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
