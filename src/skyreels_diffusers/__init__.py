@@ -13,7 +13,9 @@ from .pipelines import (  # noqa: E402
     SkyReelsV3PipelineOutput,
     SkyReelsV3ReferencePipeline,
     SkyReelsV3ShotSwitchingPipeline,
+    SkyReelsV3TalkingAvatarPipeline,
 )
+from .schedulers import SkyReelsV3FlowEulerScheduler  # noqa: E402
 
 
 
@@ -23,7 +25,7 @@ def _register_with_diffusers() -> None:
     import diffusers
 
     for cls in (SkyReelsV3ReferencePipeline, SkyReelsV3ExtensionPipeline, SkyReelsV3ShotSwitchingPipeline,
-                SkyReelsV3Transformer3DModel):
+                SkyReelsV3TalkingAvatarPipeline, SkyReelsV3Transformer3DModel, SkyReelsV3FlowEulerScheduler):
         if not hasattr(diffusers, cls.__name__):
             setattr(diffusers, cls.__name__, cls)
 
@@ -35,6 +37,8 @@ __all__ = [
     "SkyReelsV3PipelineOutput",
     "SkyReelsV3ReferencePipeline",
     "SkyReelsV3ShotSwitchingPipeline",
+    "SkyReelsV3TalkingAvatarPipeline",
+    "SkyReelsV3FlowEulerScheduler",
     "SkyReelsV3Transformer3DModel",
     "__version__",
 ]

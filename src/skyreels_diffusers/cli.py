@@ -32,14 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one video")
     _flag(gen, "task", "task-type", required=True,
-          choices=["reference_to_video", "single_shot_extension", "shot_switching_extension"])
+          choices=["reference_to_video", "single_shot_extension", "shot_switching_extension", "talking_avatar"])
     _flag(gen, "model", "model-id", default=None,
           help="'tiny' (random weights, offline) or a converted pipeline folder (scripts/convert_checkpoints.py)")
     _flag(gen, "prompt", default=DEFAULT_PROMPT)
     _flag(gen, "negative-prompt", default=None)
-    _flag(gen, "duration", type=int, default=5, help="seconds (shot switching: 2-5)")
+    _flag(gen, "duration", type=int, default=5, help="seconds (shot switching: 2-5; talking avatar: the audio's)")
     _flag(gen, "resolution", choices=["480P", "540P", "720P"], default=None,
-          help="bucket table (default 720P; with --model tiny a 256-px size unless given)")
+          help="bucket table (default 720P, talking avatar 480P; with --model tiny a 256-px size unless given)")
     _flag(gen, "height", type=int, default=None, help="output height, multiple of 16 (overrides the bucket)")
     _flag(gen, "width", type=int, default=None, help="output width, multiple of 16 (overrides the bucket)")
     _flag(gen, "seed", type=int, default=42)
@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "resize-mode", choices=["bilinear", "bicubic", "area", "nearest"], default="bilinear",
           help="input video resize ('nearest' = the original)")
     _flag(gen, "return-input-video", action="store_true", help="prepend the input video to the output")
+    _flag(gen, "input-image", default=None, help="talking_avatar: the portrait")
+    _flag(gen, "input-audio", default=None, help="talking_avatar: speech (wav, mp3, flac, m4a)")
+    _flag(gen, "window-prompt", default=None, help="talking_avatar: prompt of the sliding windows "
+                                                   "(default 'a person is talking', the original's)")
+    _flag(gen, "prompt-in-every-window", action="store_true", help="talking_avatar: use --prompt in every window")
+    _flag(gen, "clip-from-reference", action="store_true",
+          help="talking_avatar: CLIP tokens from the portrait in every window")
+    _flag(gen, "output-audio", choices=["original", "normalized"], default="original",
+          help="talking_avatar: mux the original audio (default) or the -23 LUFS one")
+    _flag(gen, "max-audio-seconds", type=float, default=200.0)
+    _flag(gen, "resume-dir", default=None, help="talking_avatar: per-window checkpoints; rerun to resume")
     _flag(gen, "output", default=None, help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4)")
     _flag(gen, "offload", action="store_true", help="model CPU offload (text encoder, transformer, VAE)")
     _flag(gen, "device", default=None, help="cuda / cpu (default: cuda when available)")

@@ -16,6 +16,7 @@ from .pipelines.buckets import RESOLUTIONS, bucket_size, check_size, scale_to_lo
 from .pipelines.pipeline_skyreels_v3_reference import MAX_REFERENCES
 from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
 from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
+from .pipelines.pipeline_skyreels_v3_talking_avatar import DEFAULT_WINDOW_PROMPT
 from .pipelines.tiny import TASKS, TINY_LONG_SIDE, tiny_pipeline
 from .pipelines.video_io import load_image, load_video, write_video
 
@@ -40,6 +41,14 @@ class GenerationRequest:
     guidance_scale: float = 1.0
     ref_imgs: list[str] = field(default_factory=list)
     input_video: str | None = None
+    input_image: str | None = None
+    input_audio: str | None = None
+    window_prompt: str | None = None
+    prompt_in_every_window: bool = False
+    clip_from_reference: bool = False
+    output_audio: str = "original"
+    max_audio_seconds: float = 200.0
+    resume_dir: str | None = None
     keep_source_fps: bool = False
     resize_mode: str = "bilinear"
     return_input_video: bool = False
@@ -80,9 +89,13 @@ def validate(request: GenerationRequest) -> GenerationRequest:
     if request.model != "tiny":
         _check_model_folder(Path(request.model))
 
-    if request.model == "tiny" and not request.ref_imgs and request.input_video is None:
+    no_inputs = not request.ref_imgs and request.input_video is None and request.input_image is None
+    if request.model == "tiny" and no_inputs and request.input_audio is None:
         request._media = example_media(request.task)
         print("[skyreels-v3] no input given: using built-in synthetic example inputs.")
+
+    if request.task == "talking_avatar":
+        return _validate_avatar(request)
 
     if request.task == "reference_to_video":
         if not isinstance(request.duration, int) or not 1 <= request.duration <= 30:
@@ -128,11 +141,58 @@ def validate(request: GenerationRequest) -> GenerationRequest:
     return request
 
 
+def _validate_avatar(request: GenerationRequest) -> GenerationRequest:
+    from .pipelines.audio_io import load_speech
+
+    if request.output_audio not in ("original", "normalized"):
+        raise _error("output_audio", f"must be 'original' or 'normalized', got {request.output_audio!r}")
+    if not request.max_audio_seconds > 0:
+        raise _error("max_audio_seconds", f"must be positive, got {request.max_audio_seconds!r}")
+    if request.resolution is None and request.model != "tiny":
+        request.resolution = "480P"
+    if "image" not in request._media:
+        if request.input_image is None:
+            raise _error("input_image", "is required for talking_avatar")
+        try:
+            image = load_image(request.input_image, name="input_image")
+        except ValueError as error:
+            raise _error("input_image", str(error).split(": ", 1)[-1]) from None
+        request._media.update(image=image, size=(image.height, image.width))
+    if "speech" not in request._media:
+        if request.input_audio is None:
+            raise _error("input_audio", "is required for talking_avatar")
+        try:
+            request._media["speech"] = load_speech(request.input_audio, max_seconds=request.max_audio_seconds,
+                                                   name="input_audio")
+        except ValueError as error:
+            raise _error("input_audio", str(error).split(": ", 1)[-1]) from None
+    request.fps = 25
+    return request
+
+
+def _speech_like(seconds: float, rate: int = 16000) -> np.ndarray:
+    """A voiced, syllable-modulated tone: enough for the tiny pipeline's audio path (not speech)."""
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    voice = np.sin(2 * np.pi * np.cumsum(pitch) / rate) + 0.4 * np.sin(4 * np.pi * np.cumsum(pitch) / rate)
+    return (0.2 * voice * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+
+
 def example_media(task: str) -> dict:
     """Synthetic inputs for `--model tiny` runs without inputs: two reference images (portrait and landscape), or a
     2-second 24 fps clip of a moving disc."""
     import PIL.Image
 
+    if task == "talking_avatar":
+        from .pipelines.audio_io import load_speech
+
+        y, x = np.mgrid[0:480, 0:360]
+        face = np.full((480, 360, 3), 240, np.uint8)
+        face[((y - 220) / 150) ** 2 + ((x - 180) / 110) ** 2 < 1] = (225, 180, 150)
+        face[((y - 300) / 18) ** 2 + ((x - 180) / 45) ** 2 < 1] = (150, 60, 60)
+        image = PIL.Image.fromarray(face)
+        return {"image": image, "size": (image.height, image.width),
+                "speech": load_speech(_speech_like(3.5), sample_rate=16000, name="input_audio")}
     if task == "reference_to_video":
         images = []
         for height, width, colour in ((480, 360, (220, 120, 140)), (360, 480, (150, 110, 60))):
@@ -150,6 +210,7 @@ def example_media(task: str) -> dict:
 
 
 _REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+_AVATAR_COMPONENTS = ("image_encoder", "audio_encoder", "feature_extractor")
 
 
 def _check_model_folder(folder: Path) -> None:
@@ -157,7 +218,9 @@ def _check_model_folder(folder: Path) -> None:
     if not index.is_file():
         raise _error("model", f"{folder} has no model_index.json (convert the original weights first)")
     entries = json.loads(index.read_text())
-    for name in _REQUIRED_COMPONENTS:
+    required = _REQUIRED_COMPONENTS + (_AVATAR_COMPONENTS if entries.get("_class_name", "").endswith("AvatarPipeline")
+                                       else ())
+    for name in required:
         if name not in entries or not (folder / name).is_dir():
             raise _error("model", f"{folder} is missing the {name!r} component")
 
@@ -168,9 +231,15 @@ def output_size(request: GenerationRequest) -> tuple[int, int]:
     if request.height is not None:
         return request.height, request.width
     height, width = request._media["size"]
+    if request.task == "talking_avatar":
+        from .pipelines.buckets import avatar_bucket_size
+
+        bucket = avatar_bucket_size(height, width, request.resolution or "480P")
+    else:
+        bucket = bucket_size(height, width, request.resolution or ("480P" if request.model == "tiny" else "720P"))
     if request.model == "tiny" and request.resolution is None:
-        return scale_to_long_side(*bucket_size(height, width, "480P"), TINY_LONG_SIDE)
-    return bucket_size(height, width, request.resolution or "720P")
+        return scale_to_long_side(*bucket, TINY_LONG_SIDE)
+    return bucket
 
 
 def default_output_path(request: GenerationRequest) -> Path:
@@ -188,6 +257,8 @@ def load_pipeline(request: GenerationRequest):
     else:
         pipe = getattr(pipelines, class_name).from_pretrained(request.model, torch_dtype=torch.bfloat16)
         pipe.vae.to(torch.float32)
+        if getattr(pipe, "audio_encoder", None) is not None:
+            pipe.audio_encoder.to(torch.float32)  # wav2vec2 runs in float32, as in the original
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if request.offload and device != "cpu":
         pipe.enable_model_cpu_offload(device=device)
@@ -210,7 +281,18 @@ def run(request: GenerationRequest, pipe=None) -> Path:
         num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
         output_type="np",
     )
-    if request.task == "reference_to_video":
+    audio, audio_rate = None, None
+    if request.task == "talking_avatar":
+        speech = request._media["speech"]
+        window_prompt = None if request.prompt_in_every_window else (request.window_prompt or DEFAULT_WINDOW_PROMPT)
+        out = pipe(
+            image=request._media["image"], audio=speech.source, audio_sample_rate=speech.source_rate,
+            window_prompt=window_prompt, clip_from_reference=request.clip_from_reference,
+            output_audio=request.output_audio, max_audio_seconds=request.max_audio_seconds,
+            resume_dir=request.resume_dir, **common,
+        )
+        frames, audio, audio_rate = out.frames[0], out.audio, out.audio_sample_rate
+    elif request.task == "reference_to_video":
         frames = pipe(
             ref_images=request._media["images"], num_frames=MODEL_FPS * request.duration + 1, **common
         ).frames[0]
@@ -219,7 +301,7 @@ def run(request: GenerationRequest, pipe=None) -> Path:
             video=request._media["frames"], duration=request.duration, fps=request.fps,
             resize_mode=request.resize_mode, return_input_video=request.return_input_video, **common,
         ).frames[0]
-    return write_video(np.asarray(frames), output, fps=request.fps)
+    return write_video(np.asarray(frames), output, fps=request.fps, audio=audio, audio_sample_rate=audio_rate)
 
 
 def request_fields() -> list[str]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
 from skyreels_diffusers.cli import build_parser, main
@@ -166,5 +167,55 @@ def test_real_model_without_inputs_is_an_error(tmp_path, capsys, task, argument)
     folder = tmp_path / "model"
     tiny_pipeline(task).save_pretrained(folder)
     assert main(["generate", "--task", task, "--model", str(folder), "--output", str(tmp_path / "o.mp4")]) == 2
+    assert argument in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def write_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 200 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32), rate)
+    return path
+
+
+def test_talking_avatar_mp4_carries_audio_of_matching_length(tmp_path, capsys):
+    face = tmp_path / "face.png"
+    random_image(64, 48, seed=3).save(face)
+    speech = write_wav(tmp_path / "speech.wav", 3.5)
+    out = tmp_path / "avatar.mp4"
+    code = main(["generate", "--task", "talking_avatar", "--model", "tiny", "--input-image", str(face),
+                 "--input-audio", str(speech), "--height", "32", "--width", "48", "--output", str(out)])
+    assert code == 0 and capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    with av.open(str(out)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        frames = sum(1 for _ in container.decode(video))
+        assert (frames, float(video.average_rate), audio.codec_context.name) == (88, 25.0, "aac")
+        video_seconds = frames / 25
+        audio_seconds = float(audio.duration * audio.time_base)
+    assert abs(video_seconds - audio_seconds) <= 1 / 25
+    assert audio.rate == 22050  # the user's original audio, not the 16-kHz normalised copy
+
+
+@pytest.mark.parametrize(
+    "extra, argument",
+    [
+        (["--input-audio", "{speech}"], "--input-image"),
+        (["--input-image", "{face}"], "--input-audio"),
+        (["--input-image", "{face}", "--input-audio", "{short}"], "--input-audio"),
+        (["--input-image", "{face}", "--input-audio", "{speech}", "--max-audio-seconds", "1"], "--input-audio"),
+        (["--input-image", "{speech}", "--input-audio", "{speech}"], "--input-image"),
+    ],
+)
+def test_talking_avatar_bad_input(tmp_path, capsys, monkeypatch, extra, argument):
+    import skyreels_diffusers.generation as generation
+
+    monkeypatch.setattr(generation, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
+    face = tmp_path / "face.png"
+    random_image(64, 48).save(face)
+    paths = {"face": face, "speech": write_wav(tmp_path / "s.wav", 2.0), "short": write_wav(tmp_path / "t.wav", 0.2)}
+    argv = ["generate", "--task", "talking_avatar", "--model", "tiny", "--output", str(tmp_path / "o.mp4"),
+            *[e.format(**paths) for e in extra]]
+    assert main(argv) == 2
     assert argument in capsys.readouterr().err
     assert not (tmp_path / "o.mp4").exists()

@@ -20,7 +20,7 @@ from skyreels_diffusers import (
 from skyreels_diffusers.conversion import convert_repo, convert_transformer
 from skyreels_diffusers.pipelines.tiny import flow_scheduler
 from tests.conversion.original_repos import build_extension_repo, build_reference_repo, remove
-from tests.helpers import GoldenCase, random_image, random_video
+from tests.helpers import random_image, random_video
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(height=32, width=48, num_inference_steps=2)

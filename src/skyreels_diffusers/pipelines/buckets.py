@@ -59,3 +59,30 @@ def check_size(height: int | None, width: int | None) -> None:
             raise ValueError(f"`{name}` must be a positive multiple of 16, got {value!r}.")
     if (height is None) != (width is None):
         raise ValueError("Pass both `height` and `width` (or neither, to use the resolution buckets).")
+
+
+# Talking-avatar buckets (key = H/W; values are multiples of 16 already; closest key, first on ties).
+AVATAR_ASPECT_RATIOS: dict[str, dict[float, tuple[int, int]]] = {
+    "480P": {  # the original's ASPECT_RATIO_627 (its order kept: 1.86 comes before 1.73)
+        0.26: (320, 1216), 0.38: (384, 1024), 0.50: (448, 896), 0.577: (480, 832), 0.67: (512, 768),
+        0.82: (576, 704), 1.00: (640, 640), 1.22: (704, 576), 1.50: (768, 512), 1.86: (832, 448),
+        1.73: (832, 480), 2.00: (896, 448), 2.50: (960, 384), 2.83: (1088, 384), 3.60: (1152, 320),
+        3.80: (1216, 320), 4.00: (1280, 320),
+    },
+    # The original rejects 540P for the avatar; this is the family's own 540P table (reference/extension), whose
+    # sizes are all multiples of 16 around 540 x 960.
+    "540P": dict(ASPECT_RATIO_CONFIG["540P"]),
+    "720P": {  # the original's ASPECT_RATIO_960
+        0.22: (448, 2048), 0.29: (512, 1792), 0.36: (576, 1600), 0.45: (640, 1408), 0.55: (704, 1280),
+        0.56: (720, 1280), 0.63: (768, 1216), 0.76: (832, 1088), 0.88: (896, 1024), 1.00: (960, 960),
+        1.14: (1024, 896), 1.31: (1088, 832), 1.50: (1152, 768), 1.58: (1216, 768), 1.82: (1280, 704),
+        1.78: (1280, 720), 1.91: (1344, 704), 2.20: (1408, 640), 2.30: (1472, 640), 2.67: (1536, 576),
+        2.89: (1664, 576), 3.62: (1856, 512), 3.75: (1920, 512),
+    },
+}
+
+
+def avatar_bucket_size(height: int, width: int, resolution: str) -> tuple[int, int]:
+    if resolution not in AVATAR_ASPECT_RATIOS:
+        raise ValueError(f"`resolution` must be one of {list(AVATAR_ASPECT_RATIOS)}, got {resolution!r}.")
+    return closest_bucket(height, width, AVATAR_ASPECT_RATIOS[resolution])

@@ -41,6 +41,17 @@ class SkyReelsV3PipelineOutput(BaseOutput):
     frames: Any
 
 
+class _NoProgressBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int = 1):
+        pass
+
+
 class SkyReelsV3PipelineBase(DiffusionPipeline):
     """Base class of the SkyReels-V3 pipelines (not a pipeline on its own)."""
 
@@ -227,23 +238,28 @@ class SkyReelsV3PipelineBase(DiffusionPipeline):
         state: dict,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+        progress: bool = True,
     ) -> torch.Tensor:
         """Run the scheduler over `latents` (float32) with `predict(latents, t, state)` giving the flow prediction.
 
         `state` holds the tensors a callback may read or replace (`prompt_embeds`, `negative_prompt_embeds`);
         `callback_on_step_end(pipe, step, t, tensors)` may return replacements for `latents` and for them.
+        `after_step(latents, step)` is the pipeline's own per-step update (applied before the user callback).
         """
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        with (self.progress_bar(total=len(timesteps)) if progress else _NoProgressBar()) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
                 noise_pred = predict(latents, t, {**state, "step_index": i})
                 latents = self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
+                if after_step is not None:
+                    latents = after_step(latents, i)
                 if callback_on_step_end is not None:
                     tensors = {k: latents if k == "latents" else state.get(k) for k in callback_on_step_end_tensor_inputs}
                     outputs = callback_on_step_end(self, i, t, tensors) or {}

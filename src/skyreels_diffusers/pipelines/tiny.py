@@ -18,6 +18,7 @@ TASKS = {
     "reference_to_video": ("SkyReelsV3ReferencePipeline", "reference", 5.0),
     "single_shot_extension": ("SkyReelsV3ExtensionPipeline", "extension", 8.0),
     "shot_switching_extension": ("SkyReelsV3ShotSwitchingPipeline", "extension", 8.0),
+    "talking_avatar": ("SkyReelsV3TalkingAvatarPipeline", "avatar", 11.0),
 }
 
 TINY_VAE_CONFIG = dict(
@@ -27,6 +28,16 @@ TINY_TEXT_ENCODER_CONFIG = dict(
     vocab_size=260, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
     relative_attention_max_distance=128, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
     eos_token_id=1, decoder_start_token_id=0,
+)
+TINY_CLIP_CONFIG = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=14,
+    projection_dim=32, hidden_act="gelu",
+)
+#: the golden wav2vec2 case's configuration (standard CNN strides: 320 samples per feature at 16 kHz)
+TINY_WAV2VEC2_CONFIG = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, conv_dim=[16] * 7,
+    conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=False,
+    feat_extract_norm="group", num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=False,
 )
 #: long side of the default output size of tiny pipelines when no resolution is asked for
 TINY_LONG_SIDE = 256
@@ -74,10 +85,36 @@ def flow_scheduler(shift: float) -> UniPCMultistepScheduler:
     )
 
 
+def avatar_feature_extractor():
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False
+    )
+
+
 def tiny_components(task: str, seed: int = 0) -> dict:
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {task!r}.")
     _, variant, shift = TASKS[task]
+    if task == "talking_avatar":
+        from transformers import CLIPVisionConfig, CLIPVisionModel, Wav2Vec2Config, Wav2Vec2Model
+
+        from ..schedulers import SkyReelsV3FlowEulerScheduler
+
+        torch.manual_seed(seed)
+        image_encoder = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_CONFIG)).eval()
+        audio_encoder = Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC2_CONFIG)).eval()
+        return {
+            "tokenizer": tiny_tokenizer(),
+            "text_encoder": tiny_text_encoder(seed),
+            "image_encoder": image_encoder,
+            "audio_encoder": audio_encoder,
+            "feature_extractor": avatar_feature_extractor(),
+            "transformer": tiny_transformer(variant, seed),
+            "vae": tiny_vae(seed),
+            "scheduler": SkyReelsV3FlowEulerScheduler(shift=shift),
+        }
     return {
         "tokenizer": tiny_tokenizer(),
         "text_encoder": tiny_text_encoder(seed),

@@ -138,8 +138,11 @@ def write_video(
             if audio is not None:
                 if audio_sample_rate is None:
                     raise ValueError("`audio_sample_rate` is required with `audio`.")
+                audio = np.asarray(audio, dtype=np.float32)
+                if audio.ndim == 2 and audio.shape[1] != 2:  # mono as [samples, 1], or more than two channels
+                    audio = audio.mean(axis=1)
                 audio_stream = container.add_stream("aac", rate=int(audio_sample_rate))
-                audio_stream.layout = "mono" if np.asarray(audio).ndim == 1 else "stereo"
+                audio_stream.layout = "mono" if audio.ndim == 1 else "stereo"
             for array in frames:
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
                 for packet in stream.encode(frame):

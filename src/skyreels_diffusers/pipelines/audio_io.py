@@ -1,0 +1,156 @@
+"""Speech input of the talking avatar: decoding, loudness normalisation, wav2vec2 features and per-frame windows."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+VIDEO_FPS = 25  # wav2vec2 features are resampled to the avatar's 25 fps
+MIN_SECONDS = 0.4
+DEFAULT_MAX_SECONDS = 200.0
+TARGET_LUFS = -23.0
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg")
+
+
+@dataclass
+class SpeechAudio:
+    """A decoded speech clip: the 16-kHz mono waveform the features come from, the loudness-normalised one, and the
+    source waveform (all channels, native rate) for muxing into the output."""
+
+    waveform: np.ndarray  # float32 [samples] at 16 kHz, mono
+    normalized: np.ndarray  # float32 [samples] at 16 kHz, -23 LUFS
+    source: np.ndarray  # float32 [samples] or [samples, channels] at `source_rate`
+    source_rate: int
+
+    @property
+    def duration(self) -> float:
+        return len(self.waveform) / SAMPLE_RATE
+
+    @property
+    def num_frames(self) -> int:
+        """Video frames at 25 fps: ceil(duration * 25)."""
+        return math.ceil(len(self.waveform) * VIDEO_FPS / SAMPLE_RATE)
+
+
+def _decode(path: Path, name: str) -> tuple[np.ndarray, int]:
+    """All channels, native rate, float32 `[samples, channels]` (PyAV: wav, mp3, flac, m4a/aac, ogg)."""
+    import av
+
+    chunks, rate = [], None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise ValueError(f"`{name}`: {path} has no audio stream.")
+            stream = container.streams.audio[0]
+            rate = stream.rate
+            for frame in container.decode(stream):
+                array = frame.to_ndarray()
+                if frame.format.is_planar:
+                    array = array.T  # [samples, channels]
+                else:
+                    array = array.reshape(-1, len(frame.layout.channels))
+                if array.dtype.kind == "i":
+                    array = array.astype(np.float32) / np.iinfo(array.dtype).max
+                chunks.append(array.astype(np.float32))
+    except av.error.FFmpegError as error:
+        raise ValueError(f"`{name}`: {path} is not a readable audio file ({error}).") from None
+    if not chunks:
+        raise ValueError(f"`{name}`: {path} has no decodable audio.")
+    return np.concatenate(chunks), int(rate)
+
+
+def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
+    """Average channels and resample to 16 kHz with soxr's high-quality filter (librosa's default)."""
+    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    if rate != SAMPLE_RATE:
+        import soxr
+
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    return mono
+
+
+def loudness_normalize(waveform: np.ndarray, rate: int = SAMPLE_RATE, target: float = TARGET_LUFS) -> np.ndarray:
+    """Integrated-loudness normalisation to `target` LUFS with pyloudnorm (ITU-R BS.1770); unchanged when the
+    measured loudness is not finite or beyond +-100 LUFS (digital silence), like the original."""
+    import pyloudnorm
+
+    meter = pyloudnorm.Meter(rate)
+    loudness = meter.integrated_loudness(waveform)
+    if not np.isfinite(loudness) or abs(loudness) > 100:
+        return waveform.astype(np.float32)
+    return pyloudnorm.normalize.loudness(waveform, loudness, target).astype(np.float32)
+
+
+def load_speech(
+    audio: str | os.PathLike | np.ndarray, sample_rate: int | None = None, max_seconds: float = DEFAULT_MAX_SECONDS,
+    name: str = "audio",
+) -> SpeechAudio:
+    """Decode, check and normalise a speech input (path, or a waveform with its `sample_rate`).
+
+    Raises `ValueError` naming `name` for unreadable files, audio under 0.4 s or over `max_seconds`, and silence.
+    """
+    if isinstance(audio, (str, os.PathLike)):
+        path = Path(audio)
+        if not path.is_file():
+            raise ValueError(f"`{name}`: file not found: {path}")
+        source, rate = _decode(path, name)
+    else:
+        if sample_rate is None:
+            raise ValueError(f"`{name}`: a waveform needs its `sample_rate`.")
+        source, rate = np.asarray(audio, dtype=np.float32), int(sample_rate)
+        if source.ndim not in (1, 2) or source.size == 0:
+            raise ValueError(f"`{name}`: waveform must be [samples] or [samples, channels], got {source.shape}.")
+    if not np.isfinite(source).all():
+        raise ValueError(f"`{name}`: the audio holds NaN or infinite samples.")
+    waveform = to_mono_16k(source, rate)
+    duration = len(waveform) / SAMPLE_RATE
+    if duration < MIN_SECONDS:
+        raise ValueError(f"`{name}`: {duration:.2f} s of audio; at least {MIN_SECONDS} s are needed.")
+    if duration > max_seconds:
+        raise ValueError(f"`{name}`: {duration:.1f} s of audio is over the limit of {max_seconds:g} s "
+                         f"(raise `max_audio_seconds` to allow longer audio).")
+    if np.abs(waveform).max() < 1e-4:
+        raise ValueError(f"`{name}`: the audio is silent.")
+    return SpeechAudio(waveform, loudness_normalize(waveform), source, rate)
+
+
+@torch.no_grad()
+def wav2vec2_features(audio_encoder, feature_extractor, waveform: np.ndarray, num_frames: int) -> torch.Tensor:
+    """The original's wav2vec2 front end: normalise the waveform, run the CNN feature encoder, interpolate its
+    ~50 Hz features linearly (align_corners) to `num_frames` video frames, then feature projection and the
+    transformer encoder; returns the outputs of all encoder layers, `[num_frames, layers, hidden]` float32."""
+    inputs = feature_extractor(waveform, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
+    param = next(audio_encoder.parameters())
+    inputs = inputs.to(param.device, param.dtype)
+    features = audio_encoder.feature_extractor(inputs)  # [1, C, T_cnn]
+    features = F.interpolate(features, size=num_frames, mode="linear", align_corners=True).transpose(1, 2)
+    hidden_states, _ = audio_encoder.feature_projection(features)
+    layer_outputs = []
+
+    def keep(module, args, output):
+        layer_outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    hooks = [layer.register_forward_hook(keep) for layer in audio_encoder.encoder.layers]
+    try:
+        audio_encoder.encoder(hidden_states)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.stack(layer_outputs, dim=2)[0].float()  # [T, layers, hidden]
+
+
+def audio_windows(features: torch.Tensor, start: int, length: int, window: int = 5) -> torch.Tensor:
+    """For video frames `start .. start+length-1`, the `window` audio frames centred on each (clamped to the
+    available frames): `[T, layers, dim]` -> `[length, window, layers, dim]`."""
+    half = window // 2
+    centre = torch.arange(start, start + length, device=features.device)
+    index = (centre[:, None] + torch.arange(-half, half + 1, device=features.device)[None]).clamp(0, len(features) - 1)
+    return features[index]

@@ -1,0 +1,544 @@
+"""SkyReels-V3 talking avatar: portrait + speech -> lip-synced video (25 fps) with the audio."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from ..models import SkyReelsV3Transformer3DModel
+from ..schedulers import SkyReelsV3FlowEulerScheduler
+from .audio_io import DEFAULT_MAX_SECONDS, VIDEO_FPS, SpeechAudio, audio_windows, load_speech, wav2vec2_features
+from .buckets import avatar_bucket_size, check_size
+from .color import match_colors
+from .common import SkyReelsV3PipelineBase
+from .video_io import ImageInput, load_image, to_uint8
+
+WINDOW_FRAMES = 81
+MOTION_FRAMES = 5
+DROP_FRAMES = 12
+PSEUDO_FRAMES = 5
+DEFAULT_WINDOW_PROMPT = "a person is talking"
+NEGATIVE_PROMPT = (
+    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```python
+        >>> import torch
+        >>> from skyreels_diffusers import SkyReelsV3TalkingAvatarPipeline
+        >>> from skyreels_diffusers.pipelines.video_io import write_video
+
+        >>> pipe = SkyReelsV3TalkingAvatarPipeline.from_pretrained("path/to/SkyReels-V3-A2V-diffusers", torch_dtype=torch.bfloat16)
+        >>> pipe.vae.to(torch.float32)
+        >>> pipe.audio_encoder.to(torch.float32)
+        >>> pipe.enable_model_cpu_offload()
+        >>> out = pipe(image="portrait.png", audio="speech.wav", prompt="A woman talks to the camera.",
+        ...            generator=torch.Generator().manual_seed(42))
+        >>> write_video(out.frames[0], "avatar.mp4", fps=out.fps, audio=out.audio, audio_sample_rate=out.audio_sample_rate)
+        ```
+"""
+
+
+@dataclass
+class WindowPlan:
+    """How the original covers `num_frames` video frames with 81-frame windows (all counts in video frames)."""
+
+    num_frames: int  # requested (ceil(audio seconds * 25))
+    video_length: int  # padded so that the windows tile it exactly
+    keyframes: list[int]  # frames of the keyframe clip used as pseudo end frames, one per window
+    starts: list[int] = field(default_factory=list)  # window start frames; empty: the keyframe clip is the video
+    kept: list[int] = field(default_factory=list)  # frames each window contributes
+
+
+def plan_windows(
+    num_frames: int, window: int = WINDOW_FRAMES, motion: int = MOTION_FRAMES, drop: int = DROP_FRAMES
+) -> WindowPlan:
+    """The original's long-video arithmetic.
+
+    Windows advance by `window - motion - drop` (64) frames. The length is padded to the next `81 + 64 k`. Keyframe
+    indices `[0, 80, 144, ...] + [len - 1]` are mapped linearly onto the 81-frame keyframe clip (numpy's
+    round-half-even) and the first is dropped. The first window keeps its first 69 frames, middle ones 64 (after
+    the 5 motion frames), the last 76. Example: 250 frames -> length 273, keyframes [24, 42, 61, 80], windows at
+    0/64/128/192 keeping 69 + 64 + 64 + 76 = 273, trimmed to 250.
+    """
+    if num_frames < window:
+        return WindowPlan(num_frames, num_frames, [])
+    stride = window - motion - drop
+    remainder = (num_frames - window) % stride
+    length = num_frames + (stride - remainder if remainder else 0)
+    indices = [0]
+    position = window - 1
+    while position < length - 1:
+        indices.append(position)
+        position += stride
+    indices.append(length - 1)
+    mapped = np.clip(np.round(np.array(indices) * (window - 1) / (length - 1)), 0, window - 1).astype(int)
+    starts = list(range(0, length - window + 1, stride))
+    kept = []
+    for k, start in enumerate(starts):
+        last = start + window == length
+        frames = window if last else window - drop
+        kept.append(frames if k == 0 else frames - motion)
+    return WindowPlan(num_frames, length, [int(i) for i in mapped[1:]], starts, kept)
+
+
+def extend_audio(features: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad audio features to `length` frames with their own last frames, time-reversed (the original's padding)."""
+    missing = length - len(features)
+    if missing <= 0:
+        return features
+    return torch.cat([features, features[-missing:].flip(0)])
+
+
+@dataclass
+class SkyReelsV3AvatarPipelineOutput(BaseOutput):
+    """Output of the talking-avatar pipeline.
+
+    Args:
+        frames: `[1, F, H, W, 3]` floats in [0, 1] ("np"), `[1, F, 3, H, W]` ("pt") or PIL lists ("pil");
+            `F = ceil(audio seconds * 25)`.
+        audio: the waveform to mux (`[samples]` or `[samples, channels]` float32), None with precomputed features.
+        audio_sample_rate: its sample rate.
+        fps: the video frame rate (25).
+    """
+
+    frames: Any
+    audio: np.ndarray | None = None
+    audio_sample_rate: int | None = None
+    fps: int = VIDEO_FPS
+
+
+class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
+    r"""
+    Talking-avatar generation with SkyReels-V3 (19B): a portrait and speech (up to 200 s) -> a lip-synced video.
+
+    A keyframe clip (81 frames) is generated from the portrait with the user prompt; long audio is then covered by
+    81-frame windows advancing 64 frames: each window is conditioned on the last 5 frames of the previous one
+    (motion frames, whose latents are re-noised to the current noise level at every step) and on 5 "pseudo" end
+    frames taken from the keyframe clip, and every decoded clip is colour-matched (Lab mean/std) to the portrait.
+    Audio enters through wav2vec2 features (interpolated to 25 fps) in per-frame audio cross-attention; the image
+    through CLIP (penultimate layer) and channel-concatenated condition latents.
+
+    Components: `tokenizer`, `text_encoder` (UMT5), `image_encoder` (`CLIPVisionModel`), `audio_encoder`
+    (`Wav2Vec2Model`), `feature_extractor` (`Wav2Vec2FeatureExtractor`), `transformer`
+    (`SkyReelsV3Transformer3DModel`, avatar config), `vae` (`AutoencoderKLWan`), `scheduler`
+    (`SkyReelsV3FlowEulerScheduler`, shift 11).
+
+    Beyond the original (defaults keep its behaviour): `window_prompt=None` uses the user prompt in every window
+    (the original always uses "a person is talking"); `clip_from_reference=True` takes CLIP tokens from the portrait
+    in every window (the original uses the first motion frame); 540P has a bucket table; `resume_dir` lets a killed
+    run resume at the next window with an identical result; frames are rounded (not truncated) to uint8; the output
+    carries the user's original audio by default (`output_audio="normalized"` for the original's -23 LUFS track).
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->audio_encoder->transformer->vae"
+    _output_types = ("np", "pil", "pt")  # clips are decoded window by window: no single latent to return
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        image_encoder: CLIPVisionModel,
+        audio_encoder: Wav2Vec2Model,
+        feature_extractor: Wav2Vec2FeatureExtractor,
+        transformer: SkyReelsV3Transformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler: SkyReelsV3FlowEulerScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder, audio_encoder=audio_encoder,
+            feature_extractor=feature_extractor, transformer=transformer, vae=vae, scheduler=scheduler,
+        )
+        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if vae is not None else 4
+        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if vae is not None else 8
+
+    # ---------------------------------------------------------------------------------------------- inputs
+    def check_inputs(
+        self, image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt, prompt_embeds,
+        negative_prompt_embeds, resolution, height, width, num_inference_steps, guidance_scale,
+        audio_guidance_scale, max_audio_seconds, output_type, output_audio, callback_on_step_end_tensor_inputs,
+    ) -> tuple[PIL.Image.Image, SpeechAudio | None, int]:
+        """Validate everything before model work; returns (portrait, decoded speech or None, video frames)."""
+        portrait = load_image(image, name="image", exif_transpose=True)
+        check_size(height, width)
+        if height is None:
+            avatar_bucket_size(portrait.height, portrait.width, resolution)
+        if not audio_guidance_scale >= 1.0:
+            raise ValueError(f"`audio_guidance_scale` must be >= 1 (1 = off), got {audio_guidance_scale!r}.")
+        if output_audio not in ("original", "normalized"):
+            raise ValueError(f"`output_audio` must be 'original' or 'normalized', got {output_audio!r}.")
+        self._check_common_inputs(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
+            output_type, callback_on_step_end_tensor_inputs,
+        )
+        if (audio is None) == (audio_embeds is None):
+            raise ValueError("Pass exactly one of `audio` (a file or waveform) and `audio_embeds` (wav2vec2 features).")
+        if audio_embeds is not None:
+            if audio_embeds.ndim != 3 or len(audio_embeds) < 1:
+                raise ValueError(f"`audio_embeds` must be [T, layers, dim], got {tuple(audio_embeds.shape)}.")
+            if len(audio_embeds) > max_audio_seconds * VIDEO_FPS:
+                raise ValueError(f"`audio_embeds` covers {len(audio_embeds) / VIDEO_FPS:.1f} s, over the limit of "
+                                 f"{max_audio_seconds:g} s (`max_audio_seconds`).")
+            return portrait, None, len(audio_embeds)
+        speech = load_speech(audio, audio_sample_rate, max_seconds=max_audio_seconds, name="audio")
+        return portrait, speech, speech.num_frames
+
+    def prepare_portrait(self, portrait: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
+        """Resize to cover (bilinear, sizes rounded up) and centre-crop to (height, width), like the original;
+        returns `[1, 3, 1, H, W]` in [-1, 1]."""
+        scale = max(height / portrait.height, width / portrait.width)
+        size = (math.ceil(scale * portrait.width), math.ceil(scale * portrait.height))
+        resized = portrait.resize(size, PIL.Image.BILINEAR)
+        top, left = int(round((size[1] - height) / 2.0)), int(round((size[0] - width) / 2.0))
+        cropped = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
+        return (torch.from_numpy(cropped).permute(2, 0, 1)[None, :, None] - 0.5) * 2
+
+    def encode_image(self, frame: torch.Tensor) -> torch.Tensor:
+        """CLIP tokens of a `[1, 3, H, W]` frame in [-1, 1]: stretched to the encoder's size (bicubic, no crop),
+        CLIP-normalised, penultimate layer -> `[1, 257, width]`."""
+        device = get_module_execution_device(self.image_encoder)
+        size = self.image_encoder.config.image_size
+        pixels = F.interpolate(frame.float().to(device), size=(size, size), mode="bicubic", align_corners=False)
+        pixels = pixels * 0.5 + 0.5
+        mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+        pixels = ((pixels - mean) / std).to(self.image_encoder.dtype)
+        return self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+
+    def encode_audio(self, speech: SpeechAudio) -> torch.Tensor:
+        """wav2vec2 features of the loudness-normalised 16-kHz waveform at 25 fps: `[T, layers, dim]`."""
+        return wav2vec2_features(self.audio_encoder, self.feature_extractor, speech.normalized, speech.num_frames)
+
+    # ---------------------------------------------------------------------------------------------- one clip
+    def generate_clip(
+        self,
+        condition: torch.Tensor,
+        pseudo: torch.Tensor | None,
+        text_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        audio: torch.Tensor,
+        image_embeds: torch.Tensor,
+        motion: bool,
+        generator: torch.Generator | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        audio_guidance_scale: float,
+        callback_on_step_end: Callable | None,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> torch.Tensor:
+        """Denoise one 81-frame clip; returns decoded pixels `[1, 3, 81, H, W]` in [-1, 1].
+
+        `condition` `[n, 3, H, W]` are the first frames (portrait or motion frames), `pseudo` `[5, 3, H, W]` the
+        end frames (or None); the rest of the conditioning video is zero (grey)."""
+        device = self._execution_device
+        num_cond, (_, height, width) = condition.shape[0], condition.shape[1:]
+        video = torch.zeros(1, 3, WINDOW_FRAMES, height, width, device=device)
+        video[0, :, :num_cond] = condition.transpose(0, 1).to(device)
+        num_pseudo = 0 if pseudo is None else pseudo.shape[0]
+        if pseudo is not None:
+            video[0, :, -num_pseudo:] = pseudo.transpose(0, 1).to(device)
+        condition_latents = self.encode_video(video).to(device)  # [1, 16, 21, h, w]
+
+        h, w = condition_latents.shape[-2:]
+        mask = torch.zeros(1, WINDOW_FRAMES, h, w, device=device)
+        mask[:, :num_cond] = 1
+        if num_pseudo:
+            mask[:, -num_pseudo:] = 1
+        scale = self.vae_scale_factor_temporal
+        mask = torch.cat([mask[:, :1].repeat_interleave(scale, dim=1), mask[:, 1:]], dim=1)
+        mask = mask.view(1, -1, scale, h, w).transpose(1, 2)  # [1, 4, 21, h, w]
+        y = torch.cat([mask, condition_latents], dim=1)
+
+        latents = randn_tensor(condition_latents.shape, generator=generator, device=device, dtype=torch.float32)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        after_step = None
+        if motion:
+            motion_latents = condition_latents[:, :, : 1 + (MOTION_FRAMES - 1) // scale]
+            frames_m = motion_latents.shape[2]
+
+            def renoise(x: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+                noise = randn_tensor(motion_latents.shape, generator=generator, device=device, dtype=torch.float32)
+                x = x.clone()
+                x[:, :, :frames_m] = self.scheduler.add_noise_at(motion_latents, noise, noise_level)
+                return x
+
+            latents = renoise(latents, self.scheduler.timesteps[0])
+
+            def after_step(x: torch.Tensor, i: int) -> torch.Tensor:
+                return renoise(x, self.scheduler.sigmas[i + 1] * self.scheduler.config.num_train_timesteps)
+
+        dtype = self.transformer.dtype
+        audio = audio.to(device, dtype)[None]
+        no_audio = torch.zeros_like(audio)
+        image_embeds = image_embeds.to(device, dtype)
+
+        def predict(x: torch.Tensor, t: torch.Tensor, state: dict) -> torch.Tensor:
+            hidden_states = torch.cat([x, y], dim=1).to(dtype)
+            timestep = t.expand(x.shape[0]).float()
+
+            def branch(name: str, embeds: torch.Tensor, sound: torch.Tensor) -> torch.Tensor:
+                return self.run_transformer(
+                    name, state["step_index"], hidden_states=hidden_states, timestep=timestep,
+                    encoder_hidden_states=embeds, encoder_hidden_states_image=image_embeds, audio_embeds=sound,
+                ).float()
+
+            cond = branch("cond", state["prompt_embeds"], audio)
+            text_on, audio_on = guidance_scale > 1.0, audio_guidance_scale > 1.0
+            if text_on and audio_on:
+                uncond = branch("uncond", state["negative_prompt_embeds"], no_audio)
+                uncond_text = branch("uncond_text", state["negative_prompt_embeds"], audio)
+                return uncond + guidance_scale * (cond - uncond_text) + audio_guidance_scale * (uncond_text - uncond)
+            if text_on:
+                uncond_text = branch("uncond_text", state["negative_prompt_embeds"], audio)
+                return uncond_text + guidance_scale * (cond - uncond_text)
+            if audio_on:
+                uncond_audio = branch("uncond_audio", state["prompt_embeds"], no_audio)
+                return uncond_audio + audio_guidance_scale * (cond - uncond_audio)
+            return cond
+
+        state = {"prompt_embeds": text_embeds, "negative_prompt_embeds": negative_embeds}
+        latents = self.denoise(
+            latents, predict, num_inference_steps, device, state, callback_on_step_end,
+            callback_on_step_end_tensor_inputs, after_step=after_step, progress=False,
+        )
+        return self.decode_latents(latents)
+
+    # ---------------------------------------------------------------------------------------------- resume
+    @staticmethod
+    def _fingerprint(*parts) -> str:
+        digest = hashlib.sha256()
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                digest.update(part.detach().float().cpu().contiguous().numpy().tobytes())
+            else:
+                digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+        return digest.hexdigest()
+
+    @staticmethod
+    def _save_atomic(obj, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+    # ---------------------------------------------------------------------------------------------- call
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput,
+        audio: str | os.PathLike | np.ndarray | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        audio_sample_rate: int | None = None,
+        resolution: str = "480P",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 4,
+        guidance_scale: float = 1.0,
+        audio_guidance_scale: float = 1.0,
+        window_prompt: str | None = DEFAULT_WINDOW_PROMPT,
+        clip_from_reference: bool = False,
+        color_match_strength: float = 1.0,
+        max_audio_seconds: float = DEFAULT_MAX_SECONDS,
+        generator: torch.Generator | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        window_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        audio_embeds: torch.Tensor | None = None,
+        resume_dir: str | os.PathLike | None = None,
+        output_type: str = "np",
+        output_audio: str = "original",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_window_end: Callable[[Any, int, int], None] | None = None,
+        max_sequence_length: int = 512,
+    ) -> SkyReelsV3AvatarPipelineOutput | tuple:
+        r"""
+        Animate `image` speaking `audio`.
+
+        Args:
+            image: the portrait (path or PIL; EXIF orientation applied); picks the resolution bucket.
+            audio: speech: a file (wav, mp3, flac, m4a, ...) or a waveform with `audio_sample_rate`; mono 16 kHz,
+                normalised to -23 LUFS for the features. 0.4 s to `max_audio_seconds`.
+            prompt: describes the person and scene; drives the keyframe clip (and every window with
+                `window_prompt=None`).
+            negative_prompt: used with guidance (default: the original's English negative prompt).
+            audio_sample_rate: sample rate of a waveform `audio`.
+            resolution: "480P" (default), "540P" or "720P" avatar bucket table.
+            height, width: explicit size (multiples of 16), overriding the bucket.
+            num_inference_steps: Euler steps per clip (4).
+            guidance_scale, audio_guidance_scale: text and audio guidance (1.0 = off, the original's defaults).
+            window_prompt: prompt of the sliding windows ("a person is talking", the original's); None = `prompt`.
+            clip_from_reference: CLIP tokens from the portrait in every window (default False: from the first
+                motion frame, as the original).
+            color_match_strength: Lab colour matching to the portrait after every clip (1.0 = the original).
+            max_audio_seconds: longest accepted audio (200 s).
+            generator: draws all noise (clip noise and motion re-noising, in the original's order).
+            prompt_embeds, window_prompt_embeds, negative_prompt_embeds: precomputed UMT5 embeddings.
+            image_embeds: precomputed CLIP tokens of the portrait `[1, 257, 1280]` (used wherever the portrait's
+                tokens are: the keyframe clip, the first window, and every window with `clip_from_reference`).
+            audio_embeds: precomputed wav2vec2 features `[T, 12, 768]` at 25 fps instead of `audio`.
+            resume_dir: folder for per-window checkpoints; a run killed at window k and started again with the same
+                inputs resumes at window k and gives the same video as an uninterrupted run.
+            output_type: "np" (default), "pil" or "pt".
+            output_audio: "original" (the user's file, default) or "normalized" (-23 LUFS, 16 kHz mono).
+            return_dict: return a `SkyReelsV3AvatarPipelineOutput` instead of a tuple.
+            attention_kwargs: passed to the transformer.
+            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after every step of every clip.
+            callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` passed to it.
+            callback_on_window_end: `fn(pipe, window, num_windows)` after every finished window (0 = keyframe clip).
+            max_sequence_length: text tokens (512).
+
+        Examples:
+        """
+        portrait, speech, num_frames = self.check_inputs(
+            image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt, prompt_embeds,
+            negative_prompt_embeds, resolution, height, width, num_inference_steps, guidance_scale,
+            audio_guidance_scale, max_audio_seconds, output_type, output_audio, callback_on_step_end_tensor_inputs,
+        )
+        callback_on_step_end_tensor_inputs = self._prepare_call(
+            guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
+        if height is None:
+            height, width = avatar_bucket_size(portrait.height, portrait.width, resolution)
+        device = self._execution_device
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        guidance = guidance_scale > 1.0 or audio_guidance_scale > 1.0
+
+        # 1. Text: the user prompt (keyframe clip) and the window prompt
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT, guidance_scale > 1.0,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length, device=device,
+        )
+        if window_prompt_embeds is None:
+            window_prompt_embeds = (
+                prompt_embeds if window_prompt is None
+                else self.encode_prompt(window_prompt, max_sequence_length=max_sequence_length, device=device)[0]
+            )
+
+        # 2. Portrait, CLIP, audio features
+        reference = self.prepare_portrait(portrait, height, width).to(device)[0, :, 0]  # [3, H, W]
+        if image_embeds is None:
+            image_embeds = self.encode_image(reference[None])
+        if audio_embeds is None:
+            audio_embeds = self.encode_audio(speech)
+        audio_embeds = audio_embeds.float()
+        plan = plan_windows(num_frames)
+
+        def clip(condition, pseudo, text, audio_start, features, motion):
+            clip_tokens = image_embeds if (not motion or clip_from_reference) else self.encode_image(condition[:1])
+            video = self.generate_clip(
+                condition, pseudo, text, negative_prompt_embeds if guidance else None,
+                audio_windows(features, audio_start, WINDOW_FRAMES), clip_tokens, motion, generator,
+                num_inference_steps, guidance_scale, audio_guidance_scale, callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+            )
+            return video[0].transpose(0, 1)  # [81, 3, H, W]
+
+        # 3. Resume state
+        state_file = None
+        resume = None
+        if resume_dir is not None:
+            resume_dir = Path(resume_dir)
+            resume_dir.mkdir(parents=True, exist_ok=True)
+            state_file = resume_dir / "state.pt"
+            fingerprint = self._fingerprint(
+                audio_embeds, reference, prompt_embeds, window_prompt_embeds, image_embeds,
+                generator.get_state(), [height, width, num_inference_steps, guidance_scale, audio_guidance_scale,
+                                        clip_from_reference, color_match_strength, dict(self.scheduler.config)],
+            )
+            if state_file.is_file():
+                resume = torch.load(state_file, weights_only=True)
+                if resume.get("fingerprint") != fingerprint:
+                    raise ValueError(f"`resume_dir` {resume_dir} holds a different run (other inputs or seed); "
+                                     "use an empty folder.")
+
+        num_windows = len(plan.starts)
+        if resume is None:
+            # 4. Keyframe clip on the user prompt
+            keyframe_video = match_colors(
+                clip(reference[None], None, prompt_embeds, 0, audio_embeds, motion=False), reference,
+                color_match_strength,
+            )
+            next_window, motion_frames, chunks = 0, None, []
+            if state_file is not None:
+                self._save_atomic({"fingerprint": fingerprint, "keyframe_video": keyframe_video.cpu(),
+                                   "next_window": 0, "motion": None, "generator": generator.get_state()}, state_file)
+            if callback_on_window_end is not None:
+                callback_on_window_end(self, 0, num_windows + 1)
+        else:
+            keyframe_video = resume["keyframe_video"].to(device)
+            next_window, motion_frames = resume["next_window"], resume["motion"]
+            motion_frames = motion_frames.to(device) if motion_frames is not None else None
+            generator.set_state(resume["generator"])
+            chunks = [np.load(resume_dir / f"window_{k:05d}.npy") for k in range(next_window)]
+
+        if not plan.starts:
+            video = to_uint8((keyframe_video[:num_frames].permute(0, 2, 3, 1) + 1) / 2)[None]
+        else:
+            # 5. Sliding windows
+            features = extend_audio(audio_embeds, plan.video_length)
+            keyframes = [keyframe_video[i] for i in plan.keyframes]
+            with self.progress_bar(total=num_windows) as progress_bar:
+                progress_bar.update(next_window)
+                for k in range(next_window, num_windows):
+                    if self.interrupt:
+                        break
+                    start = plan.starts[k]
+                    last = start + WINDOW_FRAMES == plan.video_length
+                    pseudo = keyframes[min(k, len(keyframes) - 1)][None].repeat(PSEUDO_FRAMES, 1, 1, 1)
+                    condition = reference[None] if k == 0 else motion_frames
+                    frames = clip(condition, pseudo, window_prompt_embeds, start, features, motion=k > 0)
+                    if not last:
+                        frames = frames[: WINDOW_FRAMES - DROP_FRAMES]
+                    frames = match_colors(frames, reference, color_match_strength)
+                    new = frames if k == 0 else frames[condition.shape[0]:]
+                    chunks.append(to_uint8((new.permute(0, 2, 3, 1) + 1) / 2))
+                    motion_frames = frames[-MOTION_FRAMES:]
+                    if state_file is not None:
+                        tmp = resume_dir / f".window_{k:05d}.npy"
+                        np.save(tmp, chunks[-1])
+                        os.replace(tmp, resume_dir / f"window_{k:05d}.npy")
+                        self._save_atomic({"fingerprint": fingerprint, "keyframe_video": keyframe_video.cpu(),
+                                           "next_window": k + 1, "motion": motion_frames.cpu(),
+                                           "generator": generator.get_state()}, state_file)
+                    progress_bar.update()
+                    if callback_on_window_end is not None:
+                        callback_on_window_end(self, k + 1, num_windows + 1)
+            video = np.concatenate(chunks)[:num_frames][None]
+
+        output = self.format_frames(torch.from_numpy(video).float().div(255).permute(0, 1, 4, 2, 3), output_type)
+        waveform, rate = None, None
+        if speech is not None:
+            waveform, rate = (speech.source, speech.source_rate) if output_audio == "original" else (
+                speech.normalized, 16000)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (output, waveform, rate)
+        return SkyReelsV3AvatarPipelineOutput(frames=output, audio=waveform, audio_sample_rate=rate)
