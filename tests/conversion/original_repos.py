@@ -132,3 +132,79 @@ def build_reference_repo(folder: Path) -> dict:
 
 def remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def open_clip_visual_state(hidden: int = 160, layers: int = 2, patch: int = 14, image: int = 224, seed: int = 0):
+    """Random weights of an open-clip ViT visual tower in the original key names (+ unused text-tower keys)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    tokens = (image // patch) ** 2 + 1
+    state = {
+        "visual.patch_embedding.weight": rnd(hidden, 3, patch, patch),
+        "visual.cls_embedding": rnd(1, 1, hidden, scale=0.5),
+        "visual.pos_embedding": rnd(1, tokens, hidden, scale=0.5),
+        "visual.pre_norm.weight": 1 + rnd(hidden), "visual.pre_norm.bias": rnd(hidden),
+        "visual.post_norm.weight": 1 + rnd(hidden), "visual.post_norm.bias": rnd(hidden),
+        "visual.head": rnd(hidden, 32),
+        "textual.token_embedding.weight": rnd(10, 8), "log_scale": torch.tensor(4.6),
+    }
+    for i in range(layers):
+        p = f"visual.transformer.{i}."
+        state.update({
+            p + "norm1.weight": 1 + rnd(hidden), p + "norm1.bias": rnd(hidden),
+            p + "norm2.weight": 1 + rnd(hidden), p + "norm2.bias": rnd(hidden),
+            p + "attn.to_qkv.weight": rnd(3 * hidden, hidden, scale=hidden**-0.5), p + "attn.to_qkv.bias": rnd(3 * hidden),
+            p + "attn.proj.weight": rnd(hidden, hidden, scale=hidden**-0.5), p + "attn.proj.bias": rnd(hidden),
+            p + "mlp.0.weight": rnd(4 * hidden, hidden, scale=hidden**-0.5), p + "mlp.0.bias": rnd(4 * hidden),
+            p + "mlp.2.weight": rnd(hidden, 4 * hidden, scale=(4 * hidden) ** -0.5), p + "mlp.2.bias": rnd(hidden),
+        })
+    return state
+
+
+def open_clip_penultimate(state: dict, pixels: torch.Tensor, head_dim: int = 80) -> torch.Tensor:
+    """The original visual tower's forward up to the output of its second-to-last block (`use_31_block`),
+    written from the open-clip structure: pre-norm blocks, fused qkv, exact GELU, LayerNorm eps 1e-5."""
+    import torch.nn.functional as F
+
+    w = state
+    x = F.conv2d(pixels, w["visual.patch_embedding.weight"], stride=w["visual.patch_embedding.weight"].shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([w["visual.cls_embedding"].expand(len(x), -1, -1), x], dim=1) + w["visual.pos_embedding"]
+    hidden = x.shape[-1]
+    x = F.layer_norm(x, (hidden,), w["visual.pre_norm.weight"], w["visual.pre_norm.bias"], 1e-5)
+    layers = len({k.split(".")[2] for k in w if k.startswith("visual.transformer.")})
+    for i in range(layers - 1):
+        p = f"visual.transformer.{i}."
+        y = F.layer_norm(x, (hidden,), w[p + "norm1.weight"], w[p + "norm1.bias"], 1e-5)
+        q, k, v = F.linear(y, w[p + "attn.to_qkv.weight"], w[p + "attn.to_qkv.bias"]).chunk(3, dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, head_dim)).transpose(1, 2) for t in (q, k, v))
+        attn = torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5, dim=-1) @ v
+        x = x + F.linear(attn.transpose(1, 2).flatten(2), w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
+        y = F.layer_norm(x, (hidden,), w[p + "norm2.weight"], w[p + "norm2.bias"], 1e-5)
+        x = x + F.linear(F.gelu(F.linear(y, w[p + "mlp.0.weight"], w[p + "mlp.0.bias"])), w[p + "mlp.2.weight"],
+                         w[p + "mlp.2.bias"])
+    return x
+
+
+def build_avatar_repo(folder: Path) -> dict:
+    """TalkingAvatar layout: the transformer at the root (golden avatar weights, original keys), T5, VAE, CLIP
+    `.pth`, `chinese-wav2vec2-base/`, `google/umt5-xxl/`, `xlm-roberta-large/` (unused)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from skyreels_diffusers.pipelines.tiny import TINY_WAV2VEC2_CONFIG, avatar_feature_extractor
+
+    parts = build_extension_repo(folder)
+    for name in ("transformer", "shot_transformer"):
+        shutil.rmtree(folder / name)
+    GoldenCase("avatar_fp32").write_original_folder(folder)  # config.json + model.safetensors at the root
+    clip = open_clip_visual_state()
+    torch.save(clip, folder / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    torch.manual_seed(4)
+    wav2vec2 = Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC2_CONFIG)).eval()
+    wav2vec2.save_pretrained(folder / "chinese-wav2vec2-base")
+    avatar_feature_extractor().save_pretrained(folder / "chinese-wav2vec2-base")
+    (folder / "xlm-roberta-large").mkdir()
+    return {**parts, "clip_state": clip, "audio_encoder": wav2vec2}

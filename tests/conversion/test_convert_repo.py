@@ -129,3 +129,40 @@ def test_script_repo_command_and_push_to_hub(tmp_path, monkeypatch):
     assert calls == [("create", "me/skyreels-r2v"), ("upload", "me/skyreels-r2v", "conv", None)]
     config = json.loads((tmp_path / "conv" / "transformer" / "config.json").read_text())
     assert config["_class_name"] == "SkyReelsV3Transformer3DModel"
+
+
+def test_avatar_repo_converts_every_component(tmp_path):
+    from skyreels_diffusers import SkyReelsV3FlowEulerScheduler, SkyReelsV3TalkingAvatarPipeline
+    from tests.conversion.original_repos import build_avatar_repo, open_clip_penultimate
+
+    parts = build_avatar_repo(tmp_path / "orig")
+    [folder] = convert_repo("talking_avatar", tmp_path / "orig", tmp_path / "conv", dtype=torch.float32)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "SkyReelsV3TalkingAvatarPipeline"
+    assert index["image_encoder"] == ["transformers", "CLIPVisionModel"]
+    assert index["audio_encoder"] == ["transformers", "Wav2Vec2Model"]
+    assert index["scheduler"][1] == "SkyReelsV3FlowEulerScheduler"
+
+    pipe = SkyReelsV3TalkingAvatarPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, SkyReelsV3FlowEulerScheduler) and pipe.scheduler.config.shift == 11.0
+    assert pipe.transformer.config.audio_in_dim == 768 and pipe.transformer.config.in_channels == 36
+    ours, theirs = pipe.audio_encoder.state_dict(), parts["audio_encoder"].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+    # CLIP: the converted tower's penultimate layer equals the original structure's forward
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = pipe.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        reference = open_clip_penultimate(parts["clip_state"], pixels)
+    assert ours.shape == (1, 257, 160)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_avatar_repo_with_incomplete_wav2vec2_fails(tmp_path):
+    from tests.conversion.original_repos import build_avatar_repo
+
+    build_avatar_repo(tmp_path / "orig")
+    remove(tmp_path / "orig" / "chinese-wav2vec2-base" / "model.safetensors")
+    with pytest.raises((FileNotFoundError, OSError, KeyError)):
+        convert_repo("talking_avatar", tmp_path / "orig", tmp_path / "conv")
+    assert not (tmp_path / "conv").exists()

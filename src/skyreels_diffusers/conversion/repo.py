@@ -6,6 +6,9 @@
 * `video_extension` (Wan-native layout): `Wan2.1_VAE.pth` -> `AutoencoderKLWan`, `models_t5_umt5-xxl-enc-bf16.pth`
   -> `UMT5EncoderModel`, `google/umt5-xxl/` tokenizer; two pipeline folders, `single_shot_extension/` (from
   `transformer/`) and `shot_switching_extension/` (from `shot_transformer/`), UniPC flow scheduler with shift 8.
+* `talking_avatar` (Wan-native, transformer at the root): as above plus the open-clip CLIP file ->
+  `CLIPVisionModel`, `chinese-wav2vec2-base/` -> `Wav2Vec2Model` + feature extractor, the flow Euler scheduler with
+  shift 11.
 
 Each pipeline folder gets a `model_index.json` naming our classes and a model card. The transformer is converted
 tensor by tensor; `.pth` files are read with `weights_only=True`. Output appears atomically (temporary folder,
@@ -45,8 +48,10 @@ PIPELINE_CLASSES = {
     "reference_to_video": "SkyReelsV3ReferencePipeline",
     "single_shot_extension": "SkyReelsV3ExtensionPipeline",
     "shot_switching_extension": "SkyReelsV3ShotSwitchingPipeline",
+    "talking_avatar": "SkyReelsV3TalkingAvatarPipeline",
 }
-SCHEDULER_SHIFT = {"reference_to_video": 5.0, "single_shot_extension": 8.0, "shot_switching_extension": 8.0}
+SCHEDULER_SHIFT = {"reference_to_video": 5.0, "single_shot_extension": 8.0, "shot_switching_extension": 8.0,
+                   "talking_avatar": 11.0}
 
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
@@ -123,22 +128,106 @@ def convert_wan_vae(pth: Path):
     return vae.eval()
 
 
-def _write_model_index(folder: Path, task: str, tokenizer_class: str) -> None:
+# open-clip XLM-RoBERTa ViT-H/14 visual tower -> transformers CLIPVisionModel (the text tower is not used)
+CLIP_KEY_MAP: list[tuple[str, str | None]] = [
+    (r"visual\.patch_embedding\.weight", r"vision_model.embeddings.patch_embedding.weight"),
+    (r"visual\.cls_embedding", r"vision_model.embeddings.class_embedding"),
+    (r"visual\.pos_embedding", r"vision_model.embeddings.position_embedding.weight"),
+    (r"visual\.pre_norm\.(weight|bias)", r"vision_model.pre_layrnorm.\1"),
+    (r"visual\.post_norm\.(weight|bias)", r"vision_model.post_layernorm.\1"),
+    (r"visual\.transformer\.(\d+)\.norm1\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm1.\2"),
+    (r"visual\.transformer\.(\d+)\.norm2\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm2.\2"),
+    (r"visual\.transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.qkv.\2"),
+    (r"visual\.transformer\.(\d+)\.attn\.proj\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
+    (r"visual\.transformer\.(\d+)\.mlp\.0\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc1.\2"),
+    (r"visual\.transformer\.(\d+)\.mlp\.2\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc2.\2"),
+    (r"visual\.head", None),  # projection to the joint space: not part of the penultimate-layer features
+    (r"textual\..*", None),
+    (r"log_scale", None),
+]
+CLIP_HEAD_DIM = 80  # ViT-H/14: 1280 wide, 16 heads
+
+
+def convert_clip(pth: Path, dtype: torch.dtype):
+    """open-clip `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` -> `CLIPVisionModel` (visual tower;
+    exact GELU, LayerNorm eps 1e-5, heads of 80 channels; sizes read off the tensors)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    original = _load_pth(_require(pth, "CLIP checkpoint"))
+    converted, unknown = {}, []
+    for key, tensor in original.items():
+        for pattern, target in CLIP_KEY_MAP:
+            match = re.fullmatch(pattern, key)
+            if match:
+                if target is not None:
+                    converted[match.expand(target)] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(f"CLIP checkpoint {pth} has keys no rule matches: {sorted(unknown)}")
+    embeddings = "vision_model.embeddings."
+    converted[embeddings + "class_embedding"] = converted[embeddings + "class_embedding"].reshape(-1)
+    converted[embeddings + "position_embedding.weight"] = converted[embeddings + "position_embedding.weight"][0]
+    for key in [k for k in converted if k.endswith(".self_attn.qkv.weight") or k.endswith(".self_attn.qkv.bias")]:
+        for name, part in zip(("q_proj", "k_proj", "v_proj"), converted.pop(key).chunk(3, dim=0)):
+            converted[key.replace(".qkv.", f".{name}.")] = part
+    hidden, _, patch, _ = converted[embeddings + "patch_embedding.weight"].shape
+    tokens = converted[embeddings + "position_embedding.weight"].shape[0]
+    config = CLIPVisionConfig(
+        hidden_size=hidden, num_attention_heads=max(1, hidden // CLIP_HEAD_DIM),
+        intermediate_size=converted["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=len({k.split(".")[3] for k in converted if ".encoder.layers." in k}),
+        patch_size=patch, image_size=int(round((tokens - 1) ** 0.5)) * patch, hidden_act="gelu",
+        layer_norm_eps=1e-5, projection_dim=hidden,
+    )
+    with torch.device("meta"):
+        model = CLIPVisionModel(config)
+    expected = set(model.state_dict())
+    if not any(k.startswith("vision_model.") for k in expected):  # transformers 5 flattens the vision tower
+        converted = {k.removeprefix("vision_model."): v for k, v in converted.items()}
+    position_ids = next((k for k in expected if k.endswith("position_ids")), None)
+    if position_ids is not None:
+        converted[position_ids] = torch.arange(tokens)[None]
+    missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
+    if missing or unexpected:
+        raise KeyError(f"CLIP checkpoint {pth}: missing keys {missing}, unexpected keys {unexpected}")
+    model.load_state_dict({k: v if k.endswith("position_ids") else v.to(dtype) for k, v in converted.items()},
+                          strict=True, assign=True)
+    return model.eval()
+
+
+def load_wav2vec2(folder: Path):
+    """The repo's wav2vec2 folder (`chinese-wav2vec2-base`): `Wav2Vec2Model` (float32, strict: no encoder weight
+    may be missing; pre-training heads are dropped) and its feature extractor."""
+    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    _require(folder, "wav2vec2 folder")
+    model, info = Wav2Vec2Model.from_pretrained(folder, torch_dtype=torch.float32, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("masked_spec_embed")]
+    if missing:
+        raise KeyError(f"wav2vec2 folder {folder} is missing weights: {sorted(missing)}")
+    return model.eval(), Wav2Vec2FeatureExtractor.from_pretrained(folder)
+
+
+def _library_entry(component) -> list[str]:
+    """`model_index.json` entry: [library, class]. diffusers resolves classes from outside diffusers/transformers
+    through their defining module (what its own `save_pretrained` writes)."""
+    module = type(component).__module__
+    library = module.split(".")[0]
+    return [library if library in ("diffusers", "transformers") else module, type(component).__name__]
+
+
+def _write_model_index(folder: Path, task: str, components: dict) -> None:
     import diffusers
 
     from ..models import SkyReelsV3Transformer3DModel
 
-    index = {
-        "_class_name": PIPELINE_CLASSES[task],
-        "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", tokenizer_class],
-        # diffusers resolves non-diffusers classes by their defining module (as its own save_pretrained writes it)
-        "transformer": [SkyReelsV3Transformer3DModel.__module__, "SkyReelsV3Transformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    index = {"_class_name": PIPELINE_CLASSES[task], "_diffusers_version": diffusers.__version__}
+    for name, component in sorted(components.items()):
+        index[name] = _library_entry(component)
+    index["transformer"] = [SkyReelsV3Transformer3DModel.__module__, SkyReelsV3Transformer3DModel.__name__]
+    (folder / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
 
 
 def _write_model_card(folder: Path, task: str, source: Path) -> None:
@@ -169,17 +258,22 @@ Command line: `skyreels-v3 generate --task {task} --model <this folder> ...`
     (folder / "README.md").write_text(card)
 
 
-def _save_components(folder: Path, task: str, transformer_src: Path, variant: str, text_encoder, tokenizer, vae,
+def _save_components(folder: Path, task: str, transformer_src: Path, variant: str, components: dict,
                      dtype: torch.dtype, max_shard_size: str, source: Path) -> None:
+    """Write one pipeline folder: the transformer converted from `transformer_src`, the other components re-saved,
+    the task's scheduler, `model_index.json` and a model card."""
     from ..pipelines.tiny import flow_scheduler
+    from ..schedulers import SkyReelsV3FlowEulerScheduler
 
     folder.mkdir(parents=True)
     convert_transformer(transformer_src, folder / "transformer", variant, dtype=dtype, max_shard_size=max_shard_size)
-    text_encoder.save_pretrained(folder / "text_encoder", max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(folder / "tokenizer")
-    vae.save_pretrained(folder / "vae")
-    flow_scheduler(SCHEDULER_SHIFT[task]).save_pretrained(folder / "scheduler")
-    _write_model_index(folder, task, type(tokenizer).__name__)
+    shift = SCHEDULER_SHIFT[task]
+    scheduler = SkyReelsV3FlowEulerScheduler(shift=shift) if task == "talking_avatar" else flow_scheduler(shift)
+    components = {**components, "scheduler": scheduler}
+    for name, component in components.items():
+        kwargs = {"max_shard_size": max_shard_size} if hasattr(component, "num_parameters") else {}
+        component.save_pretrained(folder / name, **kwargs)
+    _write_model_index(folder, task, components)
     _write_model_card(folder, task, source)
 
 
@@ -200,8 +294,6 @@ def convert_repo(
 
     if task not in TASKS:
         raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
-    if task == "talking_avatar":
-        raise NotImplementedError("talking_avatar conversion lands with the talking-avatar pipeline")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source repo not found: {src}")
@@ -218,22 +310,35 @@ def convert_repo(
                 _require(src / "text_encoder", "text_encoder folder"), torch_dtype=dtype
             )
             vae = AutoencoderKLWan.from_pretrained(_require(src / "vae", "vae folder"), torch_dtype=torch.float32)
+            components = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
             _save_components(tmp / "pipeline", task, _require(src / "transformer", "transformer folder"),
-                             "reference", text_encoder, tokenizer, vae, dtype, max_shard_size, src)
+                             "reference", components, dtype, max_shard_size, src)
             outputs = {"pipeline": dst}
         else:
-            tokenizer = AutoTokenizer.from_pretrained(_require(src / "google" / "umt5-xxl", "tokenizer folder"))
-            text_encoder = convert_t5(src / "models_t5_umt5-xxl-enc-bf16.pth", dtype)
-            vae = convert_wan_vae(src / "Wan2.1_VAE.pth")
-            outputs = {}
-            for name, transformer_dir in (("single_shot_extension", "transformer"),
-                                          ("shot_switching_extension", "shot_transformer")):
-                _save_components(tmp / name, name, _require(src / transformer_dir, f"{transformer_dir} folder"),
-                                 "extension", text_encoder, tokenizer, vae, dtype, max_shard_size, src)
-                outputs[name] = dst / name
+            components = {
+                "tokenizer": AutoTokenizer.from_pretrained(_require(src / "google" / "umt5-xxl", "tokenizer folder")),
+                "text_encoder": convert_t5(src / "models_t5_umt5-xxl-enc-bf16.pth", dtype),
+                "vae": convert_wan_vae(src / "Wan2.1_VAE.pth"),
+            }
+            if task == "talking_avatar":
+                audio_encoder, feature_extractor = load_wav2vec2(src / "chinese-wav2vec2-base")
+                components.update(
+                    image_encoder=convert_clip(src / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", dtype),
+                    audio_encoder=audio_encoder, feature_extractor=feature_extractor,
+                )
+                _require(src / "config.json", "avatar transformer config")
+                _save_components(tmp / "pipeline", task, src, "avatar", components, dtype, max_shard_size, src)
+                outputs = {"pipeline": dst}
+            else:
+                outputs = {}
+                for name, transformer_dir in (("single_shot_extension", "transformer"),
+                                              ("shot_switching_extension", "shot_transformer")):
+                    _save_components(tmp / name, name, _require(src / transformer_dir, f"{transformer_dir} folder"),
+                                     "extension", components, dtype, max_shard_size, src)
+                    outputs[name] = dst / name
         if dst.exists():
             dst.rmdir()
-        if task == "reference_to_video":
+        if "pipeline" in outputs:
             os.replace(tmp / "pipeline", dst)
             shutil.rmtree(tmp)
         else:
