@@ -1,18 +1,27 @@
 #!/usr/bin/env python
-"""Real-size SkyReels-V3 transformer forward: time per forward and peak GPU memory, with random bf16 weights.
+"""SkyReels-V3 transformer forward at real size with random bf16 weights: time per forward, peak GPU memory and
+output error of each speed/memory mode, against the roofline floor.
 
-    PYTHONPATH=src python bench/bench_transformer.py --variants reference extension avatar \
-        --resolutions 480P 720P --warmup 1 --repeats 3 --json out.json
+    PYTHONPATH=src python bench/bench_transformer.py --variants reference --resolutions 480P \
+        --modes baseline default compile fp8_weight_only fp8_dynamic group low_vram --json out.json
 
-Shapes are those of one denoising step of each task (see docs/performance.md):
-reference 31 video + 4 reference latent frames; extension 7 condition + 33 new latent frames with per-frame
-timesteps; avatar one 81-frame clip (21 latent frames) with CLIP tokens and audio windows. The floor is attention
-FLOPs at the measured cuDNN rate plus linear FLOPs at the measured bf16 GEMM rate (shared/perf/roofline.md).
+Modes (one fresh model each, same seed, same inputs):
+  baseline         bf16, resident, eager, attention backend "native" (PyTorch SDPA picks its kernel)
+  default          what the package does by default (today: the same exact eager path, SDPA's choice)
+  cudnn            baseline with diffusers' explicit `_native_cudnn` backend
+  compile          baseline + `compile_repeated_blocks(fullgraph=True)`
+  fp8_weight_only  torchao float8 weight-only on the block linears + compile (the original's low-VRAM quantisation)
+  fp8_dynamic      torchao float8 dynamic activation+weight (per-tensor) + compile
+  group            block-level group offload from pinned CPU memory with CUDA-stream prefetch (eager)
+  low_vram         fp8_weight_only + group offload (eager)
+Error = ||out - out_baseline|| / ||out_baseline||. Shapes: one denoising step of each task (docs/performance.md).
+`--tiny --device cpu` runs the same code on the tiny configs (a check of the script, not a measurement).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -20,26 +29,28 @@ import time
 import torch
 
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
-from skyreels_diffusers.models.configs import TRANSFORMER_CONFIGS
+from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
+from skyreels_diffusers.optimization import quantize_transformer
 
 # latent (frames, height, width) of one forward
 SHAPES = {
     ("reference", "480P"): (35, 60, 106),  # 480x848, 31 video + 4 reference frames
+    ("reference", "540P"): (35, 68, 120),  # 544x960
     ("reference", "720P"): (35, 90, 160),  # 720x1280
     ("extension", "480P"): (40, 60, 106),  # 7 condition + 33 new frames
     ("extension", "720P"): (40, 90, 160),
     ("avatar", "480P"): (21, 60, 104),  # 480x832 (avatar 480P bucket), one 81-frame clip
     ("avatar", "720P"): (21, 90, 160),
 }
-ATTENTION_TFLOPS, GEMM_TFLOPS = 583.0, 750.0  # measured on one H100 (roofline.md)
+TINY_SHAPE = (5, 8, 12)
+ATTENTION_TFLOPS, GEMM_TFLOPS = 583.0, 750.0  # measured on one H100 (shared/perf/roofline.md)
+MODES = ("baseline", "default", "cudnn", "compile", "fp8_weight_only", "fp8_dynamic", "group", "low_vram")
 
 
 def floor_ms(variant: str, frames: int, height: int, width: int, cfg: dict) -> float:
     tokens = frames * (height // 2) * (width // 2)
-    dim, heads, head_dim, ffn, layers = (
-        cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_attention_heads"],
-        cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"],
-    )
+    heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    dim, ffn, layers = heads * head_dim, cfg["ffn_dim"], cfg["num_layers"]
     attention = 4 * tokens**2 * head_dim * heads
     linear = 2 * tokens * (6 * dim**2 + 2 * dim * ffn)
     if variant == "avatar":
@@ -48,13 +59,15 @@ def floor_ms(variant: str, frames: int, height: int, width: int, cfg: dict) -> f
     return layers * (attention / (ATTENTION_TFLOPS * 1e12) + linear / (GEMM_TFLOPS * 1e12)) * 1e3
 
 
-def build_model(variant: str, device: torch.device) -> SkyReelsV3Transformer3DModel:
-    """Random weights straight on the GPU in bf16, `_keep_in_fp32_modules` in fp32 (as `from_pretrained` gives)."""
+def build_model(cfg: dict, device: torch.device, seed: int = 0) -> SkyReelsV3Transformer3DModel:
+    """Random weights (same for a given seed) straight on `device` in bf16, `_keep_in_fp32_modules` in fp32 (as
+    `from_pretrained(torch_dtype=bf16)` gives)."""
+    torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            model = SkyReelsV3Transformer3DModel(**TRANSFORMER_CONFIGS[variant])
+            model = SkyReelsV3Transformer3DModel(**cfg)
     finally:
         torch.set_default_dtype(previous)
     keep = set(model._keep_in_fp32_modules)
@@ -66,84 +79,144 @@ def build_model(variant: str, device: torch.device) -> SkyReelsV3Transformer3DMo
 
 def make_inputs(variant: str, frames: int, height: int, width: int, cfg: dict, device, seed: int = 0) -> dict:
     g = torch.Generator(device).manual_seed(seed)
+    text_dim = cfg["text_dim"]
     inputs = {
         "hidden_states": torch.randn(1, cfg["in_channels"], frames, height, width, device=device, generator=g),
-        "encoder_hidden_states": torch.randn(1, 512, 4096, device=device, generator=g, dtype=torch.bfloat16),
+        "encoder_hidden_states": torch.randn(1, 512, text_dim, device=device, generator=g, dtype=torch.bfloat16),
         "timestep": torch.tensor([937], device=device),
     }
     if variant == "extension":
-        inputs["timestep"] = torch.tensor([[0] * 7 + [888] * (frames - 7)], device=device)
+        condition = min(7, frames - 1)
+        inputs["timestep"] = torch.tensor([[0] * condition + [888] * (frames - condition)], device=device)
     if variant == "avatar":
         inputs["timestep"] = torch.tensor([956.58], device=device)
-        inputs["encoder_hidden_states_image"] = torch.randn(1, 257, 1280, device=device, generator=g,
+        inputs["encoder_hidden_states_image"] = torch.randn(1, 257, cfg["image_dim"], device=device, generator=g,
                                                             dtype=torch.bfloat16)
-        inputs["audio_embeds"] = torch.randn(1, 4 * (frames - 1) + 1, 5, 12, 768, device=device, generator=g,
-                                             dtype=torch.bfloat16)
+        inputs["audio_embeds"] = torch.randn(
+            1, cfg["audio_vae_scale"] * (frames - 1) + 1, cfg["audio_window"], cfg["audio_in_layers"],
+            cfg["audio_in_dim"], device=device, generator=g, dtype=torch.bfloat16,
+        )
     return inputs
 
 
+def prepare(mode: str, cfg: dict, device: torch.device) -> SkyReelsV3Transformer3DModel:
+    model = build_model(cfg, device)
+    # diffusers keeps the active backend globally (reset_attention_backend leaves it): set it on every model
+    model.set_attention_backend("_native_cudnn" if mode == "cudnn" else "native")
+    if mode in ("fp8_weight_only", "fp8_dynamic", "low_vram"):
+        quantize_transformer(model, "fp8_dynamic" if mode == "fp8_dynamic" else "fp8_weight_only")
+    if mode in ("compile", "fp8_weight_only", "fp8_dynamic"):
+        model.compile_repeated_blocks(fullgraph=True)
+    if mode in ("group", "low_vram"):
+        model.to("cpu")
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        stream = device.type == "cuda"
+        model.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
+                                   num_blocks_per_group=1, use_stream=stream, record_stream=stream)
+    return model
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
-def time_forward(model, inputs, warmup: int, repeats: int) -> tuple[list[float], float]:
+def time_forward(model, inputs, warmup: int, repeats: int, device) -> tuple[list[float], float, torch.Tensor, float]:
+    t0 = time.perf_counter()
     for _ in range(warmup):
         model(**inputs)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, out = [], None
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        _sync(device)
+        start = time.perf_counter()
         out = model(**inputs).sample
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     assert torch.isfinite(out.float()).all(), "non-finite output"
-    return times, torch.cuda.max_memory_allocated() / 2**30
+    return times, peak, out.float(), warmup_s
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["reference", "extension", "avatar"])
     parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"])
+    parser.add_argument("--modes", nargs="+", default=["baseline"], choices=MODES)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs (checks the script on a CPU)")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows}, f, indent=2)
+
+    configs = TINY_TRANSFORMER_CONFIGS if args.tiny else TRANSFORMER_CONFIGS
     rows = []
     for variant in args.variants:
-        cfg = TRANSFORMER_CONFIGS[variant]
-        t0 = time.perf_counter()
-        model = build_model(variant, device)
-        params = sum(p.numel() for p in model.parameters())
-        weights_gib = torch.cuda.memory_allocated() / 2**30
-        print(f"[{variant}] {params / 1e9:.2f}B parameters, {weights_gib:.1f} GiB, built in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        cfg = configs[variant]
         for resolution in args.resolutions:
-            frames, height, width = SHAPES[(variant, resolution)]
+            frames, height, width = TINY_SHAPE if args.tiny else SHAPES[(variant, resolution)]
             inputs = make_inputs(variant, frames, height, width, cfg, device)
-            times, peak = time_forward(model, inputs, args.warmup, args.repeats)
-            median = sorted(times)[len(times) // 2]
+            reference = None
             floor = floor_ms(variant, frames, height, width, cfg)
-            row = dict(variant=variant, resolution=resolution, latent=[frames, height, width],
-                       tokens=frames * (height // 2) * (width // 2), params_b=round(params / 1e9, 3),
-                       ms=[round(t, 1) for t in times], median_ms=round(median, 1), floor_ms=round(floor, 1),
-                       ratio_to_floor=round(median / floor, 3), peak_gib=round(peak, 2),
-                       weights_gib=round(weights_gib, 2))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del inputs
-        del model
-        torch.cuda.empty_cache()
+            for mode in args.modes:
+                try:
+                    model = prepare(mode, cfg, device)
+                    times, peak, out, warmup_s = time_forward(model, inputs, args.warmup, args.repeats, device)
+                except Exception as error:  # a mode that cannot run here is reported, not fatal
+                    rows.append(dict(variant=variant, resolution=resolution, mode=mode,
+                                     error=f"{type(error).__name__}: {str(error)[:300]}"))
+                    print(json.dumps(rows[-1]), flush=True)
+                    save()
+                    model = None
+                    gc.collect()
+                    torch.cuda.empty_cache() if device.type == "cuda" else None
+                    continue
+                if reference is None:
+                    reference = out
+                median = sorted(times)[len(times) // 2]
+                row = dict(
+                    variant=variant, resolution=resolution, mode=mode, latent=[frames, height, width],
+                    tokens=frames * (height // 2) * (width // 2), ms=[round(t, 1) for t in times],
+                    median_ms=round(median, 1), floor_ms=round(floor, 1), ratio_to_floor=round(median / floor, 3),
+                    peak_gib=round(peak, 2), warmup_s=round(warmup_s, 1),
+                    rel_error=round(((out - reference).norm() / reference.norm()).item(), 5),
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                save()
+                del model, out
+                gc.collect()
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            del inputs, reference
 
-    env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-               cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
-               date=time.strftime("%Y-%m-%d"))
-    print("\n| variant | res | tokens | ms/forward | floor ms | ratio | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               torch=torch.__version__, cuda=torch.version.cuda,
+               cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
+               python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    print("\n| variant | res | mode | ms/forward | vs baseline | floor ms | ratio to floor | peak GiB | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = {}
     for r in rows:
-        print(f"| {r['variant']} | {r['resolution']} | {r['tokens']} | {r['median_ms']:.0f} | {r['floor_ms']:.0f} | "
-              f"{r['ratio_to_floor']:.2f} | {r['peak_gib']:.1f} |")
+        if "error" in r:
+            print(f"| {r['variant']} | {r['resolution']} | {r['mode']} | failed: {r['error'][:80]} |")
+            continue
+        key = (r["variant"], r["resolution"])
+        base.setdefault(key, r["median_ms"])
+        print(f"| {r['variant']} | {r['resolution']} | {r['mode']} | {r['median_ms']:.0f} | "
+              f"{base[key] / r['median_ms']:.2f}x | {r['floor_ms']:.0f} | {r['ratio_to_floor']:.2f} | "
+              f"{r['peak_gib']:.1f} | {r['rel_error']:.4f} |")
     print(json.dumps(env))
     if args.json:
         with open(args.json, "w") as f:

@@ -64,7 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "max-audio-seconds", type=float, default=200.0)
     _flag(gen, "resume-dir", default=None, help="talking_avatar: per-window checkpoints; rerun to resume")
     _flag(gen, "output", default=None, help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4)")
-    _flag(gen, "offload", action="store_true", help="model CPU offload (text encoder, transformer, VAE)")
+    _flag(gen, "offload", action="store_true", help="model CPU offload: one component on the GPU at a time")
+    _flag(gen, "low-vram", action="store_true",
+          help="FP8 transformer weights + block-level group offload + VAE tiling (fits 24 GB cards)")
+    _flag(gen, "group-offload", action="store_true", help="block-level group offload with CUDA-stream prefetch")
+    _flag(gen, "sequential-offload", action="store_true", help="leaf-level CPU offload (least memory, slowest)")
+    _flag(gen, "quantize", choices=["fp8_weight_only", "fp8_dynamic", "fp8_storage"], default=None,
+          help="FP8 transformer linear layers (torchao; fp8_storage = layerwise casting without torchao)")
+    _flag(gen, "compile", action="store_true", help="torch.compile the repeated transformer blocks")
+    _flag(gen, "attention-backend", default=None,
+          help="diffusers attention backend (default: PyTorch SDPA's choice; e.g. _native_cudnn, flash, sage)")
     _flag(gen, "device", default=None, help="cuda / cpu (default: cuda when available)")
     return parser
 

@@ -54,6 +54,12 @@ class GenerationRequest:
     return_input_video: bool = False
     output: str | None = None
     offload: bool = False
+    low_vram: bool = False
+    group_offload: bool = False
+    sequential_offload: bool = False
+    quantize: str | None = None
+    compile: bool = False
+    attention_backend: str | None = None
     device: str | None = None
 
     # resolved by `validate`
@@ -78,6 +84,12 @@ def validate(request: GenerationRequest) -> GenerationRequest:
         check_size(request.height, request.width)
     except ValueError as error:
         raise _error("height", str(error)) from None
+    from .optimization import QUANTIZATION_MODES
+
+    if sum([request.offload, request.low_vram, request.group_offload, request.sequential_offload]) > 1:
+        raise _error("offload", "choose one of --offload, --group-offload, --sequential-offload, --low-vram")
+    if request.quantize is not None and request.quantize not in QUANTIZATION_MODES:
+        raise _error("quantize", f"must be one of {QUANTIZATION_MODES}, got {request.quantize!r}")
     if not isinstance(request.steps, int) or not 1 <= request.steps <= 100:
         raise _error("steps", f"must be an integer in [1, 100], got {request.steps!r}")
     if not request.guidance_scale >= 1.0:
@@ -259,11 +271,15 @@ def load_pipeline(request: GenerationRequest):
         pipe.vae.to(torch.float32)
         if getattr(pipe, "audio_encoder", None) is not None:
             pipe.audio_encoder.to(torch.float32)  # wav2vec2 runs in float32, as in the original
+    from .optimization import apply_memory_mode, enable_fast_path, quantize_transformer
+
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if request.offload and device != "cpu":
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    if request.quantize is not None:
+        quantize_transformer(pipe.transformer, request.quantize, compute_dtype=pipe.transformer.dtype)
+    mode = ("low_vram" if request.low_vram else "group" if request.group_offload else
+            "sequential" if request.sequential_offload else "offload" if request.offload else "resident")
+    apply_memory_mode(pipe, mode, device)
+    enable_fast_path(pipe, compile=request.compile, attention_backend=request.attention_backend)
     return pipe
 
 

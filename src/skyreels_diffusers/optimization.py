@@ -1,0 +1,110 @@
+"""Memory and speed presets shared by the CLI, the benchmarks and users: offloading, FP8 and compilation.
+
+Everything here goes through diffusers' own mechanisms (model / sequential / group offload hooks, layerwise
+casting, `TorchAoConfig`, `compile_repeated_blocks`, `set_attention_backend`); nothing patches a forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUANTIZATION_MODES = ("fp8_weight_only", "fp8_dynamic", "fp8_storage")
+MEMORY_MODES = ("resident", "offload", "sequential", "group", "low_vram")
+# Linear layers outside the blocks stay in the compute dtype: embedders see raw inputs and `proj_out` writes the
+# prediction, where FP8 rounding costs the most accuracy for the least memory.
+NOT_QUANTIZED = ("patch_embedding", "condition_embedder", "audio_proj", "proj_out")
+
+
+def _is_block_linear(model: torch.nn.Module):
+    keep = set(model._keep_in_fp32_modules or ())
+
+    def accept(module: torch.nn.Module, name: str) -> bool:
+        parts = name.split(".")
+        return isinstance(module, torch.nn.Linear) and parts[0] == "blocks" and not keep & set(parts)
+
+    return accept
+
+
+def _torchao_config(mode: str):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
+
+    if mode == "fp8_weight_only":
+        return Float8WeightOnlyConfig()
+    if mode == "fp8_dynamic":
+        from torchao.quantization import PerTensor
+
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor())
+    raise ValueError(f"no torchao config for {mode!r}")
+
+
+def torchao_quantization_config(mode: str):
+    """diffusers `TorchAoConfig` for `from_pretrained(..., quantization_config=...)` (block linears only)."""
+    from diffusers import TorchAoConfig
+
+    return TorchAoConfig(_torchao_config(mode), modules_to_not_convert=list(NOT_QUANTIZED))
+
+
+def quantize_transformer(transformer, mode: str, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Put the transformer's block linear layers in FP8, in place.
+
+    * `"fp8_weight_only"`: torchao float8 weights with per-channel scales, dequantised at each matmul (the
+      original's `--low_vram` quantisation); half the weight memory, about 3-4% output error.
+    * `"fp8_dynamic"`: torchao float8 weights and per-tensor float8 activations; runs on FP8 tensor cores
+      (compute capability 8.9+) and is faster than bf16 only under `torch.compile`.
+    * `"fp8_storage"`: diffusers layerwise casting: weights stored as float8_e4m3fn, cast to `compute_dtype` per
+      layer (no torchao needed, no scales: coarser).
+    """
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization mode must be one of {QUANTIZATION_MODES}, got {mode!r}")
+    if mode == "fp8_storage":
+        transformer.enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+            skip_modules_pattern=tuple(transformer._skip_layerwise_casting_patterns) + NOT_QUANTIZED,
+        )
+        return
+    try:
+        from torchao.quantization import quantize_
+    except ImportError as error:  # pragma: no cover - torchao is a pinned dependency
+        raise ImportError(f"{mode} needs torchao (`pip install torchao`); use 'fp8_storage' without it") from error
+    quantize_(transformer, _torchao_config(mode), filter_fn=_is_block_linear(transformer))
+
+
+def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> None:
+    """Place a pipeline on `device` with a memory preset.
+
+    * `"resident"`: everything on the device.
+    * `"offload"`: model CPU offload: one whole component on the device at a time (text encoder, image and audio
+      encoders, transformer, VAE, in `model_cpu_offload_seq` order).
+    * `"sequential"`: leaf-level CPU offload (least memory, slowest).
+    * `"group"`: block-level group offload of every component with CUDA-stream prefetching of the next block.
+    * `"low_vram"`: FP8 transformer weights (torchao weight-only) + group offload + VAE tiling.
+    """
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
+    device = torch.device(device)
+    if mode == "resident" or device.type == "cpu":
+        pipe.to(device)
+        return
+    if mode == "offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        if mode == "low_vram":
+            quantize_transformer(pipe.transformer, "fp8_weight_only")
+            pipe.vae.enable_tiling()
+        stream = device.type == "cuda"
+        pipe.enable_group_offload(
+            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+            num_blocks_per_group=1, use_stream=stream, record_stream=stream,
+        )
+
+
+def enable_fast_path(pipe, compile: bool = False, attention_backend: str | None = None) -> None:
+    """Speed options: an attention backend (`"_native_cudnn"`, `"flash"`, `"sage"`, ...; default: PyTorch SDPA's
+    own choice, which is cuDNN on Hopper) and regional `torch.compile` of the repeated transformer blocks (fuses the
+    float32 norm / modulation / RoPE chains; the first step pays the compilation)."""
+    if attention_backend is not None:
+        pipe.transformer.set_attention_backend(attention_backend)
+    if compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)

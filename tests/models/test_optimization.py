@@ -1,0 +1,92 @@
+"""FP8 quantisation and memory presets on tiny models (CPU): they run and stay close to bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skyreels_diffusers import SkyReelsV3Transformer3DModel
+from skyreels_diffusers.optimization import (
+    apply_memory_mode,
+    enable_fast_path,
+    quantize_transformer,
+    torchao_quantization_config,
+)
+from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+from tests.helpers import tiny_inputs, tiny_transformer
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bf16_model(variant, tmp_path):
+    tiny_transformer(variant).save_pretrained(tmp_path / variant)
+    return SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / variant, torch_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["fp8_weight_only", "fp8_storage"])
+@pytest.mark.parametrize("variant", ["extension", "avatar"])
+def test_fp8_transformer_runs_close_to_bf16(tmp_path, mode, variant):
+    model = bf16_model(variant, tmp_path)
+    inputs = tiny_inputs(model, variant)
+    with torch.no_grad():
+        reference = model(**inputs).sample
+    quantize_transformer(model, mode)
+    if mode == "fp8_weight_only":
+        assert "Float8" in type(model.blocks[0].attn1.to_q.weight).__name__
+        assert model.proj_out.weight.dtype == torch.bfloat16  # outside the blocks: not quantised
+        assert model.blocks[0].scale_shift_table.dtype == torch.float32
+    else:
+        assert model.blocks[0].ffn.net[2].weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad():
+        out = model(**inputs).sample
+    assert torch.isfinite(out).all()
+    assert 0 < rel(out, reference) < 0.15
+
+
+def test_torchao_config_at_from_pretrained(tmp_path):
+    tiny_transformer("reference").save_pretrained(tmp_path / "m")
+    plain = SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
+    quantized = SkyReelsV3Transformer3DModel.from_pretrained(
+        tmp_path / "m", torch_dtype=torch.bfloat16, quantization_config=torchao_quantization_config("fp8_weight_only")
+    )
+    assert "Float8" in type(quantized.blocks[1].ffn.net[0].proj.weight).__name__
+    assert "Float8" not in type(quantized.proj_out.weight).__name__
+    inputs = tiny_inputs(plain, "reference")
+    with torch.no_grad():
+        assert 0 < rel(quantized(**inputs).sample, plain(**inputs).sample) < 0.15
+
+
+def test_pipeline_quantization_config(tmp_path):
+    from diffusers import PipelineQuantizationConfig
+
+    from skyreels_diffusers import SkyReelsV3ReferencePipeline
+
+    tiny_pipeline("reference_to_video").save_pretrained(tmp_path / "p")
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": torchao_quantization_config("fp8_weight_only")})
+    pipe = SkyReelsV3ReferencePipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.bfloat16,
+                                                       quantization_config=config)
+    assert "Float8" in type(pipe.transformer.blocks[0].attn2.to_v.weight).__name__
+
+
+def test_quantize_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="quantization mode"):
+        quantize_transformer(tiny_transformer("reference"), "int3")
+    with pytest.raises(ValueError, match="memory mode"):
+        apply_memory_mode(tiny_pipeline("reference_to_video"), "cloud", "cpu")
+
+
+def test_compiled_blocks_match_eager():
+    model = tiny_transformer("avatar")
+    inputs = tiny_inputs(model, "avatar")
+    with torch.no_grad():
+        reference = model(**inputs).sample
+
+    class Holder:
+        transformer = model
+
+    enable_fast_path(Holder, compile=True, attention_backend="native")
+    with torch.no_grad():
+        out = model(**inputs).sample
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
