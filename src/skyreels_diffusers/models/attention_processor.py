@@ -130,34 +130,62 @@ class SkyReelsV3Attention(WanAttention):
 class SkyReelsV3AudioAttnProcessor:
     """Per-latent-frame audio cross-attention of the talking-avatar model.
 
-    The visual tokens of latent frame `f` (queries) attend only to the audio tokens of frame `f` (keys/values):
-    the token axis is regrouped as `[B * frames, tokens_per_frame]`, so one attention call covers all frames.
-    No q/k norm and no RoPE (single speaker), exactly like the original.
+    The visual tokens of latent frame `f` (queries) attend only to the audio tokens of frame `f` (keys/values). On
+    a whole sequence the token axis is regrouped as `[B * frames, tokens_per_frame]` (one batched attention call).
+    Under context parallelism a rank holds a contiguous slice of the tokens that may start and end inside a frame:
+    it takes the audio tokens of the frames it touches and masks each query to its own frame. No q/k norm and no
+    RoPE (single speaker), exactly like the original.
     """
 
     _attention_backend = None
     _parallel_config = None
+
+    def _shard_offset(self, seq_len: int, total: int) -> int:
+        """Index of this rank's first token in the whole sequence (diffusers shards with `tensor_split`)."""
+        if seq_len == total:
+            return 0
+        mesh = self._parallel_config.context_parallel_config._flattened_mesh
+        world, rank = mesh.size(), mesh.get_local_rank()
+        sizes = [total // world + (1 if r < total % world else 0) for r in range(world)]
+        if sizes[rank] != seq_len:
+            raise ValueError(f"Cannot place a shard of {seq_len} tokens of {total} on rank {rank} of {world}.")
+        return sum(sizes[:rank])
 
     def __call__(
         self,
         attn: "SkyReelsV3AudioAttention",
         hidden_states: torch.Tensor,
         audio_hidden_states: torch.Tensor,
+        tokens_per_frame: int | None = None,
     ) -> torch.Tensor:
         batch_size, seq_len, _ = hidden_states.shape
         _, num_frames, num_audio_tokens, _ = audio_hidden_states.shape
-        if seq_len % num_frames != 0:
+        tokens_per_frame = tokens_per_frame or seq_len // num_frames
+        total = num_frames * tokens_per_frame
+        sharded = self._parallel_config is not None and seq_len != total
+        if not sharded and seq_len != total:
             raise ValueError(
-                f"The token count {seq_len} is not a whole number of latent frames ({num_frames}); the audio "
+                f"The token count {seq_len} is not {num_frames} frames of {tokens_per_frame} tokens; the audio "
                 "attention needs the same number of tokens in every frame."
             )
         dtype = hidden_states.dtype
-        query = attn.to_q(hidden_states).reshape(batch_size * num_frames, seq_len // num_frames, attn.heads, -1)
-        audio = audio_hidden_states.flatten(0, 1).to(dtype)
+        query = attn.to_q(hidden_states)
+        if not sharded:
+            query = query.reshape(batch_size * num_frames, tokens_per_frame, attn.heads, -1)
+            audio = audio_hidden_states.flatten(0, 1).to(dtype)
+            mask = None
+        else:
+            offset = self._shard_offset(seq_len, total)
+            first, last = offset // tokens_per_frame, (offset + seq_len - 1) // tokens_per_frame
+            query = query.unflatten(2, (attn.heads, -1))
+            audio = audio_hidden_states[:, first : last + 1].flatten(1, 2).to(dtype)
+            token_frame = (torch.arange(seq_len, device=query.device) + offset) // tokens_per_frame - first
+            key_frame = torch.arange(audio.shape[1], device=query.device) // num_audio_tokens
+            mask = (token_frame[:, None] == key_frame[None, :])[None, None]
         key = attn.to_k(audio).unflatten(2, (attn.heads, -1))
         value = attn.to_v(audio).unflatten(2, (attn.heads, -1))
         hidden_states = dispatch_attention_fn(
-            query, key, value, backend=self._attention_backend, parallel_config=None
+            query, key, value, attn_mask=mask, backend=self._attention_backend, parallel_config=None
         )
         hidden_states = hidden_states.reshape(batch_size, seq_len, -1).to(dtype)
         hidden_states = attn.to_out[0](hidden_states)

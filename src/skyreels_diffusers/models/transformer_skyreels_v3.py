@@ -192,6 +192,16 @@ class SkyReelsV3ConditionEmbedder(nn.Module):
         return temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image
 
 
+class SkyReelsV3FrameModulation(nn.Module):
+    """Identity on the per-frame time embeddings (`temb` `[B, F, D]`, `timestep_proj` `[B, F, 6, D]`).
+
+    It exists so that context parallelism can declare, in `_cp_plan`, that per-frame modulation is split along frames
+    together with the tokens (each rank then modulates exactly the frames whose tokens it holds)."""
+
+    def forward(self, temb: torch.Tensor, timestep_proj: torch.Tensor):
+        return temb, timestep_proj
+
+
 @maybe_allow_in_graph
 class SkyReelsV3TransformerBlock(nn.Module):
     """norm -> modulate -> self-attention -> gate; norm -> cross-attention (text [+ image]); [norm -> audio
@@ -241,6 +251,7 @@ class SkyReelsV3TransformerBlock(nn.Module):
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
         encoder_hidden_states_image: torch.Tensor | None = None,
         audio_hidden_states: torch.Tensor | None = None,
+        tokens_per_frame: int | None = None,
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
         # temb: [B, G, 6, D] -> six [B, G, D] modulation vectors (G frame groups; 1 = uniform)
@@ -261,7 +272,9 @@ class SkyReelsV3TransformerBlock(nn.Module):
 
         if self.attn_audio is not None and audio_hidden_states is not None:
             norm_hidden_states = self.norm_audio(residual).to(dtype)
-            residual = residual + self.attn_audio(norm_hidden_states, audio_hidden_states).float()
+            residual = residual + self.attn_audio(
+                norm_hidden_states, audio_hidden_states, tokens_per_frame=tokens_per_frame
+            ).float()
 
         norm_hidden_states = modulate(self.norm3(residual), c_shift_msa, c_scale_msa).to(dtype)
         ff_output = self.ffn(norm_hidden_states)
@@ -330,6 +343,12 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         "blocks.0": {
             "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
         },
+        # per-frame timesteps (extension): modulation split along frames, like the tokens (needs F % degree == 0)
+        "frame_modulation": {
+            0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True),
+            1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+        },
+        # text, CLIP and audio tokens stay whole on every rank; the audio attention finds each local token's frame
         "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
 
@@ -369,6 +388,7 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         self.rope = SkyReelsV3RotaryPosEmbed(attention_head_dim, condition_offset=condition_rope_offset)
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
         self.condition_embedder = SkyReelsV3ConditionEmbedder(inner_dim, freq_dim, text_dim, image_dim)
+        self.frame_modulation = SkyReelsV3FrameModulation()
         self.audio_proj = (
             SkyReelsV3AudioProjection(
                 in_dim=audio_in_dim,
@@ -508,9 +528,20 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = self.condition_embedder(
             timestep, encoder_hidden_states, encoder_hidden_states_image
         )
+        if temb.shape[1] > 1:
+            parallel = self._parallel_config.context_parallel_config if self._parallel_config is not None else None
+            if parallel is not None and temb.shape[1] % parallel._flattened_mesh.size() != 0:
+                raise ValueError(
+                    f"Per-frame timesteps over {temb.shape[1]} latent frames cannot be split evenly over "
+                    f"{parallel._flattened_mesh.size()} context-parallel ranks; use a frame count divisible by it."
+                )
+            temb, timestep_proj = self.frame_modulation(temb, timestep_proj)
         audio_hidden_states = self.audio_proj(audio_embeds) if audio_embeds is not None else None
 
-        block_args = (encoder_hidden_states, timestep_proj, rotary_emb, encoder_hidden_states_image, audio_hidden_states)
+        block_args = (
+            encoder_hidden_states, timestep_proj, rotary_emb, encoder_hidden_states_image, audio_hidden_states,
+            post_h * post_w,
+        )
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block, hidden_states, *block_args)

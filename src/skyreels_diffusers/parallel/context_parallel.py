@@ -1,0 +1,86 @@
+"""Sequence (context) parallelism through diffusers' declared `_cp_plan`: Ulysses (all-to-all over heads), ring, or
+both, on CUDA (NCCL) and on CPU-only machines (gloo), where the same code runs for tests and for newcomers.
+
+The transformer declares what is split and gathered (`SkyReelsV3Transformer3DModel._cp_plan`); the processors
+receive the parallel config through diffusers' `enable_parallelism` contract. Nothing here patches a forward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Initialise the default process group from torchrun's environment (NCCL on GPUs, gloo on CPUs); returns
+    (rank, world size, device). A no-op returning (0, 1, device) outside torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_degrees(num_heads: int, ulysses_degree: int, ring_degree: int, world_size: int) -> None:
+    """Clear errors for impossible layouts (raised before any model work)."""
+    if ulysses_degree < 1 or ring_degree < 1:
+        raise ValueError(f"--ulysses-degree and --ring-degree must be >= 1, got {ulysses_degree} and {ring_degree}.")
+    if num_heads % ulysses_degree:
+        raise ValueError(
+            f"--ulysses-degree {ulysses_degree} must divide the {num_heads} attention heads "
+            f"(e.g. {', '.join(str(d) for d in range(1, num_heads + 1) if num_heads % d == 0 and d <= 8)})."
+        )
+    if ulysses_degree * ring_degree != world_size:
+        raise ValueError(
+            f"--ulysses-degree {ulysses_degree} x --ring-degree {ring_degree} = {ulysses_degree * ring_degree} must "
+            f"equal the number of processes ({world_size}; torchrun --nproc_per_node)."
+        )
+
+
+def enable_context_parallel(
+    model, ulysses_degree: int = 1, ring_degree: int = 1, ulysses_anything: bool = True
+) -> None:
+    """Shard `model` (a `SkyReelsV3Transformer3DModel`) over the default process group.
+
+    `ulysses_anything=True` lets token counts that do not divide by the degree (e.g. 480P 16:9 reference videos on
+    4 GPUs) split unevenly, exactly. On GPUs this is `model.enable_parallelism(...)`; on CPU-only machines (gloo),
+    where diffusers cannot derive a device from the accelerator count, the same steps run on a CPU mesh.
+    """
+    from diffusers import ContextParallelConfig
+    from diffusers.hooks.context_parallel import apply_context_parallel
+    from diffusers.models._modeling_parallel import ParallelConfig
+
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    check_degrees(model.config.num_attention_heads, ulysses_degree, ring_degree, world_size)
+    cp_config = ContextParallelConfig(
+        ulysses_degree=ulysses_degree, ring_degree=ring_degree, ulysses_anything=ulysses_anything and ring_degree == 1,
+        ring_anything=ulysses_anything and ring_degree > 1 and ulysses_degree == 1,
+    )
+    if torch.accelerator.is_available() and torch.accelerator.device_count() > 0:
+        model.enable_parallelism(config=cp_config)
+        return
+    config = ParallelConfig(context_parallel_config=cp_config)
+    mesh = torch.distributed.device_mesh.init_device_mesh(
+        "cpu", mesh_shape=cp_config.mesh_shape, mesh_dim_names=cp_config.mesh_dim_names
+    )
+    config.setup(dist.get_rank(), world_size, torch.device("cpu"), mesh=mesh)
+    model._parallel_config = config
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = config
+    apply_context_parallel(model, cp_config, model._cp_plan)
