@@ -2,6 +2,7 @@
 
     skyreels-v3 generate --task reference_to_video --model tiny --ref-imgs a.png b.png --prompt "..."
     skyreels-v3 generate --task single_shot_extension --model PATH --input-video in.mp4 --duration 10
+    torchrun --nproc_per_node 4 -m skyreels_diffusers.cli generate ... --ulysses-degree 4
 
 Flags are kebab-case; the original's snake_case spellings (`--task_type`, `--model_id`, `--ref_imgs`,
 `--input_video`, ...) are accepted too. The written path is printed last.
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "compile", action="store_true", help="torch.compile the repeated transformer blocks")
     _flag(gen, "attention-backend", default=None,
           help="diffusers attention backend (default: PyTorch SDPA's choice; e.g. _native_cudnn, flash, sage)")
+    _flag(gen, "ulysses-degree", type=int, default=1,
+          help="sequence parallelism over heads (torchrun --nproc_per_node = ulysses x ring degree)")
+    _flag(gen, "ring-degree", type=int, default=1, help="ring attention degree (needs a flash/sage/cuDNN backend)")
     _flag(gen, "device", default=None, help="cuda / cpu (default: cuda when available)")
     return parser
 
@@ -86,12 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None:
             print("error: --model: pass --model tiny (random weights) or a converted pipeline folder", file=sys.stderr)
             return 2
+        from .parallel import is_main_process
+
         try:
             path = run(GenerationRequest(**values))
         except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
+            if is_main_process():
+                print(f"error: {error}", file=sys.stderr)
             return 2
-        print(path)
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        if path is not None:
+            print(path)
     return 0
 
 

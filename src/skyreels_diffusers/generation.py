@@ -60,6 +60,8 @@ class GenerationRequest:
     quantize: str | None = None
     compile: bool = False
     attention_backend: str | None = None
+    ulysses_degree: int = 1
+    ring_degree: int = 1
     device: str | None = None
 
     # resolved by `validate`
@@ -283,14 +285,58 @@ def load_pipeline(request: GenerationRequest):
     return pipe
 
 
-def run(request: GenerationRequest, pipe=None) -> Path:
-    """Validate, load, generate and write the mp4; returns its path."""
-    validate(request)
+def _num_heads(request: GenerationRequest) -> int:
+    if request.model == "tiny":
+        from .models.configs import TINY_TRANSFORMER_CONFIGS
+
+        return TINY_TRANSFORMER_CONFIGS[TASKS[request.task][1]]["num_attention_heads"]
+    config = json.loads((Path(request.model) / "transformer" / "config.json").read_text())
+    return config.get("num_attention_heads", 40)
+
+
+def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
+    """Validate on rank 0 (which alone reads the inputs) and hand the result, or the error, to every rank."""
+    import torch.distributed as dist
+
+    from .parallel.context_parallel import check_degrees
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1 and request.ulysses_degree * request.ring_degree == 1:
+        return validate(request)
+    payload = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            validate(request)
+            try:
+                check_degrees(_num_heads(request), request.ulysses_degree, request.ring_degree, world)
+            except ValueError as error:
+                raise _error("ulysses_degree", str(error)) from None
+            payload = [request]
+        except ValueError as error:
+            payload = [error]
+    if dist.is_initialized():
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], Exception):
+        raise payload[0]
+    return payload[0]
+
+
+def run(request: GenerationRequest, pipe=None) -> Path | None:
+    """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun)."""
+    from .parallel.context_parallel import enable_context_parallel, init_distributed, is_main_process
+
+    rank, world, device = init_distributed()
+    if world > 1 and request.device is None:
+        request.device = str(device)
+    request = _validate_everywhere(request)
     height, width = output_size(request)
     output = Path(request.output) if request.output else default_output_path(request)
     if output.suffix.lower() != ".mp4":
         raise _error("output", f"must end in .mp4, got {output}")
     pipe = pipe or load_pipeline(request)
+    if world > 1:
+        enable_context_parallel(pipe.transformer, request.ulysses_degree, request.ring_degree)
+        pipe.set_progress_bar_config(disable=not is_main_process())
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     common = dict(
         prompt=request.prompt, negative_prompt=request.negative_prompt, height=height, width=width,
@@ -317,6 +363,8 @@ def run(request: GenerationRequest, pipe=None) -> Path:
             video=request._media["frames"], duration=request.duration, fps=request.fps,
             resize_mode=request.resize_mode, return_input_video=request.return_input_video, **common,
         ).frames[0]
+    if not is_main_process():
+        return None
     return write_video(np.asarray(frames), output, fps=request.fps, audio=audio, audio_sample_rate=audio_rate)
 
 

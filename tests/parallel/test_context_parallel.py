@@ -63,3 +63,41 @@ def test_degree_errors():
     with pytest.raises(ValueError, match="must equal the number of processes"):
         check_degrees(40, 2, 1, 4)
     check_degrees(40, 4, 1, 4)
+
+
+def torchrun(args, tmp_path, nproc=2):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "skyreels_diffusers.cli", "generate", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_cli_matches_one_process(tmp_path):
+    from skyreels_diffusers.cli import main
+
+    args = ["--task", "shot_switching_extension", "--model", "tiny", "--duration", "2", "--steps", "2",
+            "--height", "32", "--width", "48"]
+    single = tmp_path / "single.mp4"
+    assert main(["generate", *args, "--output", str(single)]) == 0
+    result = torchrun([*args, "--ulysses-degree", "2", "--output", str(tmp_path / "two.mp4")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "two.mp4")  # printed once, by rank 0
+    assert result.stdout.count("two.mp4") == 1
+    import av
+    import numpy as np
+
+    def frames(path):
+        with av.open(str(path)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+    # same video up to uint8 rounding of float noise (one level, on a few pixels; thread counts differ)
+    difference = np.abs(frames(tmp_path / "two.mp4").astype(int) - frames(single).astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_torchrun_cli_rejects_bad_degrees(tmp_path):
+    result = torchrun(["--task", "reference_to_video", "--model", "tiny", "--ulysses-degree", "3",
+                       "--output", str(tmp_path / "x.mp4")], tmp_path)
+    assert result.returncode != 0
+    assert "--ulysses-degree" in result.stderr and "attention heads" in result.stderr
+    assert not (tmp_path / "x.mp4").exists()

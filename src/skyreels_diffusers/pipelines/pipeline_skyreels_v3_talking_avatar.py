@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from ..models import SkyReelsV3Transformer3DModel
+from ..parallel import is_main_process
 from ..schedulers import SkyReelsV3FlowEulerScheduler
 from .audio_io import DEFAULT_MAX_SECONDS, VIDEO_FPS, SpeechAudio, audio_windows, load_speech, wav2vec2_features
 from .buckets import avatar_bucket_size, check_size
@@ -337,6 +338,10 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
 
     @staticmethod
     def _save_atomic(obj, path: Path) -> None:
+        from ..parallel import is_main_process
+
+        if not is_main_process():  # under torchrun every rank holds the same state; rank 0 writes it
+            return
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -521,7 +526,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
                     new = frames if k == 0 else frames[condition.shape[0]:]
                     chunks.append(to_uint8((new.permute(0, 2, 3, 1) + 1) / 2))
                     motion_frames = frames[-MOTION_FRAMES:]
-                    if state_file is not None:
+                    if state_file is not None and is_main_process():
                         tmp = resume_dir / f".window_{k:05d}.npy"
                         np.save(tmp, chunks[-1])
                         os.replace(tmp, resume_dir / f"window_{k:05d}.npy")
