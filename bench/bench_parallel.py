@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -92,7 +91,7 @@ def main(argv=None) -> int:
                     row.update(max_abs_diff=round(diff.max().item(), 5),
                                rel_diff=round((diff.norm() / reference.norm()).item(), 6))
                     baseline = [json.loads(line) for line in (out / "parallel.jsonl").read_text().splitlines()
-                                if f'"gpus": 1' in line and f'"variant": "{variant}"' in line
+                                if '"gpus": 1' in line and f'"variant": "{variant}"' in line
                                 and f'"resolution": "{resolution}"' in line]
                     if baseline:
                         speedup = baseline[-1]["median_ms"] / median

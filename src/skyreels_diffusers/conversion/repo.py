@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .transformer import convert_transformer
+from .transformer import KeyMap, convert_transformer, rename_state_dict
 
 TASKS = ("reference_to_video", "video_extension", "talking_avatar")
 
 # Wan-native UMT5 encoder (`models_t5_umt5-xxl-enc-bf16.pth`) -> transformers `UMT5EncoderModel`
-T5_KEY_MAP: list[tuple[str, str]] = [
+T5_KEY_MAP: KeyMap = [
     (r"token_embedding\.weight", r"shared.weight"),
     (r"blocks\.(\d+)\.norm1\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
     (r"blocks\.(\d+)\.attn\.(q|k|v|o)\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
@@ -71,18 +70,7 @@ def convert_t5(pth: Path, dtype: torch.dtype):
     """Wan-native UMT5-XXL encoder checkpoint -> `UMT5EncoderModel` (config read off the tensor shapes)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    original = _load_pth(_require(pth, "T5 checkpoint"))
-    converted, unknown = {}, []
-    for key, tensor in original.items():
-        for pattern, target in T5_KEY_MAP:
-            match = re.fullmatch(pattern, key)
-            if match:
-                converted[match.expand(target)] = tensor
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise KeyError(f"T5 checkpoint {pth} has keys no rule matches: {sorted(unknown)}")
+    converted = rename_state_dict(_load_pth(_require(pth, "T5 checkpoint")), T5_KEY_MAP, f"T5 checkpoint {pth}")
     layers = len({k.split(".")[2] for k in converted if k.startswith("encoder.block.")})
     vocab, d_model = converted["shared.weight"].shape
     buckets, heads = converted["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
@@ -129,7 +117,7 @@ def convert_wan_vae(pth: Path):
 
 
 # open-clip XLM-RoBERTa ViT-H/14 visual tower -> transformers CLIPVisionModel (the text tower is not used)
-CLIP_KEY_MAP: list[tuple[str, str | None]] = [
+CLIP_KEY_MAP: KeyMap = [
     (r"visual\.patch_embedding\.weight", r"vision_model.embeddings.patch_embedding.weight"),
     (r"visual\.cls_embedding", r"vision_model.embeddings.class_embedding"),
     (r"visual\.pos_embedding", r"vision_model.embeddings.position_embedding.weight"),
@@ -137,7 +125,10 @@ CLIP_KEY_MAP: list[tuple[str, str | None]] = [
     (r"visual\.post_norm\.(weight|bias)", r"vision_model.post_layernorm.\1"),
     (r"visual\.transformer\.(\d+)\.norm1\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm1.\2"),
     (r"visual\.transformer\.(\d+)\.norm2\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm2.\2"),
-    (r"visual\.transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.qkv.\2"),
+    (
+        r"visual\.transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)",
+        tuple(rf"vision_model.encoder.layers.\1.self_attn.{p}_proj.\2" for p in "qkv"),
+    ),
     (r"visual\.transformer\.(\d+)\.attn\.proj\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
     (r"visual\.transformer\.(\d+)\.mlp\.0\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc1.\2"),
     (r"visual\.transformer\.(\d+)\.mlp\.2\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc2.\2"),
@@ -153,25 +144,10 @@ def convert_clip(pth: Path, dtype: torch.dtype):
     exact GELU, LayerNorm eps 1e-5, heads of 80 channels; sizes read off the tensors)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    original = _load_pth(_require(pth, "CLIP checkpoint"))
-    converted, unknown = {}, []
-    for key, tensor in original.items():
-        for pattern, target in CLIP_KEY_MAP:
-            match = re.fullmatch(pattern, key)
-            if match:
-                if target is not None:
-                    converted[match.expand(target)] = tensor
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise KeyError(f"CLIP checkpoint {pth} has keys no rule matches: {sorted(unknown)}")
+    converted = rename_state_dict(_load_pth(_require(pth, "CLIP checkpoint")), CLIP_KEY_MAP, f"CLIP checkpoint {pth}")
     embeddings = "vision_model.embeddings."
     converted[embeddings + "class_embedding"] = converted[embeddings + "class_embedding"].reshape(-1)
     converted[embeddings + "position_embedding.weight"] = converted[embeddings + "position_embedding.weight"][0]
-    for key in [k for k in converted if k.endswith(".self_attn.qkv.weight") or k.endswith(".self_attn.qkv.bias")]:
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), converted.pop(key).chunk(3, dim=0)):
-            converted[key.replace(".qkv.", f".{name}.")] = part
     hidden, _, patch, _ = converted[embeddings + "patch_embedding.weight"].shape
     tokens = converted[embeddings + "position_embedding.weight"].shape[0]
     config = CLIPVisionConfig(

@@ -101,9 +101,22 @@ class MappedKey:
     chunk: int  # index of this target's chunk along dim 0
     num_chunks: int
 
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This target's part of the source tensor."""
+        if self.num_chunks == 1:
+            return tensor
+        if tensor.shape[0] % self.num_chunks:
+            raise ValueError(f"{self.source} of shape {tuple(tensor.shape)} cannot be split in {self.num_chunks}")
+        return tensor.chunk(self.num_chunks, dim=0)[self.chunk]
 
-def map_keys(keys: list[str], key_map: list[tuple[str, str | tuple[str, ...]]]) -> list[MappedKey]:
-    """Apply a key table to original key names. Raises `KeyError` listing every key no rule matches."""
+
+KeyMap = list[tuple[str, "str | tuple[str, ...] | None"]]
+
+
+def map_keys(keys: list[str], key_map: KeyMap) -> list[MappedKey]:
+    """Apply a key table to original key names: each key's first matching rule gives its new name (a tuple of names
+    splits the tensor into equal chunks along dim 0; `None` drops the key). Raises `KeyError` listing every key no
+    rule matches."""
     compiled = [(re.compile(pattern), target) for pattern, target in key_map]
     mapped, unknown = [], []
     for key in keys:
@@ -111,16 +124,24 @@ def map_keys(keys: list[str], key_map: list[tuple[str, str | tuple[str, ...]]]) 
             match = pattern.fullmatch(key)
             if match is None:
                 continue
-            targets = target if isinstance(target, tuple) else (target,)
-            mapped.extend(
-                MappedKey(key, match.expand(t), i, len(targets)) for i, t in enumerate(targets)
-            )
+            if target is not None:
+                targets = target if isinstance(target, tuple) else (target,)
+                mapped.extend(MappedKey(key, match.expand(t), i, len(targets)) for i, t in enumerate(targets))
             break
         else:
             unknown.append(key)
     if unknown:
         raise KeyError(f"{len(unknown)} original key(s) match no conversion rule: {sorted(unknown)}")
     return mapped
+
+
+def rename_state_dict(state: dict[str, torch.Tensor], key_map: KeyMap, what: str) -> dict[str, torch.Tensor]:
+    """Apply a key table to a whole state dict (components small enough to hold in memory, e.g. T5, CLIP)."""
+    try:
+        mapped = map_keys(list(state), key_map)
+    except KeyError as error:
+        raise KeyError(f"{what}: {error.args[0]}") from None
+    return {item.target: item.take(state[item.source]) for item in mapped}
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -293,11 +314,7 @@ def _parse_size(size: int | str) -> int:
 
 def _converted_tensors(source: _TensorSource, mapped: list[MappedKey], dtype: torch.dtype | None) -> Iterator:
     for item in mapped:
-        tensor = source.get(item.source)
-        if item.num_chunks > 1:
-            if tensor.shape[0] % item.num_chunks:
-                raise ValueError(f"{item.source} of shape {tuple(tensor.shape)} cannot be split in {item.num_chunks}")
-            tensor = tensor.chunk(item.num_chunks, dim=0)[item.chunk]
+        tensor = item.take(source.get(item.source))
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         yield item.target, tensor.contiguous()
