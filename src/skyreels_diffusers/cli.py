@@ -79,12 +79,35 @@ def build_parser() -> argparse.ArgumentParser:
           help="sequence parallelism over heads (torchrun --nproc_per_node = ulysses x ring degree)")
     _flag(gen, "ring-degree", type=int, default=1, help="ring attention degree (needs a flash/sage/cuDNN backend)")
     _flag(gen, "device", default=None, help="cuda / cpu (default: cuda when available)")
+    app = sub.add_parser("app", help="start the local web app (pip install 'skyreels-diffusers[app]')")
+    _flag(app, "model", default="tiny", help="'tiny' (default, random weights) or a converted pipeline folder")
+    _flag(app, "host", default="127.0.0.1")
+    _flag(app, "port", type=int, default=7860)
+    _flag(app, "output-dir", default="result/app", help="results folder (files are never overwritten)")
+    _flag(app, "offload", action="store_true")
+    _flag(app, "low-vram", action="store_true")
+    _flag(app, "ulysses-degree", type=int, default=1)
+    _flag(app, "device", default=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.command == "app":
+        if args.ulysses_degree != 1:
+            print("error: --ulysses-degree: the web app runs on one process; use torchrun with "
+                  "`skyreels-v3 generate` for multi-GPU runs", file=sys.stderr)
+            return 2
+        from .app import launch
+
+        try:
+            launch(model=args.model, host=args.host, port=args.port, output_dir=args.output_dir,
+                   offload=args.offload, low_vram=args.low_vram, device=args.device)
+        except ImportError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "generate":
         values = {k: v for k, v in vars(args).items() if k in request_fields() and v is not None}
         if args.model is None:

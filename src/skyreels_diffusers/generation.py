@@ -321,8 +321,15 @@ def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
     return payload[0]
 
 
-def run(request: GenerationRequest, pipe=None) -> Path | None:
-    """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun)."""
+def run(
+    request: GenerationRequest,
+    pipe=None,
+    callback_on_step_end=None,
+    callback_on_window_end=None,
+    should_stop=None,
+) -> Path | None:
+    """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun, and
+    when `should_stop()` turned true during the run: a cancelled job writes nothing)."""
     from .parallel.context_parallel import enable_context_parallel, init_distributed, is_main_process
 
     rank, world, device = init_distributed()
@@ -341,7 +348,7 @@ def run(request: GenerationRequest, pipe=None) -> Path | None:
     common = dict(
         prompt=request.prompt, negative_prompt=request.negative_prompt, height=height, width=width,
         num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
-        output_type="np",
+        output_type="np", callback_on_step_end=callback_on_step_end,
     )
     audio, audio_rate = None, None
     if request.task == "talking_avatar":
@@ -351,7 +358,7 @@ def run(request: GenerationRequest, pipe=None) -> Path | None:
             image=request._media["image"], audio=speech.source, audio_sample_rate=speech.source_rate,
             window_prompt=window_prompt, clip_from_reference=request.clip_from_reference,
             output_audio=request.output_audio, max_audio_seconds=request.max_audio_seconds,
-            resume_dir=request.resume_dir, **common,
+            resume_dir=request.resume_dir, callback_on_window_end=callback_on_window_end, **common,
         )
         frames, audio, audio_rate = out.frames[0], out.audio, out.audio_sample_rate
     elif request.task == "reference_to_video":
@@ -363,7 +370,7 @@ def run(request: GenerationRequest, pipe=None) -> Path | None:
             video=request._media["frames"], duration=request.duration, fps=request.fps,
             resize_mode=request.resize_mode, return_input_video=request.return_input_video, **common,
         ).frames[0]
-    if not is_main_process():
+    if not is_main_process() or (should_stop is not None and should_stop()):
         return None
     return write_video(np.asarray(frames), output, fps=request.fps, audio=audio, audio_sample_rate=audio_rate)
 

@@ -1,0 +1,241 @@
+"""`skyreels-v3 app`: a local web app for the four tasks (Gradio), thin over the same request code as the CLI.
+
+Every form becomes a `GenerationRequest` validated by `generation.validate` (the CLI's checks, one implementation);
+an error is shown under the input it names. One job runs at a time (Gradio's queue, with its position shown); a job
+reports progress from the pipelines' step/window callbacks and can be cancelled between steps. Results are written
+atomically under the output folder with unique names and shown in the page with the equivalent CLI command.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from .generation import DEFAULT_PROMPT, GenerationRequest, run
+
+TASK_LABELS = {
+    "reference_to_video": "Reference to video",
+    "single_shot_extension": "Single-shot extension",
+    "shot_switching_extension": "Shot switching",
+    "talking_avatar": "Talking avatar",
+}
+# request field -> the input that shows its errors (the CLI flag names the field)
+FIELD_OF_FLAG = {
+    "--ref-imgs": "ref_imgs", "--input-video": "input_video", "--input-image": "input_image",
+    "--input-audio": "input_audio", "--prompt": "prompt", "--duration": "duration", "--resolution": "resolution",
+    "--seed": "seed", "--steps": "steps", "--height": "resolution",
+}
+RESOLUTION_CHOICES = ["default", "480P", "540P", "720P"]
+
+
+class Cancelled(Exception):
+    pass
+
+
+def _paths(value) -> list[str]:
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [getattr(v, "name", v) for v in values if v]
+
+
+def build_request(task: str, form: dict, model: str, output_dir: Path, **server) -> GenerationRequest:
+    """The form of one tab -> the CLI's request object (unique output path under `output_dir`)."""
+    resolution = form.get("resolution")
+    seed = int(form.get("seed") or 0)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    request = GenerationRequest(
+        task=task,
+        model=model,
+        prompt=form.get("prompt") or "",
+        duration=int(form.get("duration") or 0),
+        resolution=None if resolution in (None, "", "default") else resolution,
+        seed=seed,
+        steps=int(form.get("steps") or 0),
+        ref_imgs=_paths(form.get("ref_imgs")),
+        input_video=(_paths(form.get("input_video")) or [None])[0],
+        input_image=(_paths(form.get("input_image")) or [None])[0],
+        input_audio=(_paths(form.get("input_audio")) or [None])[0],
+        output=str(output_dir / task / f"{seed}_{stamp}_{uuid.uuid4().hex[:8]}.mp4"),
+        **server,
+    )
+    return request
+
+
+def cli_command(request: GenerationRequest) -> str:
+    """The `skyreels-v3 generate` command that reproduces a request."""
+    args = ["skyreels-v3", "generate", "--task", request.task, "--model", request.model, "--prompt", request.prompt,
+            "--duration", str(request.duration), "--seed", str(request.seed), "--steps", str(request.steps)]
+    if request.resolution:
+        args += ["--resolution", request.resolution]
+    if request.ref_imgs:
+        args += ["--ref-imgs", *request.ref_imgs]
+    for flag, value in (("--input-video", request.input_video), ("--input-image", request.input_image),
+                        ("--input-audio", request.input_audio)):
+        if value:
+            args += [flag, value]
+    for flag, on in (("--offload", request.offload), ("--low-vram", request.low_vram)):
+        if on:
+            args.append(flag)
+    return " ".join(shlex.quote(a) for a in args + ["--output", request.output])
+
+
+def error_field(message: str) -> str:
+    """Which input an error message (`--flag: ...`) belongs to; `general` when none."""
+    flag = message.split(":", 1)[0].strip()
+    return FIELD_OF_FLAG.get(flag, "general")
+
+
+class JobRunner:
+    """Runs one request at a time with progress and cancellation (pipelines cached per task)."""
+
+    def __init__(self):
+        self.pipes: dict[str, object] = {}
+        self.cancel_event = threading.Event()
+        self.lock = threading.Lock()
+
+    def pipeline(self, request: GenerationRequest):
+        from .generation import load_pipeline
+
+        key = request.task
+        if key not in self.pipes:
+            self.pipes[key] = load_pipeline(request)
+        return self.pipes[key]
+
+    def __call__(self, request: GenerationRequest, progress=None) -> Path:
+        with self.lock:
+            self.cancel_event.clear()
+            from .generation import validate
+
+            validate(request)
+            pipe = self.pipeline(request)
+            steps = max(1, request.steps)
+
+            def on_step(pipeline, step, timestep, tensors):
+                if progress is not None:
+                    progress((step + 1) / steps, desc=f"step {step + 1}/{steps}")
+                if self.cancel_event.is_set():  # stop before the next step
+                    pipeline._interrupt = True
+                return {}
+
+            def on_window(pipeline, window, total):
+                if progress is not None:
+                    progress(window / max(total, 1), desc=f"window {window}/{total}")
+
+            result = run(request, pipe=pipe, callback_on_step_end=on_step, callback_on_window_end=on_window,
+                         should_stop=self.cancel_event.is_set)
+            if self.cancel_event.is_set() or result is None:
+                raise Cancelled("cancelled")
+            return result
+
+
+def build_app(model: str = "tiny", output_dir: str = "result/app", **server):
+    """The Gradio Blocks app (`server`: offload / low_vram / device options of `GenerationRequest`)."""
+    try:
+        import gradio as gr
+    except ImportError as error:
+        raise ImportError(
+            "The web app needs Gradio: pip install 'skyreels-diffusers[app]' (or pip install gradio)."
+        ) from error
+
+    output_root = Path(output_dir)
+    runner = JobRunner()
+
+    with gr.Blocks(title="SkyReels-V3") as demo:
+        gr.Markdown(f"# SkyReels-V3\nModel: `{model}`" + (" (tiny RANDOM weights: the video is noise)"
+                                                          if model == "tiny" else ""))
+        for task, label in TASK_LABELS.items():
+            with gr.Tab(label, elem_id=f"tab-{task}"):
+                inputs, errors = {}, {}
+
+                def error_box(name):
+                    errors[name] = gr.Markdown("", elem_id=f"{task}-error-{name}", elem_classes=["field-error"])
+
+                if task == "reference_to_video":
+                    inputs["ref_imgs"] = gr.File(label="Reference images (1-4)", file_count="multiple",
+                                                 file_types=["image"], elem_id=f"{task}-ref-imgs")
+                    preview = gr.Gallery(label="Preview", columns=4, height=160, elem_id=f"{task}-preview")
+                    inputs["ref_imgs"].change(lambda files: _paths(files), inputs["ref_imgs"], preview)
+                    error_box("ref_imgs")
+                elif task in ("single_shot_extension", "shot_switching_extension"):
+                    inputs["input_video"] = gr.Video(label="Input video", sources=["upload"],
+                                                     elem_id=f"{task}-input-video")
+                    error_box("input_video")
+                else:
+                    inputs["input_image"] = gr.Image(label="Portrait", type="filepath", elem_id=f"{task}-input-image")
+                    error_box("input_image")
+                    inputs["input_audio"] = gr.Audio(label="Speech", type="filepath", elem_id=f"{task}-input-audio")
+                    audio_info = gr.Markdown("", elem_id=f"{task}-audio-info")
+                    inputs["input_audio"].change(_audio_duration, inputs["input_audio"], audio_info)
+                    error_box("input_audio")
+                inputs["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id=f"{task}-prompt")
+                error_box("prompt")
+                with gr.Row():
+                    inputs["resolution"] = gr.Dropdown(RESOLUTION_CHOICES, value="default", label="Resolution",
+                                                       elem_id=f"{task}-resolution")
+                    default_duration = {"shot_switching_extension": 2, "talking_avatar": 0}.get(task, 1)
+                    inputs["duration"] = gr.Number(value=default_duration, precision=0, label="Duration (s)",
+                                                   visible=task != "talking_avatar", elem_id=f"{task}-duration")
+                    inputs["seed"] = gr.Number(value=42, precision=0, label="Seed", elem_id=f"{task}-seed")
+                    inputs["steps"] = gr.Number(value=4 if task == "talking_avatar" else 8, precision=0,
+                                                label="Steps", elem_id=f"{task}-steps")
+                for name in ("resolution", "duration", "seed", "steps"):
+                    error_box(name)
+                error_box("general")
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
+                    cancel = gr.Button("Cancel", elem_id=f"{task}-cancel")
+                video = gr.Video(label="Result", elem_id=f"{task}-result", interactive=False, height=360)
+                download = gr.File(label="Download", elem_id=f"{task}-download", interactive=False)
+                command = gr.Code(label="Equivalent command", language="shell", elem_id=f"{task}-command")
+
+                names = list(inputs)
+                error_names = list(errors)
+
+                def submit(*values, _task=task, _names=names, _error_names=error_names,
+                           progress=gr.Progress()):
+                    form = dict(zip(_names, values))
+                    blank = {name: "" for name in _error_names}
+                    try:
+                        request = build_request(_task, form, model, output_root, **server)
+                        shown = cli_command(request)
+                        path = runner(request, progress=progress)
+                    except Cancelled:
+                        blank["general"] = "Cancelled."
+                        return (None, None, "", *[blank[n] for n in _error_names])
+                    except ValueError as error:
+                        message = str(error)
+                        blank[error_field(message) if error_field(message) in blank else "general"] = (
+                            f"**Error:** {message}"
+                        )
+                        return (None, None, "", *[blank[n] for n in _error_names])
+                    return (str(path), str(path), shown, *[blank[n] for n in _error_names])
+
+                generate.click(submit, [inputs[n] for n in names],
+                               [video, download, command, *[errors[n] for n in error_names]],
+                               concurrency_limit=1, concurrency_id="gpu")
+                cancel.click(lambda: runner.cancel_event.set(), None, None, queue=False)
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def _audio_duration(path) -> str:
+    if not path:
+        return ""
+    try:
+        import av
+
+        with av.open(path) as container:
+            seconds = float(container.duration or 0) / 1e6
+        return f"Duration: {seconds:.2f} s -> {int(-(-seconds * 25 // 1))} frames at 25 fps"
+    except Exception:  # shown as text; the real check runs on Generate
+        return "Duration: unreadable"
+
+
+def launch(model: str = "tiny", host: str = "127.0.0.1", port: int = 7860, output_dir: str = "result/app",
+           **server) -> None:
+    demo = build_app(model=model, output_dir=output_dir, **server)
+    demo.launch(server_name=host, server_port=port, show_error=False, allowed_paths=[str(Path(output_dir).resolve())])
