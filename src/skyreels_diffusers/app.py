@@ -80,6 +80,9 @@ def cli_command(request: GenerationRequest) -> str:
     for flag, on in (("--offload", request.offload), ("--low-vram", request.low_vram)):
         if on:
             args.append(flag)
+    if request.ulysses_degree > 1:
+        args = ["torchrun", "--nproc_per_node", str(request.ulysses_degree), "-m", "skyreels_diffusers.cli",
+                *args[1:], "--ulysses-degree", str(request.ulysses_degree)]
     return " ".join(shlex.quote(a) for a in args + ["--output", request.output])
 
 
@@ -89,13 +92,44 @@ def error_field(message: str) -> str:
     return FIELD_OF_FLAG.get(flag, "general")
 
 
+def _broadcast(value=None):
+    """Rank 0's `value` on every rank (no-op outside torchrun)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    payload = [value]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
 class JobRunner:
-    """Runs one request at a time with progress and cancellation (pipelines cached per task)."""
+    """Runs one request at a time with progress and cancellation (pipelines cached per task).
+
+    Under torchrun (`--ulysses-degree N`) rank 0 serves the page and hands each validated request to the other
+    ranks, which run the same job sharded (`serve_workers`); the cancel flag is shared at every step."""
 
     def __init__(self):
         self.pipes: dict[str, object] = {}
         self.cancel_event = threading.Event()
         self.lock = threading.Lock()
+
+    def _step_callback(self, steps: int, progress):
+        def on_step(pipeline, step, timestep, tensors):
+            if progress is not None:
+                progress((step + 1) / steps, desc=f"step {step + 1}/{steps}")
+            if _broadcast(self.cancel_event.is_set()):  # every rank stops before the same next step
+                self.cancel_event.set()
+                pipeline._interrupt = True
+            return {}
+
+        return on_step
+
+    def run_worker(self, request: GenerationRequest) -> None:
+        """A rank > 0's share of a job started on rank 0."""
+        self.cancel_event.clear()
+        run(request, pipe=self.pipeline(request), callback_on_step_end=self._step_callback(request.steps, None),
+            should_stop=self.cancel_event.is_set)
 
     def pipeline(self, request: GenerationRequest):
         from .generation import load_pipeline
@@ -111,15 +145,9 @@ class JobRunner:
             from .generation import validate
 
             validate(request)
+            _broadcast(request)  # the other ranks (torchrun) join the job
             pipe = self.pipeline(request)
-            steps = max(1, request.steps)
-
-            def on_step(pipeline, step, timestep, tensors):
-                if progress is not None:
-                    progress((step + 1) / steps, desc=f"step {step + 1}/{steps}")
-                if self.cancel_event.is_set():  # stop before the next step
-                    pipeline._interrupt = True
-                return {}
+            on_step = self._step_callback(max(1, request.steps), progress)
 
             def on_window(pipeline, window, total):
                 if progress is not None:
@@ -132,8 +160,8 @@ class JobRunner:
             return result
 
 
-def build_app(model: str = "tiny", output_dir: str = "result/app", **server):
-    """The Gradio Blocks app (`server`: offload / low_vram / device options of `GenerationRequest`)."""
+def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRunner | None = None, **server):
+    """The Gradio Blocks app (`server`: offload / low_vram / ulysses_degree / device options of `GenerationRequest`)."""
     try:
         import gradio as gr
     except ImportError as error:
@@ -142,7 +170,7 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", **server):
         ) from error
 
     output_root = Path(output_dir)
-    runner = JobRunner()
+    runner = runner or JobRunner()
 
     with gr.Blocks(title="SkyReels-V3") as demo:
         gr.Markdown(f"# SkyReels-V3\nModel: `{model}`" + (" (tiny RANDOM weights: the video is noise)"
@@ -216,7 +244,7 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", **server):
 
                 generate.click(submit, [inputs[n] for n in names],
                                [video, download, command, *[errors[n] for n in error_names]],
-                               concurrency_limit=1, concurrency_id="gpu")
+                               concurrency_limit=1, concurrency_id="gpu", api_name=f"generate_{task}")
                 cancel.click(lambda: runner.cancel_event.set(), None, None, queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
@@ -235,7 +263,34 @@ def _audio_duration(path) -> str:
         return "Duration: unreadable"
 
 
+def serve_workers(runner: JobRunner) -> None:
+    """Ranks > 0 under torchrun: run every job rank 0 hands over, until it sends None (shutdown)."""
+    while True:
+        request = _broadcast()
+        if request is None:
+            return
+        try:
+            runner.run_worker(request)
+        except ValueError:
+            pass  # rank 0 shows the error
+
+
 def launch(model: str = "tiny", host: str = "127.0.0.1", port: int = 7860, output_dir: str = "result/app",
-           **server) -> None:
-    demo = build_app(model=model, output_dir=output_dir, **server)
-    demo.launch(server_name=host, server_port=port, show_error=False, allowed_paths=[str(Path(output_dir).resolve())])
+           ulysses_degree: int = 1, **server) -> None:
+    """Serve the app; under torchrun with `ulysses_degree` > 1 rank 0 serves and every rank computes."""
+    from .parallel import init_distributed
+
+    rank, world, device = init_distributed()
+    if world > 1:
+        server.setdefault("device", str(device))
+    runner = JobRunner()
+    if rank > 0:
+        serve_workers(runner)
+        return
+    demo = build_app(model=model, output_dir=output_dir, runner=runner, ulysses_degree=ulysses_degree, **server)
+    try:
+        demo.launch(server_name=host, server_port=port, show_error=False,
+                    allowed_paths=[str(Path(output_dir).resolve())])
+    finally:
+        if world > 1:
+            _broadcast(None)

@@ -95,17 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.command == "app":
-        if args.ulysses_degree != 1:
-            print("error: --ulysses-degree: the web app runs on one process; use torchrun with "
-                  "`skyreels-v3 generate` for multi-GPU runs", file=sys.stderr)
-            return 2
-        from .app import launch
+        from .parallel.context_parallel import check_degrees
 
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         try:
+            if args.ulysses_degree != 1 or world != 1:
+                heads = 2 if args.model == "tiny" else 40
+                check_degrees(heads, args.ulysses_degree, 1, world)
+            from .app import launch
+
             launch(model=args.model, host=args.host, port=args.port, output_dir=args.output_dir,
-                   offload=args.offload, low_vram=args.low_vram, device=args.device)
-        except ImportError as error:
-            print(f"error: {error}", file=sys.stderr)
+                   offload=args.offload, low_vram=args.low_vram, ulysses_degree=args.ulysses_degree,
+                   device=args.device)
+        except (ImportError, ValueError) as error:
+            print(f"error: {'--ulysses-degree: ' if isinstance(error, ValueError) else ''}{error}", file=sys.stderr)
             return 2
         return 0
     if args.command == "generate":

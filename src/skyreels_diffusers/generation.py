@@ -341,7 +341,7 @@ def run(
     if output.suffix.lower() != ".mp4":
         raise _error("output", f"must end in .mp4, got {output}")
     pipe = pipe or load_pipeline(request)
-    if world > 1:
+    if world > 1 and pipe.transformer._parallel_config is None:  # a reused pipeline (web app) is sharded once
         enable_context_parallel(pipe.transformer, request.ulysses_degree, request.ring_degree)
         pipe.set_progress_bar_config(disable=not is_main_process())
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
