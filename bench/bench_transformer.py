@@ -14,6 +14,8 @@ Modes (one fresh model each, same seed, same inputs):
   fp8_dynamic      torchao float8 dynamic activation+weight (per-tensor) + compile
   group            block-level group offload from pinned CPU memory with CUDA-stream prefetch (eager)
   low_vram         fp8_weight_only + group offload (eager)
+  original         the original SkyReels-V3 transformer (with `--original PATH`, a checkout of its repository; it runs
+                   first and all our modes then load its random weights, so errors are measured against it)
 Error = ||out - out_baseline|| / ||out_baseline||. Shapes: one denoising step of each task (docs/performance.md).
 `--tiny --device cpu` runs the same code on the tiny configs (a check of the script, not a measurement).
 """
@@ -26,7 +28,12 @@ import json
 import platform
 import time
 
+import sys
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
@@ -44,7 +51,8 @@ SHAPES = {
 }
 TINY_SHAPE = (5, 8, 12)
 ATTENTION_TFLOPS, GEMM_TFLOPS = 583.0, 750.0  # measured on one H100 (shared/perf/roofline.md)
-MODES = ("baseline", "default", "cudnn", "compile", "fp8_weight_only", "fp8_dynamic", "group", "low_vram")
+MODES = ("original", "baseline", "default", "cudnn", "compile", "fp8_weight_only", "fp8_dynamic", "group",
+         "low_vram")
 
 
 def floor_ms(variant: str, frames: int, height: int, width: int, cfg: dict) -> float:
@@ -99,8 +107,27 @@ def make_inputs(variant: str, frames: int, height: int, width: int, cfg: dict, d
     return inputs
 
 
-def prepare(mode: str, cfg: dict, device: torch.device) -> SkyReelsV3Transformer3DModel:
+class OriginalModel:
+    """Callable like our model (`.sample`), running the original transformer with its own conventions."""
+
+    def __init__(self, modules, variant: str, cfg: dict, device):
+        from original_adapter import build_original
+
+        self.variant = variant
+        self.model = build_original(modules, variant, cfg, device)
+
+    def __call__(self, **inputs):
+        from types import SimpleNamespace
+
+        from original_adapter import call_original
+
+        return SimpleNamespace(sample=call_original(self.model, self.variant, inputs))
+
+
+def prepare(mode: str, cfg: dict, device: torch.device, weights: dict | None = None) -> SkyReelsV3Transformer3DModel:
     model = build_model(cfg, device)
+    if weights is not None:  # the original's weights (run with --original)
+        model.load_state_dict(weights, strict=True)
     # diffusers keeps the active backend globally (reset_attention_backend leaves it): set it on every model
     model.set_attention_backend("_native_cudnn" if mode == "cudnn" else "native")
     if mode in ("fp8_weight_only", "fp8_dynamic", "low_vram"):
@@ -152,7 +179,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny configs (checks the script on a CPU)")
+    parser.add_argument("--original", default=None, metavar="PATH",
+                        help="a SkyReels-V3 checkout: time its transformer first, on the same weights")
     args = parser.parse_args(argv)
+    modules = None
+    if args.original:
+        from original_adapter import import_original
+
+        modules = import_original(args.original)
+        args.modes = ["original"] + [m for m in args.modes if m != "original"]
 
     device = torch.device(args.device)
 
@@ -168,11 +203,18 @@ def main(argv=None) -> int:
         for resolution in args.resolutions:
             frames, height, width = TINY_SHAPE if args.tiny else SHAPES[(variant, resolution)]
             inputs = make_inputs(variant, frames, height, width, cfg, device)
-            reference = None
+            reference = weights = None
             floor = floor_ms(variant, frames, height, width, cfg)
             for mode in args.modes:
                 try:
-                    model = prepare(mode, cfg, device)
+                    if mode == "original":
+                        from original_adapter import our_state_dict
+
+                        model = OriginalModel(modules, variant, cfg, device)
+                        weights = {k: v.detach().to("cpu", copy=True) for k, v in
+                                   our_state_dict(model.model, variant).items()}
+                    else:
+                        model = prepare(mode, cfg, device, weights)
                     times, peak, out, warmup_s = time_forward(model, inputs, args.warmup, args.repeats, device)
                 except Exception as error:  # a mode that cannot run here is reported, not fatal
                     rows.append(dict(variant=variant, resolution=resolution, mode=mode,
