@@ -4,14 +4,7 @@ error in the page."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -21,36 +14,17 @@ if CHROMIUM is None:
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
+from tests.app.server import start_app  # noqa: E402
 from tests.helpers import random_image  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path_factory.mktemp("app")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "skyreels_diffusers.cli", "app", "--model", "tiny", "--port", str(port),
-         "--output-dir", str(out / "results")], cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(process.stdout.read().decode()[-3000:])
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the app did not start")
+    process, url = start_app(out)
     yield url, out
     process.terminate()
     process.wait(timeout=30)

@@ -10,10 +10,15 @@ from typing import Any, Callable
 import numpy as np
 import regex as re
 import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import get_module_execution_device
+
+from transformers import AutoTokenizer, UMT5EncoderModel
+
+from ..models import SkyReelsV3Transformer3DModel
 
 try:
     import ftfy
@@ -53,10 +58,31 @@ class _NoProgressBar:
 
 
 class SkyReelsV3PipelineBase(DiffusionPipeline):
-    """Base class of the SkyReels-V3 pipelines (not a pipeline on its own)."""
+    """Base class of the SkyReels-V3 pipelines (not a pipeline on its own); its `__init__` registers the five
+    components of the reference and extension pipelines (the avatar adds its encoders in its own)."""
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _output_types = ("np", "pil", "pt", "latent")
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        transformer: SkyReelsV3Transformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler: UniPCMultistepScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+        )
+        self._set_vae_scale_factors()
+
+    def _set_vae_scale_factors(self) -> None:
+        vae = getattr(self, "vae", None)
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
+        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -278,17 +304,7 @@ class SkyReelsV3PipelineBase(DiffusionPipeline):
 
 
 class SkyReelsV3VideoPipelineBase(SkyReelsV3PipelineBase):
-    """Base of the two video-extension pipelines: components, input video loading, bucketing and resizing."""
-
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
-
-    def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler):
-        super().__init__()
-        self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
-        )
-        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if vae is not None else 4
-        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if vae is not None else 8
+    """Base of the two video-extension pipelines: input video loading, bucketing and resizing."""
 
     def load_input_video(
         self, video, num_condition_frames: int, resolution: str, height: int | None, width: int | None,

@@ -6,12 +6,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import AutoTokenizer, UMT5EncoderModel
 
-from ..models import SkyReelsV3Transformer3DModel
 from .buckets import bucket_size, check_size
 from .common import SkyReelsV3PipelineBase, SkyReelsV3PipelineOutput
 from .video_io import ImageInput, letterbox, load_image
@@ -56,23 +53,6 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
     original let diffusers evaluate `sigma * prediction` in bf16); everything else, including the RNG order, is
     the original's.
     """
-
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
-
-    def __init__(
-        self,
-        tokenizer: AutoTokenizer,
-        text_encoder: UMT5EncoderModel,
-        transformer: SkyReelsV3Transformer3DModel,
-        vae: AutoencoderKLWan,
-        scheduler: UniPCMultistepScheduler,
-    ):
-        super().__init__()
-        self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
-        )
-        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if vae is not None else 4
-        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if vae is not None else 8
 
     def check_inputs(
         self,

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLWan
+from diffusers import AutoencoderKLWan, DiffusionPipeline
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -166,13 +166,12 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         vae: AutoencoderKLWan,
         scheduler: SkyReelsV3FlowEulerScheduler,
     ):
-        super().__init__()
+        DiffusionPipeline.__init__(self)
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder, audio_encoder=audio_encoder,
             feature_extractor=feature_extractor, transformer=transformer, vae=vae, scheduler=scheduler,
         )
-        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if vae is not None else 4
-        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if vae is not None else 8
+        self._set_vae_scale_factors()
 
     # ---------------------------------------------------------------------------------------------- inputs
     def check_inputs(
