@@ -4,11 +4,9 @@ page, both ranks compute each job (sharded), rank 0 alone writes, and the page s
 
 from __future__ import annotations
 
-
 import pytest
 
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
-
 
 
 def test_app_under_torchrun_generates(tmp_path):
