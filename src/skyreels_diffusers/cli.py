@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "max-audio-seconds", type=float, default=200.0)
     _flag(gen, "resume-dir", default=None, help="talking_avatar: per-window checkpoints; rerun to resume")
     _flag(gen, "output", default=None, help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4)")
+    _flag(gen, "crf", type=int, default=10, help="H.264 quality, 0 (lossless) to 51 (default 10, the original's)")
     _flag(gen, "offload", action="store_true", help="model CPU offload: one component on the GPU at a time")
     _flag(gen, "low-vram", action="store_true",
           help="FP8 transformer weights + block-level group offload + VAE tiling (fits 24 GB cards)")

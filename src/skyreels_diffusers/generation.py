@@ -53,6 +53,7 @@ class GenerationRequest:
     resize_mode: str = "bilinear"
     return_input_video: bool = False
     output: str | None = None
+    crf: int = 10
     offload: bool = False
     low_vram: bool = False
     group_offload: bool = False
@@ -96,6 +97,8 @@ def validate(request: GenerationRequest) -> GenerationRequest:
         raise _error("steps", f"must be an integer in [1, 100], got {request.steps!r}")
     if not request.guidance_scale >= 1.0:
         raise _error("guidance_scale", f"must be >= 1 (1 = off), got {request.guidance_scale!r}")
+    if not isinstance(request.crf, int) or not 0 <= request.crf <= 51:
+        raise _error("crf", f"must be an integer in [0, 51] (0 = lossless), got {request.crf!r}")
     if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise _error("seed", f"must be an integer in [0, 2^63), got {request.seed!r}")
     if request.model != "tiny" and not Path(request.model).is_dir():
@@ -372,7 +375,8 @@ def run(
         ).frames[0]
     if not is_main_process() or (should_stop is not None and should_stop()):
         return None
-    return write_video(np.asarray(frames), output, fps=request.fps, audio=audio, audio_sample_rate=audio_rate)
+    return write_video(np.asarray(frames), output, fps=request.fps, audio=audio, audio_sample_rate=audio_rate,
+                       crf=request.crf)
 
 
 def request_fields() -> list[str]:

@@ -73,12 +73,13 @@ def torchrun(args, tmp_path, nproc=2):
 
 
 def test_torchrun_cli_matches_one_process(tmp_path):
-    from skyreels_diffusers.cli import main
-
     args = ["--task", "shot_switching_extension", "--model", "tiny", "--duration", "2", "--steps", "2",
-            "--height", "32", "--width", "48"]
+            "--height", "32", "--width", "48", "--crf", "0"]
     single = tmp_path / "single.mp4"
-    assert main(["generate", *args, "--output", str(single)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # the thread count torchrun gives workers
+    one = subprocess.run([sys.executable, "-m", "skyreels_diffusers.cli", "generate", *args, "--output", str(single)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
     result = torchrun([*args, "--ulysses-degree", "2", "--output", str(tmp_path / "two.mp4")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(tmp_path / "two.mp4")  # printed once, by rank 0
@@ -90,9 +91,10 @@ def test_torchrun_cli_matches_one_process(tmp_path):
         with av.open(str(path)) as container:
             return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
-    # same video up to uint8 rounding of float noise (one level, on a few pixels; thread counts differ)
+    # sharded and single runs agree to float rounding (<= 1e-6, see above), which flips a handful of uint8 values
+    # by one level; lossless H.264 (4:2:0) keeps those flips local (a different seed differs everywhere)
     difference = np.abs(frames(tmp_path / "two.mp4").astype(int) - frames(single).astype(int))
-    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+    assert difference.max() <= 2 and (difference > 0).mean() < 1e-3
 
 
 def test_torchrun_cli_rejects_bad_degrees(tmp_path):
