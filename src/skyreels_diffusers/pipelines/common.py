@@ -12,6 +12,7 @@ import regex as re
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import get_module_execution_device
@@ -57,9 +58,13 @@ class _NoProgressBar:
         pass
 
 
-class SkyReelsV3PipelineBase(DiffusionPipeline):
+class SkyReelsV3PipelineBase(DiffusionPipeline, WanLoraLoaderMixin):
     """Base class of the SkyReels-V3 pipelines (not a pipeline on its own); its `__init__` registers the five
-    components of the reference and extension pipelines (the avatar adds its encoders in its own)."""
+    components of the reference and extension pipelines (the avatar adds its encoders in its own).
+
+    LoRA: `load_lora_weights` / `set_adapters` / `fuse_lora` come from diffusers' `WanLoraLoaderMixin` (the
+    transformer keeps Wan's parameter names, so Wan2.1-14B LoRAs in diffusers or Wan-native format load; needs peft).
+    """
 
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _output_types = ("np", "pil", "pt", "latent")
