@@ -15,7 +15,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import get_module_execution_device
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -235,6 +235,16 @@ class SkyReelsV3PipelineBase(DiffusionPipeline, WanLoraLoaderMixin):
         mean, std = self._latent_stats(latents.device, latents.dtype)
         return ((latents - mean) / std).float()
 
+    @staticmethod
+    def prepare_latents(shape: tuple, generator, device, latents: torch.Tensor | None = None,
+                        name: str = "latents") -> torch.Tensor:
+        """Initial noise (float32): `latents` when given (checked against `shape`), else drawn from `generator`."""
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if tuple(latents.shape) != tuple(shape):
+            raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(latents.shape)}.")
+        return latents.to(device, torch.float32)
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> pixels in [-1, 1] `[B, 3, F, H, W]` (float32, on the VAE's device)."""
         vae_device = get_module_execution_device(self.vae)
@@ -346,11 +356,11 @@ class SkyReelsV3VideoPipelineBase(SkyReelsV3PipelineBase):
         return_input_video: bool, output_type: str,
     ):
         """uint8 `[B, F, H, W, 3]` generated frames (optionally after the resized input video) -> `output_type`."""
-        from .video_io import resize_frames, to_uint8
+        from .video_io import pixels_to_uint8, resize_frames
 
         if return_input_video:
             source = resize_frames(frames, height, width, resize_mode)[0].permute(1, 2, 3, 0)
-            source = to_uint8((source / 2 + 0.5).clamp(0, 1))[None].repeat(len(video_frames), axis=0)
+            source = pixels_to_uint8(source)[None].repeat(len(video_frames), axis=0)
             video_frames = np.concatenate([source, video_frames], axis=1)
         frames01 = torch.from_numpy(video_frames).float().div(255).permute(0, 1, 4, 2, 3)
         return self.format_frames(frames01, output_type)

@@ -7,10 +7,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers.utils import replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 
 from .common import SkyReelsV3PipelineOutput, SkyReelsV3VideoPipelineBase
-from .video_io import VideoInput, resize_frames, to_uint8
+from .video_io import VideoInput, pixels_to_uint8, resize_frames
 
 NUM_CONDITION_FRAMES = 25
 CHUNK_SECONDS = 5
@@ -176,12 +175,8 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         for index, num_latents in enumerate(plan):
             condition = torch.cat([self.encode_video(p).to(device) for p in prefixes])
             shape = (batch_size, self.transformer.config.out_channels, num_latents, h, w)
-            if latents is None:
-                noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-            elif tuple(latents[index].shape) != shape:
-                raise ValueError(f"`latents[{index}]` must have shape {shape}, got {tuple(latents[index].shape)}.")
-            else:
-                noise = latents[index].to(device, torch.float32)
+            noise = self.prepare_latents(shape, generator, device, None if latents is None else latents[index],
+                                         name=f"latents[{index}]")
 
             def predict(x: torch.Tensor, t: torch.Tensor, state: dict, condition=condition) -> torch.Tensor:
                 frames_c = condition.shape[2]
@@ -207,7 +202,7 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
             if self.interrupt:
                 break
             decoded = self.decode_latents(torch.cat([condition, chunk], dim=2))
-            chunk_frames = to_uint8((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1))  # [B, F, H, W, 3]
+            chunk_frames = pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1))  # [B, F, H, W, 3]
             new_frames.append(chunk_frames[:, NUM_CONDITION_FRAMES:])
             generated = torch.from_numpy(new_frames[-1]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
             prefixes = [torch.cat([p, g[None]], dim=2)[:, :, -NUM_CONDITION_FRAMES:] for p, g in zip(prefixes, generated)]

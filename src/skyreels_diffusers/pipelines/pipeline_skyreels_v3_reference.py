@@ -7,7 +7,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers.utils import replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 
 from .buckets import bucket_size, check_size
 from .common import SkyReelsV3PipelineBase, SkyReelsV3PipelineOutput
@@ -182,11 +181,7 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
             batch_size, self.transformer.config.out_channels, num_latent_frames,
             height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial,
         )
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-        latents = latents.to(device, torch.float32)
+        latents = self.prepare_latents(shape, generator, device, latents)
         references = self.prepare_references(images, height, width, generator, device).expand(batch_size, -1, -1, -1, -1)
         no_references = torch.zeros_like(references)
 

@@ -6,10 +6,9 @@ from typing import Any, Callable
 
 import torch
 from diffusers.utils import replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
 
 from .common import SkyReelsV3PipelineOutput, SkyReelsV3VideoPipelineBase
-from .video_io import VideoInput, to_uint8
+from .video_io import VideoInput, pixels_to_uint8
 
 #: seconds after the cut -> condition frames taken from the end of the input video
 SHOT_NUM_CONDITION_FRAMES_MAP = {2: 9, 3: 17, 4: 25, 5: 33}
@@ -127,10 +126,7 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
             batch_size, self.transformer.config.out_channels, num_latents,
             height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial,
         )
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        latents = self.prepare_latents(shape, generator, device, latents)
         dtype = self.transformer.dtype
         condition_input = condition.to(dtype)
 
@@ -150,7 +146,7 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
 
         state = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         latents = self.denoise(
-            latents.to(device, torch.float32), predict, num_inference_steps, device, state, callback_on_step_end,
+            latents, predict, num_inference_steps, device, state, callback_on_step_end,
             callback_on_step_end_tensor_inputs,
         )
 
@@ -158,7 +154,7 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
             output = latents
         else:
             decoded = self.decode_latents(latents)
-            video_frames = to_uint8((decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1))
+            video_frames = pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1))
             output = self.format_output(
                 video_frames, frames, height, width, resize_mode, return_input_video, output_type
             )

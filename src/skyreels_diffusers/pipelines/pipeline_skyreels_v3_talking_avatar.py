@@ -26,7 +26,7 @@ from .audio_io import DEFAULT_MAX_SECONDS, VIDEO_FPS, SpeechAudio, audio_windows
 from .buckets import avatar_bucket_size, check_size
 from .color import match_colors
 from .common import SkyReelsV3PipelineBase
-from .video_io import ImageInput, load_image, to_uint8
+from .video_io import ImageInput, load_image, pixels_to_uint8
 
 WINDOW_FRAMES = 81
 MOTION_FRAMES = 5
@@ -504,7 +504,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             chunks = [np.load(resume_dir / f"window_{k:05d}.npy") for k in range(next_window)]
 
         if not plan.starts:
-            video = to_uint8((keyframe_video[:num_frames].permute(0, 2, 3, 1) + 1) / 2)[None]
+            video = pixels_to_uint8(keyframe_video[:num_frames].permute(0, 2, 3, 1))[None]
         else:
             # 5. Sliding windows
             features = extend_audio(audio_embeds, plan.video_length)
@@ -523,7 +523,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
                         frames = frames[: WINDOW_FRAMES - DROP_FRAMES]
                     frames = match_colors(frames, reference, color_match_strength)
                     new = frames if k == 0 else frames[condition.shape[0]:]
-                    chunks.append(to_uint8((new.permute(0, 2, 3, 1) + 1) / 2))
+                    chunks.append(pixels_to_uint8(new.permute(0, 2, 3, 1)))
                     motion_frames = frames[-MOTION_FRAMES:]
                     if state_file is not None and is_main_process():
                         tmp = resume_dir / f".window_{k:05d}.npy"

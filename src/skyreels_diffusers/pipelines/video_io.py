@@ -105,6 +105,11 @@ def to_uint8(frames) -> np.ndarray:
     return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
 
 
+def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """Pixels in [-1, 1], channels last -> uint8 (rounded, saturated)."""
+    return to_uint8((pixels / 2 + 0.5).clamp(0, 1))
+
+
 def write_video(
     frames,
     path: str | os.PathLike,
