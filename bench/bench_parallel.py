@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import SHAPES, TINY_SHAPE, build_model, make_inputs  # noqa: E402
 
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS  # noqa: E402
-from skyreels_diffusers.parallel import enable_context_parallel, init_distributed  # noqa: E402
+from skyreels_diffusers.parallel import (  # noqa: E402
+    enable_context_parallel,
+    enable_xfuser_parallel,
+    init_distributed,
+)
 
 
 def main(argv=None) -> int:
@@ -38,6 +43,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ring-degree", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--parallel-backend", choices=["diffusers", "xfuser"], default="diffusers")
+    parser.add_argument("--attention-backend", default="native", help="diffusers backend (native = SDPA's choice)")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="bench_parallel_out")
@@ -54,11 +61,14 @@ def main(argv=None) -> int:
             if variant == "extension" and args.tiny:
                 frames = 8  # per-frame timesteps split by frames: a multiple of 8 (as the pipeline's chunks)
             model = build_model(cfg, device)
-            model.set_attention_backend("native")
+            model.set_attention_backend(args.attention_backend)
             if world > 1:
-                enable_context_parallel(model, args.ulysses_degree, args.ring_degree)
+                shard = enable_xfuser_parallel if args.parallel_backend == "xfuser" else enable_context_parallel
+                shard(model, args.ulysses_degree, args.ring_degree)
             if args.compile:
-                model.compile_repeated_blocks(fullgraph=True)
+                model.compile_repeated_blocks(fullgraph=args.parallel_backend != "xfuser")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             inputs = make_inputs(variant, frames, height, width, cfg, device)
             with torch.no_grad():
                 for _ in range(args.warmup):
@@ -75,12 +85,16 @@ def main(argv=None) -> int:
                         torch.cuda.synchronize()
                     times.append((time.perf_counter() - start) * 1e3)
             key = f"{variant}_{resolution}{'_tiny' if args.tiny else ''}"
-            median = sorted(times)[len(times) // 2]
+            median = statistics.median(times)
             if rank == 0:
                 reference_file = out / f"{key}_1gpu.pt"
-                row = dict(variant=variant, resolution=resolution, gpus=world, ulysses=args.ulysses_degree,
-                           ring=args.ring_degree, compile=args.compile, ms=[round(t, 1) for t in times],
-                           median_ms=round(median, 1),
+                tokens = frames * height * width // 4
+                row = dict(variant=variant, resolution=resolution, tokens=tokens, gpus=world,
+                           backend=args.parallel_backend if world > 1 else "-", ulysses=args.ulysses_degree,
+                           ring=args.ring_degree, even_split=tokens % world == 0, compile=args.compile,
+                           ms=[round(t, 1) for t in times], median_ms=round(median, 1),
+                           peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda"
+                           else None,
                            device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                            date=time.strftime("%Y-%m-%d"))
                 if world == 1:
@@ -90,9 +104,9 @@ def main(argv=None) -> int:
                     diff = (output.float().cpu() - reference).abs()
                     row.update(max_abs_diff=round(diff.max().item(), 5),
                                rel_diff=round((diff.norm() / reference.norm()).item(), 6))
-                    baseline = [json.loads(line) for line in (out / "parallel.jsonl").read_text().splitlines()
-                                if '"gpus": 1' in line and f'"variant": "{variant}"' in line
-                                and f'"resolution": "{resolution}"' in line]
+                    rows = [json.loads(line) for line in (out / "parallel.jsonl").read_text().splitlines()]
+                    baseline = [r for r in rows if r["gpus"] == 1 and r["variant"] == variant
+                                and r["resolution"] == resolution and r["compile"] == args.compile]
                     if baseline:
                         speedup = baseline[-1]["median_ms"] / median
                         row.update(speedup=round(speedup, 3), efficiency=round(speedup / world, 3))

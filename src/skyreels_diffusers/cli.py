@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "ulysses-degree", type=int, default=1,
           help="sequence parallelism over heads (torchrun --nproc_per_node = ulysses x ring degree)")
     _flag(gen, "ring-degree", type=int, default=1, help="ring attention degree (needs a flash/sage/cuDNN backend)")
+    _flag(gen, "parallel-backend", choices=["diffusers", "xfuser"], default="diffusers",
+          help="sequence-parallel attention: diffusers' context parallelism (default; any token count) or xDiT's "
+               "USP kernels (pip install xfuser; GPU only; token count divisible by the degree)")
     _flag(gen, "device", default=None, help="cuda / cpu (default: cuda when available)")
     app = sub.add_parser("app", help="start the local web app (pip install 'skyreels-diffusers[app]')")
     _flag(app, "model", default="tiny", help="'tiny' (default, random weights) or a converted pipeline folder")

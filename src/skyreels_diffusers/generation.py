@@ -22,6 +22,7 @@ from .pipelines.video_io import load_image, load_video, write_video
 
 DEFAULT_PROMPT = "A man is making his way forward slowly, leaning on a white cane to prop himself up."
 MODEL_FPS = 24
+PARALLEL_BACKENDS = ("diffusers", "xfuser")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class GenerationRequest:
     attention_backend: str | None = None
     ulysses_degree: int = 1
     ring_degree: int = 1
+    parallel_backend: str = "diffusers"
     device: str | None = None
 
     # resolved by `validate`
@@ -93,6 +95,18 @@ def validate(request: GenerationRequest) -> GenerationRequest:
         raise _error("offload", "choose one of --offload, --group-offload, --sequential-offload, --low-vram")
     if request.quantize is not None and request.quantize not in QUANTIZATION_MODES:
         raise _error("quantize", f"must be one of {QUANTIZATION_MODES}, got {request.quantize!r}")
+    if request.parallel_backend not in PARALLEL_BACKENDS:
+        raise _error("parallel_backend", f"must be one of {PARALLEL_BACKENDS}, got {request.parallel_backend!r}")
+    if request.parallel_backend == "xfuser":
+        if request.ulysses_degree * request.ring_degree == 1:
+            raise _error("parallel_backend", "xfuser shards over several processes: run under torchrun with "
+                                             "--ulysses-degree and/or --ring-degree > 1")
+        from .parallel.xfuser import import_xfuser
+
+        try:
+            import_xfuser()
+        except ImportError as error:
+            raise _error("parallel_backend", str(error)) from None
     if not isinstance(request.steps, int) or not 1 <= request.steps <= 100:
         raise _error("steps", f"must be an integer in [1, 100], got {request.steps!r}")
     if not request.guidance_scale >= 1.0:
@@ -284,7 +298,9 @@ def load_pipeline(request: GenerationRequest):
     mode = ("low_vram" if request.low_vram else "group" if request.group_offload else
             "sequential" if request.sequential_offload else "offload" if request.offload else "resident")
     apply_memory_mode(pipe, mode, device)
-    enable_fast_path(pipe, compile=request.compile, attention_backend=request.attention_backend)
+    # xfuser's attention is a graph break (`torch.compiler.disable`): its blocks compile in pieces
+    enable_fast_path(pipe, compile=request.compile, attention_backend=request.attention_backend,
+                     fullgraph=request.parallel_backend != "xfuser")
     return pipe
 
 
@@ -333,7 +349,7 @@ def run(
 ) -> Path | None:
     """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun, and
     when `should_stop()` turned true during the run: a cancelled job writes nothing)."""
-    from .parallel.context_parallel import enable_context_parallel, init_distributed, is_main_process
+    from .parallel import enable_context_parallel, enable_xfuser_parallel, init_distributed, is_main_process
 
     rank, world, device = init_distributed()
     if world > 1 and request.device is None:
@@ -345,7 +361,8 @@ def run(
         raise _error("output", f"must end in .mp4, got {output}")
     pipe = pipe or load_pipeline(request)
     if world > 1 and pipe.transformer._parallel_config is None:  # a reused pipeline (web app) is sharded once
-        enable_context_parallel(pipe.transformer, request.ulysses_degree, request.ring_degree)
+        shard = enable_xfuser_parallel if request.parallel_backend == "xfuser" else enable_context_parallel
+        shard(pipe.transformer, request.ulysses_degree, request.ring_degree)
         pipe.set_progress_bar_config(disable=not is_main_process())
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     common = dict(

@@ -100,11 +100,13 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
         )
 
 
-def enable_fast_path(pipe, compile: bool = False, attention_backend: str | None = None) -> None:
+def enable_fast_path(
+    pipe, compile: bool = False, attention_backend: str | None = None, fullgraph: bool = True
+) -> None:
     """Speed options: an attention backend (`"_native_cudnn"`, `"flash"`, `"sage"`, ...; default: PyTorch SDPA's
     own choice, which is cuDNN on Hopper) and regional `torch.compile` of the repeated transformer blocks (fuses the
     float32 norm / modulation / RoPE chains; the first step pays the compilation)."""
     if attention_backend is not None:
         pipe.transformer.set_attention_backend(attention_backend)
     if compile:
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph)

@@ -77,6 +77,9 @@ def test_snake_case_and_comma_separated_spellings():
         (["--ref-imgs", "{a}", "--prompt", " "], "--prompt"),
         (["--ref-imgs", "{a}", "--duration", "0"], "--duration"),
         (["--ref-imgs", "{a}", "--height", "100", "--width", "48"], "--height"),
+        (["--ref-imgs", "{a}", "--parallel-backend", "xfuser"], "--parallel-backend"),  # needs degree > 1
+        # xfuser is not installed here (it cannot import without a GPU): the message says how to install it
+        (["--ref-imgs", "{a}", "--parallel-backend", "xfuser", "--ulysses-degree", "2"], "pip install xfuser"),
     ],
 )
 def test_bad_reference_input_fails_before_loading(media, tmp_path, capsys, monkeypatch, extra, argument):

@@ -52,6 +52,25 @@ def test_two_processes_equal_one(outputs, case):
 
 
 @pytest.mark.parametrize("case", ["reference", "extension", "shot_switching", "avatar"])
+def test_usp_processor_swap_equals_one_process(outputs, case):
+    """The xfuser path (`enable_usp`: `_cp_plan` hooks + `SkyReelsV3USPAttnProcessor`) with yunchang's Ulysses
+    attention: the same output as one process, each rank holding half of the tokens."""
+    reference = outputs["single"][case]
+    full = int(outputs["single"][f"{case}.tokens_in_last_block"])
+    for rank in (0, 1):
+        out = outputs[rank][f"usp.{case}"]
+        rel = ((out.double() - reference.double()).norm() / reference.double().norm()).item()
+        assert rel <= 1e-6, (case, rank, rel)
+        assert int(outputs[rank][f"usp.{case}.tokens_in_last_block"]) == full // 2
+
+
+def test_usp_uneven_token_count_is_a_clear_error(outputs):
+    for rank in (0, 1):
+        message = outputs[rank]["usp.uneven_error"]
+        assert "45 tokens cannot be split evenly over 2" in message, message
+
+
+@pytest.mark.parametrize("case", ["reference", "extension", "shot_switching", "avatar"])
 def test_each_rank_holds_half_of_the_tokens(outputs, case):
     full = int(outputs["single"][f"{case}.tokens_in_last_block"])
     assert [int(outputs[r][f"{case}.tokens_in_last_block"]) for r in (0, 1)] == [full // 2, full - full // 2]

@@ -84,14 +84,13 @@ class SkyReelsV3AttnProcessor:
             key = apply_rotary_emb(key, *rotary_emb)
         query, key = query.to(dtype), key.to(dtype)
 
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config if is_self_attention else None,
-        ).flatten(2, 3)
+        if is_self_attention:
+            hidden_states = self.self_attention(query, key, value, attention_mask)
+        else:
+            hidden_states = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=None
+            )
+        hidden_states = hidden_states.flatten(2, 3)
 
         if encoder_hidden_states_image is not None:
             if getattr(attn, "fused_projections", False):
@@ -110,11 +109,38 @@ class SkyReelsV3AttnProcessor:
         return attn.to_out[1](hidden_states)
 
 
+    def self_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The self-attention kernel on `(batch, seq, heads, head_dim)` tensors (under context parallelism: this
+        rank's token shard, exchanged as the model's parallel config says)."""
+        return dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+
+
+class SkyReelsV3USPAttnProcessor(SkyReelsV3AttnProcessor):
+    """`SkyReelsV3AttnProcessor` whose self-attention runs through an external unified sequence-parallel (USP)
+    kernel, e.g. xDiT's `xFuserLongContextAttention` (`skyreels_diffusers.parallel.enable_xfuser_parallel` swaps it
+    in): `attention(query, key, value)` takes and returns this rank's `(batch, seq / N, heads, head_dim)` shard and
+    does the Ulysses all-to-all / ring exchange itself. Cross-attention and everything around the kernel are
+    unchanged; the token split and gather stay declared in the model's `_cp_plan`."""
+
+    def __init__(self, attention):
+        self.attention = attention
+
+    def self_attention(self, query, key, value, attention_mask):
+        if attention_mask is not None:
+            raise ValueError("The USP (xfuser) self-attention takes no attention mask.")
+        return self.attention(query, key, value)
+
+
 class SkyReelsV3Attention(WanAttention):
     """diffusers' `WanAttention` (same parameters and state-dict names) with the SkyReels-V3 processor."""
 
     _default_processor_cls = SkyReelsV3AttnProcessor
-    _available_processors = [SkyReelsV3AttnProcessor]
+    _available_processors = [SkyReelsV3AttnProcessor, SkyReelsV3USPAttnProcessor]
 
     def forward(
         self,

@@ -505,6 +505,15 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
                 )
         condition_frames = [condition.shape[2] // p_t for condition in conditions]
         total_frames = post_f + sum(condition_frames)
+        num_tokens = total_frames * post_h * post_w
+        parallel = self._parallel_config.context_parallel_config if self._parallel_config is not None else None
+        ranks = parallel._flattened_mesh.size() if parallel is not None else 1
+        if num_tokens % ranks and not (parallel.ulysses_anything or parallel.ring_anything):
+            raise ValueError(
+                f"{num_tokens} tokens cannot be split evenly over {ranks} context-parallel ranks with this setup "
+                "(xfuser, or Ulysses and ring together); use the diffusers backend with Ulysses or ring alone, which "
+                "splits any count exactly, or a size whose token count divides by the degree."
+            )
 
         if timestep.ndim == 2 and timestep.shape[1] not in (1, total_frames):
             raise ValueError(
@@ -529,11 +538,10 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
             timestep, encoder_hidden_states, encoder_hidden_states_image
         )
         if temb.shape[1] > 1:
-            parallel = self._parallel_config.context_parallel_config if self._parallel_config is not None else None
-            if parallel is not None and temb.shape[1] % parallel._flattened_mesh.size() != 0:
+            if temb.shape[1] % ranks:
                 raise ValueError(
                     f"Per-frame timesteps over {temb.shape[1]} latent frames cannot be split evenly over "
-                    f"{parallel._flattened_mesh.size()} context-parallel ranks; use a frame count divisible by it."
+                    f"{ranks} context-parallel ranks; use a frame count divisible by it."
                 )
             temb, timestep_proj = self.frame_modulation(temb, timestep_proj)
         audio_hidden_states = self.audio_proj(audio_embeds) if audio_embeds is not None else None

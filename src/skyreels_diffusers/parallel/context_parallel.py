@@ -23,8 +23,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if cuda:
+            # the device is set first and not passed as `device_id`: NCCL's eager (device-side) rendezvous breaks
+            # the `new_group` calls of device meshes and of xfuser's process groups
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=torch.device("cuda", local_rank))
+            dist.init_process_group("cpu:gloo,cuda:nccl")
         else:
             dist.init_process_group("gloo")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -61,8 +63,6 @@ def enable_context_parallel(
     where diffusers cannot derive a device from the accelerator count, the same steps run on a CPU mesh.
     """
     from diffusers import ContextParallelConfig
-    from diffusers.hooks.context_parallel import apply_context_parallel
-    from diffusers.models._modeling_parallel import ParallelConfig
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     check_degrees(model.config.num_attention_heads, ulysses_degree, ring_degree, world_size)
@@ -73,11 +73,21 @@ def enable_context_parallel(
     if torch.accelerator.is_available() and torch.accelerator.device_count() > 0:
         model.enable_parallelism(config=cp_config)
         return
+    apply_cp_plan(model, cp_config, torch.device("cpu"))
+
+
+def apply_cp_plan(model, cp_config, device: torch.device) -> None:
+    """The steps of diffusers' `enable_parallelism` on an explicit device mesh: the parallel config reaches the
+    model and every processor that declares `_parallel_config`, and the `_cp_plan` split/gather hooks are
+    registered. Used on CPU (gloo; diffusers derives the device from the accelerator count) and under xfuser."""
+    from diffusers.hooks.context_parallel import apply_context_parallel
+    from diffusers.models._modeling_parallel import ParallelConfig
+
     config = ParallelConfig(context_parallel_config=cp_config)
     mesh = torch.distributed.device_mesh.init_device_mesh(
-        "cpu", mesh_shape=cp_config.mesh_shape, mesh_dim_names=cp_config.mesh_dim_names
+        device.type, mesh_shape=cp_config.mesh_shape, mesh_dim_names=cp_config.mesh_dim_names
     )
-    config.setup(dist.get_rank(), world_size, torch.device("cpu"), mesh=mesh)
+    config.setup(dist.get_rank(), dist.get_world_size(), device, mesh=mesh)
     model._parallel_config = config
     for module in model.modules():
         processor = getattr(module, "processor", None)
