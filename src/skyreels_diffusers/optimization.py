@@ -76,8 +76,9 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
     * `"offload"`: model CPU offload: one whole component on the device at a time (text encoder, image and audio
       encoders, transformer, VAE, in `model_cpu_offload_seq` order).
     * `"sequential"`: leaf-level CPU offload (least memory, slowest).
-    * `"group"`: block-level group offload of every component with CUDA-stream prefetching of the next block.
-    * `"low_vram"`: FP8 transformer weights (torchao weight-only) + group offload + VAE tiling.
+    * `"group"`: the transformer's and the text encoder's blocks stream from CPU one at a time (block-level group
+      offload, next block prefetched on a CUDA stream); the small components (VAE, CLIP, wav2vec2) stay resident.
+    * `"low_vram"`: `"group"` with FP8 transformer weights (torchao weight-only) and VAE tiling.
     """
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
@@ -93,10 +94,34 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
         if mode == "low_vram":
             quantize_transformer(pipe.transformer, "fp8_weight_only")
             pipe.vae.enable_tiling()
-        stream = device.type == "cuda"
-        pipe.enable_group_offload(
-            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
-            num_blocks_per_group=1, use_stream=stream, record_stream=stream,
+        stream_large_components(pipe, device, use_stream=device.type == "cuda")
+
+
+def streamed_modules(pipe) -> dict[str, torch.nn.Module]:
+    """The modules whose blocks `"group"` / `"low_vram"` stream: the transformer and the text encoder's stack.
+
+    diffusers' block-level group offload groups the `ModuleList`s that are direct children of the module it is given:
+    given the whole UMT5 encoder (children `shared`, `encoder`) it would find none and move all 11 GB at once, without
+    prefetch, at every call; its `encoder` stack holds the 24 blocks."""
+    modules = {"transformer": pipe.transformer}
+    text_encoder = getattr(pipe, "text_encoder", None)
+    if text_encoder is not None:
+        modules["text_encoder"] = getattr(text_encoder, "encoder", text_encoder)
+    return modules
+
+
+def stream_large_components(pipe, device: torch.device, use_stream: bool = True) -> None:
+    """Block-level group offload of `streamed_modules(pipe)`; every other component moves to `device`."""
+    from diffusers.hooks import apply_group_offloading
+
+    streamed = streamed_modules(pipe)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in streamed:
+            component.to(device)
+    for module in streamed.values():
+        apply_group_offloading(
+            module, onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+            num_blocks_per_group=1, use_stream=use_stream, record_stream=use_stream,
         )
 
 

@@ -10,6 +10,8 @@ from skyreels_diffusers.optimization import (
     apply_memory_mode,
     enable_fast_path,
     quantize_transformer,
+    stream_large_components,
+    streamed_modules,
     torchao_quantization_config,
 )
 from skyreels_diffusers.pipelines.tiny import tiny_pipeline
@@ -75,6 +77,40 @@ def test_quantize_rejects_unknown_mode():
         quantize_transformer(tiny_transformer("reference"), "int3")
     with pytest.raises(ValueError, match="memory mode"):
         apply_memory_mode(tiny_pipeline("reference_to_video"), "cloud", "cpu")
+
+
+@pytest.mark.parametrize("task", ["reference_to_video", "talking_avatar"])
+def test_group_offload_streams_the_two_large_components(task):
+    """`group` / `low_vram` put block-level offload hooks on the transformer blocks and on the text encoder's block
+    stack (not on the whole UMT5 model, where diffusers would find no block list) and leave the small components
+    alone; the output equals the resident pipeline's (CPU onload device: the hooks run without streams)."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from tests.helpers import random_image
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = dict(prompt="a cat", height=32, width=32, num_inference_steps=2, output_type="pt",
+                      generator=torch.Generator().manual_seed(0))
+        if task == "talking_avatar":
+            import numpy as np
+
+            t = np.arange(16000) / 16000
+            return pipe(image=random_image(32, 32), audio=(0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
+                        audio_sample_rate=16000, **kwargs).frames
+        return pipe(ref_images=[random_image(32, 32)], num_frames=5, **kwargs).frames
+
+    expected = run(tiny_pipeline(task))
+    pipe = tiny_pipeline(task)
+    stream_large_components(pipe, torch.device("cpu"), use_stream=False)
+    streamed = streamed_modules(pipe)
+    assert streamed["text_encoder"] is pipe.text_encoder.encoder
+    assert _is_group_offload_enabled(pipe.transformer) and _is_group_offload_enabled(pipe.text_encoder.encoder)
+    hooked = [n for n, m in pipe.transformer.named_modules() if getattr(m, "_diffusers_hook", None) is not None
+              and m._diffusers_hook.get_hook("group_offloading") is not None]
+    assert "blocks.0" in hooked and len([n for n in hooked if n.startswith("blocks.")]) == len(pipe.transformer.blocks)
+    assert not _is_group_offload_enabled(pipe.vae)
+    torch.testing.assert_close(run(pipe), expected, rtol=0, atol=0)
 
 
 def test_compiled_blocks_match_eager():
