@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-H100 measurements of issue 5, one device call per stage (each under 10 minutes):
+#   bash bench/speed_suite.sh original720_extension  # original vs ours (eager, compiled), extension 720P
+#   bash bench/speed_suite.sh original720_avatar     # the same for the avatar at 720P
+#   bash bench/speed_suite.sh original480_extension  # the same for the extension at 480P
+#   bash bench/speed_suite.sh fp8                    # linear part alone (bf16 vs FP8) + avatar FP8 weight-only error
+#   bash bench/speed_suite.sh lowvram540             # whole reference pipeline at 540P, resident vs low-VRAM
+# The original's code is read from original/ (its skyreels_v3/ folder; git-ignored, never committed). JSON results
+# go to $OUT when set (the device tool's output folder), else to bench_out/.
+set -euo pipefail
+stage=${1:?stage}
+out=${OUT:-bench_out}
+mkdir -p "$out"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl $(ls .whl_xfuser/*.whl 2>/dev/null || true)
+  export PYTHONPATH=/tmp/site:src:.
+else
+  export PYTHONPATH=src:.
+fi
+export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+transformer() { python3 bench/bench_transformer.py --warmup 1 --repeats 2 "$@"; }
+
+case $stage in
+  original720_extension)
+    transformer --variants extension --resolutions 720P --modes baseline compile --original original \
+      --json "$out/original720_extension.json" ;;
+  original720_avatar)
+    transformer --variants avatar --resolutions 720P --modes baseline compile --original original \
+      --json "$out/original720_avatar.json" ;;
+  original480_extension)
+    transformer --variants extension --resolutions 480P --modes baseline compile --original original \
+      --json "$out/original480_extension.json" ;;
+  fp8)
+    python3 bench/bench_linear.py --variants reference avatar --resolutions 480P 720P --json "$out/linear.json"
+    transformer --variants avatar --resolutions 480P --modes baseline fp8_weight_only \
+      --json "$out/fp8_avatar480.json" ;;
+  lowvram540)
+    python3 bench/bench_pipeline.py --tasks reference_to_video --resolution 540P --modes resident low_vram --steps 2 \
+      --json "$out/pipeline540.json" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
