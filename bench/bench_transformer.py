@@ -10,6 +10,7 @@ Modes (one fresh model each, same seed, same inputs):
   default          what the package does by default (today: the same exact eager path, SDPA's choice)
   cudnn            baseline with diffusers' explicit `_native_cudnn` backend
   compile          baseline + `compile_repeated_blocks(fullgraph=True)`
+  compile_fused    compile with `fuse_qkv_projections()` (one GEMM for q/k/v, one for each cross-attention k/v)
   fp8_weight_only  torchao float8 weight-only on the block linears + compile (the original's low-VRAM quantisation)
   fp8_dynamic      torchao float8 dynamic activation+weight (per-tensor) + compile
   group            block-level group offload from pinned CPU memory with CUDA-stream prefetch (eager)
@@ -51,8 +52,8 @@ SHAPES = {
 }
 TINY_SHAPE = (5, 8, 12)
 ATTENTION_TFLOPS, GEMM_TFLOPS = 583.0, 750.0  # measured on one H100 (shared/perf/roofline.md)
-MODES = ("original", "baseline", "default", "cudnn", "compile", "fp8_weight_only", "fp8_dynamic", "group",
-         "low_vram")
+MODES = ("original", "baseline", "default", "cudnn", "compile", "compile_fused", "fp8_weight_only", "fp8_dynamic",
+         "group", "low_vram")
 
 
 def floor_ms(variant: str, frames: int, height: int, width: int, cfg: dict) -> float:
@@ -132,7 +133,9 @@ def prepare(mode: str, cfg: dict, device: torch.device, weights: dict | None = N
     model.set_attention_backend("_native_cudnn" if mode == "cudnn" else "native")
     if mode in ("fp8_weight_only", "fp8_dynamic", "low_vram"):
         quantize_transformer(model, "fp8_dynamic" if mode == "fp8_dynamic" else "fp8_weight_only")
-    if mode in ("compile", "fp8_weight_only", "fp8_dynamic"):
+    if mode == "compile_fused":
+        model.fuse_qkv_projections()
+    if mode in ("compile", "compile_fused", "fp8_weight_only", "fp8_dynamic"):
         model.compile_repeated_blocks(fullgraph=True)
     if mode in ("group", "low_vram"):
         model.to("cpu")

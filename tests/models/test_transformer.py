@@ -223,3 +223,22 @@ def test_declared_integration_attributes():
     model = tiny_transformer("extension")
     model.compile_repeated_blocks  # noqa: B018 - exists (CacheMixin/ModelMixin API)
     assert json.loads(model.to_json_string())["_class_name"] == "SkyReelsV3Transformer3DModel"
+
+
+@pytest.mark.parametrize("variant", ["reference", "avatar"])
+def test_fused_projections_match_and_are_used(variant):
+    """`fuse_qkv_projections()` (diffusers' AttentionMixin) fuses self-attention q/k/v and every cross-attention k/v
+    (text, CLIP, audio) into one linear each; the output is unchanged, and poisoning the unfused k/v weights shows the
+    fused ones are the ones used."""
+    model = tiny_transformer(variant, seed=3)
+    inputs = tiny_inputs(model, variant, seed=1)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    model.fuse_qkv_projections()
+    fused = [name for name, module in model.named_modules() if getattr(module, "fused_projections", False)]
+    assert len(fused) == len(model.blocks) * (3 if variant == "avatar" else 2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(f".{part}." in name for part in ("to_k", "to_v", "add_k_proj", "add_v_proj")) or ".attn1.to_q." in name:
+                param.fill_(float("nan"))
+        torch.testing.assert_close(model(**inputs).sample, expected, rtol=1e-6, atol=1e-6)

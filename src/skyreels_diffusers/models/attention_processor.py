@@ -208,8 +208,11 @@ class SkyReelsV3AudioAttnProcessor:
             token_frame = (torch.arange(seq_len, device=query.device) + offset) // tokens_per_frame - first
             key_frame = torch.arange(audio.shape[1], device=query.device) // num_audio_tokens
             mask = (token_frame[:, None] == key_frame[None, :])[None, None]
-        key = attn.to_k(audio).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(audio).unflatten(2, (attn.heads, -1))
+        if getattr(attn, "fused_projections", False):
+            key, value = attn.to_kv(audio).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(audio), attn.to_v(audio)
+        key, value = key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=mask, backend=self._attention_backend, parallel_config=None
         )
@@ -232,6 +235,8 @@ class SkyReelsV3AudioAttention(nn.Module, AttentionModuleMixin):
         self.to_k = nn.Linear(audio_dim, self.inner_dim, bias=True)
         self.to_v = nn.Linear(audio_dim, self.inner_dim, bias=True)
         self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, dim, bias=True), nn.Dropout(0.0)])
+        # what diffusers' `fuse_projections` reads: key and value (from the audio tokens) fuse into one `to_kv`
+        self.is_cross_attention, self.use_bias, self.fused_projections = True, True, False
         self.set_processor(processor if processor is not None else self._default_processor_cls())
 
     def forward(self, hidden_states: torch.Tensor, audio_hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
