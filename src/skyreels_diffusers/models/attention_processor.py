@@ -108,7 +108,6 @@ class SkyReelsV3AttnProcessor:
         hidden_states = attn.to_out[0](hidden_states.to(dtype))
         return attn.to_out[1](hidden_states)
 
-
     def self_attention(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:

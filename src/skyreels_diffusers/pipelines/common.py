@@ -235,6 +235,11 @@ class SkyReelsV3PipelineBase(DiffusionPipeline, WanLoraLoaderMixin):
         mean, std = self._latent_stats(latents.device, latents.dtype)
         return ((latents - mean) / std).float()
 
+    def latent_shape(self, batch_size: int, num_latent_frames: int, height: int, width: int) -> tuple:
+        """`[B, C, F, H / 8, W / 8]`: the shape of the transformer's prediction for a `height x width` video."""
+        return (batch_size, self.transformer.config.out_channels, num_latent_frames,
+                height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+
     @staticmethod
     def prepare_latents(shape: tuple, generator, device, latents: torch.Tensor | None = None,
                         name: str = "latents") -> torch.Tensor:

@@ -166,7 +166,6 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         batch_size = prompt_embeds.shape[0]
         state = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         dtype = self.transformer.dtype
-        h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
 
         # pixels in [-1, 1] of the last 25 frames; each video of the batch continues from its own frames
         first = resize_frames(frames[-NUM_CONDITION_FRAMES:], height, width, resize_mode).to(device)
@@ -174,7 +173,7 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         new_frames, chunk_latents = [], []
         for index, num_latents in enumerate(plan):
             condition = torch.cat([self.encode_video(p).to(device) for p in prefixes])
-            shape = (batch_size, self.transformer.config.out_channels, num_latents, h, w)
+            shape = self.latent_shape(batch_size, num_latents, height, width)
             noise = self.prepare_latents(shape, generator, device, None if latents is None else latents[index],
                                          name=f"latents[{index}]")
 

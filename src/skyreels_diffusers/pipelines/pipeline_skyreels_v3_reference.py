@@ -177,11 +177,9 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
 
         # 2. Noise first, then the reference posterior samples from the same generator
         num_latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        shape = (
-            batch_size, self.transformer.config.out_channels, num_latent_frames,
-            height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial,
+        latents = self.prepare_latents(
+            self.latent_shape(batch_size, num_latent_frames, height, width), generator, device, latents
         )
-        latents = self.prepare_latents(shape, generator, device, latents)
         references = self.prepare_references(images, height, width, generator, device).expand(batch_size, -1, -1, -1, -1)
         no_references = torch.zeros_like(references)
 

@@ -122,11 +122,9 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
         batch_size = prompt_embeds.shape[0]
         condition = self.condition_latents(frames[-num_condition_frames:], height, width, resize_mode, device)
         condition = condition.expand(batch_size, -1, -1, -1, -1)
-        shape = (
-            batch_size, self.transformer.config.out_channels, num_latents,
-            height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial,
+        latents = self.prepare_latents(
+            self.latent_shape(batch_size, num_latents, height, width), generator, device, latents
         )
-        latents = self.prepare_latents(shape, generator, device, latents)
         dtype = self.transformer.dtype
         condition_input = condition.to(dtype)
 
