@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transformer import SHAPES  # noqa: E402
+from bench_transformer import SHAPES, device_name, sync  # noqa: E402
 
 KERNELS = ("_native_cudnn", "_native_flash", "_native_efficient", "sage")
 
@@ -63,12 +63,10 @@ def main(argv=None) -> int:
                 continue
             times = []
             for _ in range(args.repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 start = time.perf_counter()
                 attention(kernel, q, k, v)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 times.append((time.perf_counter() - start) * 1e3)
             ms = sorted(times)[len(times) // 2]
             if reference is None:
@@ -77,7 +75,7 @@ def main(argv=None) -> int:
             tflops = 4 * tokens * tokens * 40 * 128 / (ms / 1e3) / 1e12
             rows.append(dict(shape=shape, tokens=tokens, kernel=kernel, ms=round(ms, 2), tflops=round(tflops, 1),
                              vs_first=round(ms / reference_ms, 3), rel_diff_vs_first=round(rel, 5),
-                             device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                             device=device_name(device),
                              date=time.strftime("%Y-%m-%d")))
             print(json.dumps(rows[-1]), flush=True)
     if args.json:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transformer import SHAPES, build_model  # noqa: E402
+from bench_transformer import SHAPES, build_model, device_name, sync  # noqa: E402
 
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS  # noqa: E402
 from skyreels_diffusers.optimization import quantize_transformer  # noqa: E402
@@ -58,13 +58,11 @@ def time_linears(block, rows: dict, device, repeats: int) -> tuple[float, dict]:
         with torch.no_grad():
             for _ in range(2):
                 fn(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             for _ in range(repeats):
                 fn(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
         per[name] = (time.perf_counter() - start) * 1e3 / repeats
         total += per[name]
     return total, per
@@ -107,7 +105,7 @@ def main(argv=None) -> int:
                            ms_per_forward=round(ms * layers, 1), speedup_vs_bf16=round(baseline / ms, 3),
                            tflops=round(flops / (ms / 1e3) / 1e12, 1),
                            per_linear_ms={k: round(v, 3) for k, v in per.items()},
-                           device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                           device=device_name(device),
                            date=time.strftime("%Y-%m-%d"))
                 rows_out.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "per_linear_ms"}), flush=True)

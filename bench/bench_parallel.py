@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transformer import SHAPES, TINY_SHAPE, build_model, make_inputs  # noqa: E402
+from bench_transformer import SHAPES, TINY_SHAPE, build_model, device_name, make_inputs, sync  # noqa: E402
 
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS  # noqa: E402
 from skyreels_diffusers.parallel import (  # noqa: E402
@@ -75,14 +75,12 @@ def main(argv=None) -> int:
                     model(**inputs)
                 times = []
                 for _ in range(args.repeats):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
+                    sync(device)
                     if world > 1:
                         dist.barrier()
                     start = time.perf_counter()
                     output = model(**inputs).sample
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
+                    sync(device)
                     times.append((time.perf_counter() - start) * 1e3)
             key = f"{variant}_{resolution}{'_tiny' if args.tiny else ''}"
             median = statistics.median(times)
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
                            ms=[round(t, 1) for t in times], median_ms=round(median, 1),
                            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda"
                            else None,
-                           device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                           device=device_name(device),
                            date=time.strftime("%Y-%m-%d"))
                 if world == 1:
                     torch.save(output.float().cpu(), reference_file)

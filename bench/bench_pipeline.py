@@ -14,11 +14,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_transformer import device_name, sync  # noqa: E402
 
 from skyreels_diffusers import pipelines as pipeline_classes
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
@@ -86,13 +91,11 @@ def time_components(pipe, device) -> dict:
             continue
 
         def pre(mod, args, _name=name):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             spent[_name] -= time.perf_counter()
 
         def post(mod, args, output, _name=name):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             spent[_name] += time.perf_counter()
 
         module.register_forward_pre_hook(pre)
@@ -153,13 +156,12 @@ def main(argv=None) -> int:
             pipe.set_progress_bar_config(disable=True)
             apply_memory_mode(pipe, mode, device)
             spent = time_components(pipe, device)
+            sync(device)
             if device.type == "cuda":
-                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             frames = run_task(pipe, task, height, width, seconds, args.steps)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             total = time.perf_counter() - start
             transformer = spent.get("transformer", 0.0)
             row = dict(task=task, mode=mode, resolution=args.resolution, size=[height, width], seconds=seconds,
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
                        component_s={k: round(v, 2) for k, v in spent.items()},
                        outside_transformer_share=round(1 - transformer / total, 4) if total else None,
                        peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else 0.0,
-                       device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       device=device_name(device),
                        date=time.strftime("%Y-%m-%d"))
             rows.append(row)
             print(json.dumps(row), flush=True)

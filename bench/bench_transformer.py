@@ -146,9 +146,15 @@ def prepare(mode: str, cfg: dict, device: torch.device, weights: dict | None = N
     return model
 
 
-def _sync(device):
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU); every timing in bench/ brackets its work with it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    """The card's name for result rows ("cpu" off the GPU)."""
+    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
 
 
 @torch.no_grad()
@@ -156,16 +162,16 @@ def time_forward(model, inputs, warmup: int, repeats: int, device) -> tuple[list
     t0 = time.perf_counter()
     for _ in range(warmup):
         model(**inputs)
-    _sync(device)
+    sync(device)
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, out = [], None
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         out = model(**inputs).sample
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
     assert torch.isfinite(out.float()).all(), "non-finite output"

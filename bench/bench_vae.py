@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-SIZES = {"480P": (480, 848), "540P": (544, 960), "720P": (720, 1280)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pipeline import SIZES  # noqa: E402
+from bench_transformer import sync  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -44,15 +47,14 @@ def main(argv=None) -> int:
                 size = int(tiling)
                 vae.enable_tiling(tile_sample_min_height=size, tile_sample_min_width=size,
                                   tile_sample_stride_height=size - 64, tile_sample_stride_width=size - 64)
+            sync(device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             with torch.no_grad():
                 vae.decode(latents).sample
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             rows.append(dict(resolution=resolution, size=[height, width], latent_frames=args.frames, tiling=tiling,
                              s=round(time.perf_counter() - start, 2),
                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda"
