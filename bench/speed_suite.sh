@@ -5,7 +5,7 @@
 #   bash bench/speed_suite.sh original480_extension  # the same for the extension at 480P
 #   bash bench/speed_suite.sh fp8                    # linear part alone (bf16 vs FP8) + avatar FP8 weight-only error
 #   bash bench/speed_suite.sh lowvram540             # whole reference pipeline at 540P, resident vs low-VRAM
-#   bash bench/speed_suite.sh fused                  # compiled with and without fused q/k/v projections, 480P
+#   bash bench/speed_suite.sh fused                  # compiled with and without fused q/k/v, beside the original, 480P
 # The original's code is read from original/ (its skyreels_v3/ folder; git-ignored, never committed). JSON results
 # go to $OUT when set (the device tool's output folder), else to bench_out/.
 set -euo pipefail
@@ -40,7 +40,7 @@ case $stage in
     python3 bench/bench_pipeline.py --tasks reference_to_video --resolution 540P --modes resident low_vram --steps 2 \
       --json "$out/pipeline540.json" ;;
   fused)
-    transformer --variants reference avatar --resolutions 480P --modes compile compile_fused \
+    transformer --variants avatar reference --resolutions 480P --modes compile compile_fused --original original \
       --json "$out/fused480.json" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
