@@ -27,7 +27,31 @@ from bench_transformer import SHAPES, build_model, device_name, sync  # noqa: E4
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS  # noqa: E402
 from skyreels_diffusers.optimization import quantize_transformer  # noqa: E402
 
-MODES = ("bf16", "fp8_weight_only", "fp8_dynamic")
+MODES = ("bf16", "fp8_weight_only", "fp8_dynamic", "bf16_fused", "fp8_dynamic_fused")
+# `*_fused`: after `fuse_qkv_projections()`: one q/k/v matmul per self-attention (its input quantised once under
+# FP8) and one k/v matmul per cross-attention, in place of the separate ones.
+REPLACED_BY_FUSED = {"to_q": "to_qkv", "to_k": "to_kv", "to_v": "to_kv", "add_k_proj": "to_added_kv",
+                     "add_v_proj": "to_added_kv"}
+
+
+def used_linears(block: torch.nn.Module, rows: dict) -> dict:
+    """The row counts of the linears a forward calls: a fused attention calls `to_qkv` / `to_kv` instead."""
+    modules = dict(block.named_modules())
+    used = {}
+    for name, count in rows.items():
+        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        attn = modules.get(parent)
+        if getattr(attn, "fused_projections", False) and leaf in REPLACED_BY_FUSED:
+            fused = REPLACED_BY_FUSED[leaf]
+            if leaf == "to_q" and not hasattr(attn, "to_qkv"):
+                used[name] = count  # a cross-attention fuses only k/v: its query stays separate
+                continue
+            if leaf in ("to_k", "to_v") and hasattr(attn, "to_qkv"):
+                fused = "to_qkv"
+            used[f"{parent}.{fused}"] = count
+        else:
+            used[name] = count
+    return used
 
 
 def block_linear_inputs(block: torch.nn.Module, tokens: int, image_tokens: int, audio_tokens: int) -> dict:
@@ -91,16 +115,19 @@ def main(argv=None) -> int:
             tokens = frames * height * width // 4
             audio_tokens = cfg.get("audio_context_tokens", 0) if cfg.get("audio_in_dim") else 0
             rows = block_linear_inputs(model.blocks[0], tokens, 257, audio_tokens)
-            flops = sum(2 * n * m.in_features * m.out_features for name, m in model.blocks[0].named_modules()
-                        if isinstance(m, torch.nn.Linear) for n in [rows[name]])
+            modules = dict(model.blocks[0].named_modules())
+            flops = sum(2 * n * modules[name].in_features * modules[name].out_features for name, n in rows.items())
             baseline = None
             for mode in args.modes:
                 quantized = copy.deepcopy(model)
-                if mode != "bf16":
-                    quantize_transformer(quantized, mode)
-                ms, per = time_linears(quantized.blocks[0], rows, device, args.repeats)
+                if mode.endswith("_fused"):
+                    quantized.fuse_qkv_projections()
+                if mode.startswith("fp8"):
+                    quantize_transformer(quantized, mode.removesuffix("_fused"))
+                used = used_linears(quantized.blocks[0], rows)
+                ms, per = time_linears(quantized.blocks[0], used, device, args.repeats)
                 layers = TRANSFORMER_CONFIGS[variant]["num_layers"]
-                baseline = baseline or ms
+                baseline = baseline or ms  # the first mode given (bf16 by default)
                 row = dict(variant=variant, resolution=resolution, tokens=tokens, mode=mode,
                            ms_per_forward=round(ms * layers, 1), speedup_vs_bf16=round(baseline / ms, 3),
                            tflops=round(flops / (ms / 1e3) / 1e12, 1),

@@ -4,6 +4,7 @@
 #   bash bench/speed_suite.sh original720_avatar     # the same for the avatar at 720P
 #   bash bench/speed_suite.sh original480_extension  # the same for the extension at 480P
 #   bash bench/speed_suite.sh fp8                    # linear part alone (bf16 vs FP8) + avatar FP8 weight-only error
+#   bash bench/speed_suite.sh fp8_fused              # linear part alone, FP8 dynamic with fused q/k/v projections
 #   bash bench/speed_suite.sh lowvram540             # whole reference pipeline at 540P, resident vs low-VRAM
 #   bash bench/speed_suite.sh fused                  # compiled with and without fused q/k/v, beside the original, 480P
 # The original's code is read from original/ (its skyreels_v3/ folder; git-ignored, never committed). JSON results
@@ -36,6 +37,9 @@ case $stage in
     python3 bench/bench_linear.py --variants reference avatar --resolutions 480P 720P --json "$out/linear.json"
     transformer --variants avatar --resolutions 480P --modes baseline fp8_weight_only \
       --json "$out/fp8_avatar480.json" ;;
+  fp8_fused)
+    python3 bench/bench_linear.py --variants reference avatar --resolutions 720P 480P \
+      --modes bf16 fp8_dynamic bf16_fused fp8_dynamic_fused --json "$out/linear_fused.json" ;;
   lowvram540)
     python3 bench/bench_pipeline.py --tasks reference_to_video --resolution 540P --modes resident low_vram --steps 2 \
       --json "$out/pipeline540.json" ;;

@@ -64,6 +64,18 @@ def test_bench_linear_covers_every_block_linear(tmp_path):
     assert rows[0]["speedup_vs_bf16"] == 1.0 and math.isfinite(rows[1]["speedup_vs_bf16"])
 
 
+def test_bench_linear_fused_mode_times_the_fused_projections(tmp_path):
+    out = tmp_path / "l.json"
+    run_script("bench_linear.py", "--tiny", "--device", "cpu", "--variants", "avatar", "--resolutions", "480P",
+               "--modes", "bf16", "bf16_fused", "--repeats", "1", "--json", str(out))
+    unfused, fused = (set(r["per_linear_ms"]) for r in json.loads(out.read_text()))
+    separate = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v", "attn2.add_k_proj",
+                "attn2.add_v_proj", "attn_audio.to_k", "attn_audio.to_v"}
+    joined = {"attn1.to_qkv", "attn2.to_kv", "attn2.to_added_kv", "attn_audio.to_kv"}
+    assert separate <= unfused and not joined & unfused
+    assert fused == (unfused - separate) | joined  # cross-attention queries stay separate
+
+
 def test_bench_parallel_single_process(tmp_path):
     run_script("bench_parallel.py", "--tiny", "--variants", "reference", "avatar", "--out", str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "parallel.jsonl").read_text().splitlines()]
