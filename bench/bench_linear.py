@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transformer import SHAPES, build_model, device_name, sync  # noqa: E402
+from bench_transformer import SHAPES, build_model, check_shapes, device_name, sync
 
-from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS  # noqa: E402
-from skyreels_diffusers.optimization import quantize_transformer  # noqa: E402
+from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
+from skyreels_diffusers.optimization import quantize_transformer
 
 MODES = ("bf16", "fp8_weight_only", "fp8_dynamic", "bf16_fused", "fp8_dynamic_fused")
 # `*_fused`: after `fuse_qkv_projections()`: one q/k/v matmul per self-attention (its input quantised once under
@@ -92,16 +92,24 @@ def time_linears(block, rows: dict, device, repeats: int) -> tuple[float, dict]:
     return total, per
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["reference", "avatar"])
-    parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"])
+    parser.add_argument("--variants", nargs="+", default=["reference", "avatar"],
+                        choices=sorted({variant for variant, _ in SHAPES}))
+    parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"],
+                        choices=sorted({resolution for _, resolution in SHAPES}))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.tiny:
+        check_shapes(args.variants, args.resolutions)
     device = torch.device(args.device)
     torch._dynamo.config.recompile_limit = 1024  # one compiled graph per linear layer, shape and mode
     torch._dynamo.config.accumulated_recompile_limit = 4096

@@ -23,13 +23,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transformer import device_name, sync  # noqa: E402
+from bench_transformer import device_name, sync
 
 from skyreels_diffusers import pipelines as pipeline_classes
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from skyreels_diffusers.models.configs import TRANSFORMER_CONFIGS
 from skyreels_diffusers.optimization import apply_memory_mode
-from skyreels_diffusers.pipelines.tiny import TASKS, avatar_feature_extractor, flow_scheduler, tiny_components, tiny_tokenizer
+from skyreels_diffusers.pipelines.tiny import (
+    TASKS,
+    avatar_feature_extractor,
+    flow_scheduler,
+    tiny_components,
+    tiny_tokenizer,
+)
 
 SIZES = {"480P": (480, 848), "540P": (544, 960), "720P": (720, 1280)}
 AVATAR_SIZES = {"480P": (480, 832), "540P": (544, 960), "720P": (720, 1280)}
@@ -38,7 +44,14 @@ AVATAR_SIZES = {"480P": (480, 832), "540P": (544, 960), "720P": (720, 1280)}
 def real_components(task: str, device) -> dict:
     """Random weights at real size, built on `device` in bf16 (VAE and wav2vec2 in fp32, as the pipelines use them)."""
     from diffusers import AutoencoderKLWan
-    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        UMT5Config,
+        UMT5EncoderModel,
+        Wav2Vec2Config,
+        Wav2Vec2Model,
+    )
 
     variant = TASKS[task][1]
     previous = torch.get_default_dtype()
@@ -125,9 +138,9 @@ def run_task(pipe, task: str, height: int, width: int, seconds: int, steps: int 
     return pipe(video=video, duration=seconds, **common).frames.shape[1]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--resolution", default="480P", choices=sorted(SIZES))
     parser.add_argument("--modes", nargs="+", default=["resident"], choices=["resident", "offload", "group",
                                                                              "low_vram"])
@@ -136,7 +149,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     rows = []
     for task in args.tasks:

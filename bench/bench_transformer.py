@@ -27,9 +27,8 @@ import argparse
 import gc
 import json
 import platform
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +53,13 @@ TINY_SHAPE = (5, 8, 12)
 ATTENTION_TFLOPS, GEMM_TFLOPS = 583.0, 750.0  # measured on one H100 (shared/perf/roofline.md)
 MODES = ("original", "baseline", "default", "cudnn", "compile", "compile_fused", "fp8_weight_only", "fp8_dynamic",
          "group", "low_vram")
+
+
+def check_shapes(variants: list[str], resolutions: list[str]) -> None:
+    """Fail before any model is built when a variant has no shape at a requested resolution."""
+    missing = [(v, r) for v in variants for r in resolutions if (v, r) not in SHAPES]
+    if missing:
+        raise SystemExit(f"--variants/--resolutions: no shape for {missing}; the shapes are {sorted(SHAPES)}")
 
 
 def floor_ms(variant: str, frames: int, height: int, width: int, cfg: dict) -> float:
@@ -178,10 +184,12 @@ def time_forward(model, inputs, warmup: int, repeats: int, device) -> tuple[list
     return times, peak, out.float(), warmup_s
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["reference", "extension", "avatar"])
-    parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"])
+    parser.add_argument("--variants", nargs="+", default=["reference", "extension", "avatar"],
+                        choices=sorted({variant for variant, _ in SHAPES}))
+    parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"],
+                        choices=sorted({resolution for _, resolution in SHAPES}))
     parser.add_argument("--modes", nargs="+", default=["baseline"], choices=MODES)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
@@ -190,7 +198,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny configs (checks the script on a CPU)")
     parser.add_argument("--original", default=None, metavar="PATH",
                         help="a SkyReels-V3 checkout: time its transformer first, on the same weights")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.tiny:
+        check_shapes(args.variants, args.resolutions)
     modules = None
     if args.original:
         from original_adapter import import_original

@@ -4,13 +4,15 @@ sane values (the numbers themselves are measurements, not asserted)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +83,48 @@ def test_bench_parallel_single_process(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "parallel.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["gpus"]) for r in rows] == [("reference", 1), ("avatar", 1)]
     assert (tmp_path / "reference_720P_tiny_1gpu.pt").is_file()
+
+
+def speed_suite_stages() -> list[str]:
+    text = (ROOT / "bench" / "speed_suite.sh").read_text()
+    labels = re.findall(r"^  ([a-z0-9_|]+)\)", text, flags=re.MULTILINE)
+    return [stage for label in labels for stage in label.split("|")]
+
+
+def load_bench_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_speed_suite_stages_pass_their_scripts_parsers(tmp_path):
+    """Every stage of bench/speed_suite.sh (one GPU call each) asks its scripts only for arguments, modes and
+    shapes they accept: a typo would otherwise cost a device call."""
+    stages = speed_suite_stages()
+    assert {"fused", "fp8", "lowvram540", "pipeline480_extension", "modes720_avatar"} <= set(stages)
+    env = {**os.environ, "SPEED_SUITE_DRY_RUN": "1", "OUT": str(tmp_path)}
+    scripts = {}
+    for stage in stages:
+        done = subprocess.run(["bash", "bench/speed_suite.sh", stage], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, (stage, done.stderr)
+        commands = [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
+        assert commands, stage
+        for command in commands:
+            assert command[:2] == ["python3", f"bench/{Path(command[1]).name}"], command
+            name = Path(command[1]).name
+            scripts.setdefault(name, load_bench_script(name))
+            args = scripts[name].build_parser().parse_args(command[2:])  # exits (fails the test) on a bad argument
+            if hasattr(args, "variants"):  # every (variant, resolution) asked for has a shape
+                scripts.setdefault("bench_transformer.py", load_bench_script("bench_transformer.py"))
+                scripts["bench_transformer.py"].check_shapes(args.variants, args.resolutions)
+            assert str(tmp_path) in (args.json or ""), command  # results land in the device's output folder
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    done = subprocess.run(["bash", "bench/speed_suite.sh", "no_such_stage"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "unknown stage" in done.stderr
