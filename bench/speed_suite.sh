@@ -8,7 +8,7 @@
 #   bash bench/speed_suite.sh lowvram540             # whole reference pipeline at 540P, resident vs low-VRAM
 #   bash bench/speed_suite.sh pipeline480_extension  # whole single-shot extension pipeline, 480P 5 s
 #   bash bench/speed_suite.sh modes480_extension     # FP8 and offload modes, extension 480P (modes480_avatar: avatar)
-#   bash bench/speed_suite.sh modes720_reference     # FP8 dynamic and offload modes at 720P (also _extension, _avatar)
+#   bash bench/speed_suite.sh modes720_reference     # low-VRAM and FP8 dynamic at 720P (also _extension, _avatar)
 #   bash bench/speed_suite.sh fused                  # compiled with and without fused q/k/v, beside the original, 480P
 # The original's code is read from original/ (its skyreels_v3/ folder; git-ignored, never committed). JSON results
 # go to $OUT when set (the device tool's output folder), else to bench_out/.
@@ -61,8 +61,8 @@ case $stage in
       --json "$out/modes480_extension.json" ;;
   modes480_avatar)
     transformer --variants avatar --resolutions 480P --modes baseline group low_vram --json "$out/modes480_avatar.json" ;;
-  modes720_reference|modes720_extension|modes720_avatar)  # at 720P: FP8 and the offload modes, one timed forward
+  modes720_reference|modes720_extension|modes720_avatar)  # at 720P: low-VRAM and FP8 dynamic, one timed forward
     run python3 bench/bench_transformer.py --warmup 1 --repeats 1 --variants "${stage#modes720_}" --resolutions 720P \
-      --modes baseline group low_vram fp8_dynamic --json "$out/$stage.json" ;;  # rows are saved as they come
+      --modes baseline low_vram fp8_dynamic --json "$out/$stage.json" ;;  # rows are saved as they come
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
