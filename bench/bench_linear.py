@@ -22,35 +22,39 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transformer import SHAPES, build_model, check_shapes, device_name, sync
+from bench_transformer import (
+    RESOLUTION_CHOICES,
+    SHAPES,
+    VARIANT_CHOICES,
+    build_model,
+    check_shapes,
+    device_name,
+    sync,
+)
 
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
 from skyreels_diffusers.optimization import quantize_transformer
 
 MODES = ("bf16", "fp8_weight_only", "fp8_dynamic", "bf16_fused", "fp8_dynamic_fused")
 # `*_fused`: after `fuse_qkv_projections()`: one q/k/v matmul per self-attention (its input quantised once under
-# FP8) and one k/v matmul per cross-attention, in place of the separate ones.
-REPLACED_BY_FUSED = {"to_q": "to_qkv", "to_k": "to_kv", "to_v": "to_kv", "add_k_proj": "to_added_kv",
-                     "add_v_proj": "to_added_kv"}
+# FP8) and one k/v matmul per cross-attention, in place of the separate ones. Fused linear -> the ones it replaces
+# (a self-attention has `to_qkv`, a cross-attention `to_kv` and, with CLIP context, `to_added_kv`).
+FUSED_LINEARS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
+                 "to_added_kv": ("add_k_proj", "add_v_proj")}
 
 
 def used_linears(block: torch.nn.Module, rows: dict) -> dict:
-    """The row counts of the linears a forward calls: a fused attention calls `to_qkv` / `to_kv` instead."""
+    """The row counts of the linears a forward calls: a fused attention calls its fused linears instead."""
     modules = dict(block.named_modules())
     used = {}
     for name, count in rows.items():
-        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        parent, _, leaf = name.rpartition(".")
         attn = modules.get(parent)
-        if getattr(attn, "fused_projections", False) and leaf in REPLACED_BY_FUSED:
-            fused = REPLACED_BY_FUSED[leaf]
-            if leaf == "to_q" and not hasattr(attn, "to_qkv"):
-                used[name] = count  # a cross-attention fuses only k/v: its query stays separate
-                continue
-            if leaf in ("to_k", "to_v") and hasattr(attn, "to_qkv"):
-                fused = "to_qkv"
-            used[f"{parent}.{fused}"] = count
-        else:
-            used[name] = count
+        fused = None
+        if getattr(attn, "fused_projections", False):
+            fused = next((f for f, parts in FUSED_LINEARS.items()
+                          if leaf in parts and isinstance(getattr(attn, f, None), torch.nn.Linear)), None)
+        used[f"{parent}.{fused}" if fused else name] = count
     return used
 
 
@@ -95,9 +99,9 @@ def time_linears(block, rows: dict, device, repeats: int) -> tuple[float, dict]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["reference", "avatar"],
-                        choices=sorted({variant for variant, _ in SHAPES}))
+                        choices=VARIANT_CHOICES)
     parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"],
-                        choices=sorted({resolution for _, resolution in SHAPES}))
+                        choices=RESOLUTION_CHOICES)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")

@@ -49,6 +49,8 @@ SHAPES = {
     ("avatar", "480P"): (21, 60, 104),  # 480x832 (avatar 480P bucket), one 81-frame clip
     ("avatar", "720P"): (21, 90, 160),
 }
+VARIANT_CHOICES = sorted({variant for variant, _ in SHAPES})
+RESOLUTION_CHOICES = sorted({resolution for _, resolution in SHAPES})
 TINY_SHAPE = (5, 8, 12)
 ATTENTION_TFLOPS, GEMM_TFLOPS = 583.0, 750.0  # measured on one H100 (shared/perf/roofline.md)
 MODES = ("original", "baseline", "default", "cudnn", "compile", "compile_fused", "fp8_weight_only", "fp8_dynamic",
@@ -187,9 +189,9 @@ def time_forward(model, inputs, warmup: int, repeats: int, device) -> tuple[list
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["reference", "extension", "avatar"],
-                        choices=sorted({variant for variant, _ in SHAPES}))
+                        choices=VARIANT_CHOICES)
     parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"],
-                        choices=sorted({resolution for _, resolution in SHAPES}))
+                        choices=RESOLUTION_CHOICES)
     parser.add_argument("--modes", nargs="+", default=["baseline"], choices=MODES)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)

@@ -4,6 +4,7 @@ sane values (the numbers themselves are measurements, not asserted)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -91,6 +92,7 @@ def speed_suite_stages() -> list[str]:
     return [stage for label in labels for stage in label.split("|")]
 
 
+@functools.cache
 def load_bench_script(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / name)
     module = importlib.util.module_from_spec(spec)
@@ -108,7 +110,6 @@ def test_speed_suite_stages_pass_their_scripts_parsers(tmp_path):
     stages = speed_suite_stages()
     assert {"fused", "fp8", "lowvram540", "pipeline480_extension", "modes720_avatar"} <= set(stages)
     env = {**os.environ, "SPEED_SUITE_DRY_RUN": "1", "OUT": str(tmp_path)}
-    scripts = {}
     for stage in stages:
         done = subprocess.run(["bash", "bench/speed_suite.sh", stage], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=60, check=False)
@@ -117,12 +118,10 @@ def test_speed_suite_stages_pass_their_scripts_parsers(tmp_path):
         assert commands, stage
         for command in commands:
             assert command[:2] == ["python3", f"bench/{Path(command[1]).name}"], command
-            name = Path(command[1]).name
-            scripts.setdefault(name, load_bench_script(name))
-            args = scripts[name].build_parser().parse_args(command[2:])  # exits (fails the test) on a bad argument
+            script = load_bench_script(Path(command[1]).name)
+            args = script.build_parser().parse_args(command[2:])  # exits (fails the test) on a bad argument
             if hasattr(args, "variants"):  # every (variant, resolution) asked for has a shape
-                scripts.setdefault("bench_transformer.py", load_bench_script("bench_transformer.py"))
-                scripts["bench_transformer.py"].check_shapes(args.variants, args.resolutions)
+                load_bench_script("bench_transformer.py").check_shapes(args.variants, args.resolutions)
             assert str(tmp_path) in (args.json or ""), command  # results land in the device's output folder
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
     done = subprocess.run(["bash", "bench/speed_suite.sh", "no_such_stage"], cwd=ROOT, env=env, capture_output=True,
