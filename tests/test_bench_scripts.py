@@ -127,3 +127,34 @@ def test_speed_suite_stages_pass_their_scripts_parsers(tmp_path):
     done = subprocess.run(["bash", "bench/speed_suite.sh", "no_such_stage"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 2 and "unknown stage" in done.stderr
+
+
+def test_matrix_takes_each_ratio_from_its_own_run(tmp_path):
+    """bench/matrix.py: a cell's ratio divides by the baseline of the same file; a newer file without a baseline does
+    not replace a cell that has one, but does fill an empty cell (without a ratio)."""
+    matrix = load_bench_script("matrix.py")
+
+    def row(variant, mode, ms):
+        return {"variant": variant, "resolution": "480P", "mode": mode, "median_ms": ms, "peak_gib": 1.0}
+
+    (tmp_path / "2026-01-01_a.json").write_text(json.dumps(
+        {"env": {}, "rows": [row("avatar", "baseline", 400.0), row("avatar", "compile", 320.0)]}))
+    (tmp_path / "2026-01-02_b.json").write_text(json.dumps(
+        {"env": {}, "rows": [row("avatar", "compile", 100.0), row("avatar", "group", 500.0)]}))
+    (tmp_path / "2026-01-03_c.json").write_text(json.dumps(
+        {"env": {}, "rows": [row("avatar", "default", 1000.0), row("avatar", "low_vram", 1250.0)]}))
+    (tmp_path / "2026-01-04_pipeline.json").write_text(json.dumps([{"task": "talking_avatar", "total_s": 1.0}]))
+    cells = matrix.collect(tmp_path)
+    assert cells[("avatar", "480P", "compile")]["ms"] == 320.0
+    assert cells[("avatar", "480P", "compile")]["vs_baseline"] == 1.25
+    assert cells[("avatar", "480P", "group")]["vs_baseline"] is None
+    assert cells[("avatar", "480P", "low_vram")]["vs_baseline"] == 0.8  # against file c's default == baseline
+    table = matrix.markdown(cells)
+    assert "| avatar | 480P | 1,000 (1.00x), 1.0 GiB | 320 (1.25x), 1.0 GiB | - | - | 500, 1.0 GiB |" in table
+    # the stored measurements: every variant and resolution has a baseline cell with its same-run ratio, and
+    # docs/performance.md shows the matrix they make (a new result file must come with its docs update)
+    stored = matrix.collect(ROOT / "bench" / "results")
+    for variant in matrix.VARIANTS:
+        for resolution in matrix.RESOLUTIONS:
+            assert stored[(variant, resolution, "baseline")]["vs_baseline"] == 1.0
+    assert matrix.markdown(stored) in (ROOT / "docs" / "performance.md").read_text()
