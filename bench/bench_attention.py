@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transformer import SHAPES, device_name, sync  # noqa: E402
+from bench_transformer import SHAPES, add_run_arguments, device_name, sync, write_json  # noqa: E402
 
 KERNELS = ("_native_cudnn", "_native_flash", "_native_efficient", "sage")
 
@@ -40,9 +40,7 @@ def main(argv=None) -> int:
                         help="variant_resolution keys of bench_transformer.SHAPES")
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--json", default=None)
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
@@ -78,8 +76,7 @@ def main(argv=None) -> int:
                              device=device_name(device),
                              date=time.strftime("%Y-%m-%d")))
             print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
     return 0
 
 

@@ -26,10 +26,12 @@ from bench_transformer import (
     RESOLUTION_CHOICES,
     SHAPES,
     VARIANT_CHOICES,
+    add_run_arguments,
     build_model,
     check_shapes,
     device_name,
     sync,
+    write_json,
 )
 
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
@@ -104,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=RESOLUTION_CHOICES)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--json", default=None)
+    add_run_arguments(parser)
     return parser
 
 
@@ -150,8 +150,7 @@ def main(argv=None) -> int:
                 print(json.dumps({k: v for k, v in row.items() if k != "per_linear_ms"}), flush=True)
                 del quantized
         del model
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows_out, indent=2))
+    write_json(args.json, rows_out)
     return 0
 
 

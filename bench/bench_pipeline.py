@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_transformer import device_name, sync
+from bench_transformer import add_run_arguments, device_name, sync, write_json
 
 from skyreels_diffusers import pipelines as pipeline_classes
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
@@ -146,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                              "low_vram"])
     parser.add_argument("--seconds", type=int, default=None, help="duration (default: 5, shot switching 2, avatar 3)")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--json", default=None)
+    add_run_arguments(parser)
     return parser
 
 
@@ -190,9 +188,7 @@ def main(argv=None) -> int:
                        date=time.strftime("%Y-%m-%d"))
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(rows, f, indent=2)
+            write_json(args.json, rows)
             del pipe, components, spent
             gc.collect()  # the timing hooks form reference cycles: free the previous pipeline before the next
             if device.type == "cuda":

@@ -186,6 +186,21 @@ def time_forward(model, inputs, warmup: int, repeats: int, device) -> tuple[list
     return times, peak, out.float(), warmup_s
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, tiny: bool = True) -> None:
+    """The arguments every bench script takes: `--device`, `--json` and, where the script has tiny configs,
+    `--tiny`."""
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", default=None, help="write the results here (JSON)")
+    if tiny:
+        parser.add_argument("--tiny", action="store_true", help="tiny configs (checks the script on a CPU)")
+
+
+def write_json(path: str | None, data) -> None:
+    """Write `data` to `path` as indented JSON (nothing when no `--json` was given)."""
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["reference", "extension", "avatar"],
@@ -195,9 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", default=["baseline"], choices=MODES)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="tiny configs (checks the script on a CPU)")
+    add_run_arguments(parser)
     parser.add_argument("--original", default=None, metavar="PATH",
                         help="a SkyReels-V3 checkout: time its transformer first, on the same weights")
     return parser
@@ -217,9 +230,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
 
     def save():
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"rows": rows}, f, indent=2)
+        write_json(args.json, {"rows": rows})
 
     configs = TINY_TRANSFORMER_CONFIGS if args.tiny else TRANSFORMER_CONFIGS
     rows = []
@@ -285,9 +296,7 @@ def main(argv=None) -> int:
               f"{base[key] / r['median_ms']:.2f}x | {r['floor_ms']:.0f} | {r['ratio_to_floor']:.2f} | "
               f"{r['peak_gib']:.1f} | {r['rel_error']:.4f} |")
     print(json.dumps(env))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
+    write_json(args.json, {"env": env, "rows": rows})
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import SIZES  # noqa: E402
-from bench_transformer import sync  # noqa: E402
+from bench_transformer import add_run_arguments, sync, write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,8 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resolutions", nargs="+", default=["540P", "720P"])
     parser.add_argument("--tilings", nargs="+", default=["none", "default", "512"])
     parser.add_argument("--frames", type=int, default=31, help="latent frames (31 = 121 video frames)")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--json", default=None)
+    add_run_arguments(parser, tiny=False)
     args = parser.parse_args(argv)
     from diffusers import AutoencoderKLWan
 
@@ -60,8 +59,7 @@ def main(argv=None) -> int:
                              peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda"
                              else None, date=time.strftime("%Y-%m-%d")))
             print(json.dumps(rows[-1]), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
     return 0
 
 
