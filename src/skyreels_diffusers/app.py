@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from .generation import DEFAULT_PROMPT, GenerationRequest, run
+from .parallel.context_parallel import broadcast_from_main
 
 TASK_LABELS = {
     "reference_to_video": "Reference to video",
@@ -92,17 +93,6 @@ def error_field(message: str) -> str:
     return FIELD_OF_FLAG.get(flag, "general")
 
 
-def _broadcast(value=None):
-    """Rank 0's `value` on every rank (no-op outside torchrun)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return value
-    payload = [value]
-    dist.broadcast_object_list(payload, src=0)
-    return payload[0]
-
-
 class JobRunner:
     """Runs one request at a time with progress and cancellation (pipelines cached per task).
 
@@ -118,7 +108,7 @@ class JobRunner:
         def on_step(pipeline, step, timestep, tensors):
             if progress is not None:
                 progress((step + 1) / steps, desc=f"step {step + 1}/{steps}")
-            if _broadcast(self.cancel_event.is_set()):  # every rank stops before the same next step
+            if broadcast_from_main(self.cancel_event.is_set()):  # every rank stops before the same next step
                 self.cancel_event.set()
                 pipeline._interrupt = True
             return {}
@@ -145,7 +135,7 @@ class JobRunner:
             from .generation import validate
 
             validate(request)
-            _broadcast(request)  # the other ranks (torchrun) join the job
+            broadcast_from_main(request)  # the other ranks (torchrun) join the job
             pipe = self.pipeline(request)
             on_step = self._step_callback(max(1, request.steps), progress)
 
@@ -266,7 +256,7 @@ def _audio_duration(path) -> str:
 def serve_workers(runner: JobRunner) -> None:
     """Ranks > 0 under torchrun: run every job rank 0 hands over, until it sends None (shutdown)."""
     while True:
-        request = _broadcast()
+        request = broadcast_from_main()
         if request is None:
             return
         try:
@@ -293,4 +283,4 @@ def launch(model: str = "tiny", host: str = "127.0.0.1", port: int = 7860, outpu
                     allowed_paths=[str(Path(output_dir).resolve())])
     finally:
         if world > 1:
-            _broadcast(None)
+            broadcast_from_main(None)

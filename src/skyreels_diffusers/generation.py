@@ -317,12 +317,12 @@ def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
     """Validate on rank 0 (which alone reads the inputs) and hand the result, or the error, to every rank."""
     import torch.distributed as dist
 
-    from .parallel.context_parallel import check_degrees
+    from .parallel.context_parallel import broadcast_from_main, check_degrees
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1 and request.ulysses_degree * request.ring_degree == 1:
         return validate(request)
-    payload = [None]
+    outcome = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             validate(request)
@@ -330,14 +330,13 @@ def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
                 check_degrees(_num_heads(request), request.ulysses_degree, request.ring_degree, world)
             except ValueError as error:
                 raise _error("ulysses_degree", str(error)) from None
-            payload = [request]
+            outcome = request
         except ValueError as error:
-            payload = [error]
-    if dist.is_initialized():
-        dist.broadcast_object_list(payload, src=0)
-    if isinstance(payload[0], Exception):
-        raise payload[0]
-    return payload[0]
+            outcome = error
+    outcome = broadcast_from_main(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def run(

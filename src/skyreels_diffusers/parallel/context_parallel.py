@@ -37,6 +37,15 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def broadcast_from_main(value=None):
+    """Rank 0's `value` (any picklable object) on every rank; `value` itself outside torchrun."""
+    if not dist.is_initialized():
+        return value
+    payload = [value]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
 def check_degrees(num_heads: int, ulysses_degree: int, ring_degree: int, world_size: int) -> None:
     """Clear errors for impossible layouts (raised before any model work)."""
     if ulysses_degree < 1 or ring_degree < 1:
