@@ -15,7 +15,7 @@ from .pipelines import (  # noqa: E402
     SkyReelsV3ShotSwitchingPipeline,
     SkyReelsV3TalkingAvatarPipeline,
 )
-from .schedulers import SkyReelsV3FlowEulerScheduler  # noqa: E402
+from .schedulers import SkyReelsV3FlowEulerScheduler, SkyReelsV3FlowUniPCScheduler  # noqa: E402
 
 
 
@@ -25,7 +25,8 @@ def _register_with_diffusers() -> None:
     import diffusers
 
     for cls in (SkyReelsV3ReferencePipeline, SkyReelsV3ExtensionPipeline, SkyReelsV3ShotSwitchingPipeline,
-                SkyReelsV3TalkingAvatarPipeline, SkyReelsV3Transformer3DModel, SkyReelsV3FlowEulerScheduler):
+                SkyReelsV3TalkingAvatarPipeline, SkyReelsV3Transformer3DModel, SkyReelsV3FlowEulerScheduler,
+                SkyReelsV3FlowUniPCScheduler):
         if not hasattr(diffusers, cls.__name__):
             setattr(diffusers, cls.__name__, cls)
 
@@ -39,6 +40,7 @@ __all__ = [
     "SkyReelsV3ShotSwitchingPipeline",
     "SkyReelsV3TalkingAvatarPipeline",
     "SkyReelsV3FlowEulerScheduler",
+    "SkyReelsV3FlowUniPCScheduler",
     "SkyReelsV3Transformer3DModel",
     "__version__",
 ]

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "input-video", default=None)
     _flag(gen, "keep-source-fps", action="store_true",
           help="count the duration in, and write at, the input video's frame rate instead of 24 fps")
-    _flag(gen, "resize-mode", choices=["bilinear", "bicubic", "area", "nearest"], default="bilinear",
-          help="input video resize ('nearest' = the original)")
+    _flag(gen, "resize-mode", choices=["bilinear", "bicubic", "area", "nearest"], default=None,
+          help="input video resize (default bilinear; 'nearest' = the original)")
     _flag(gen, "return-input-video", action="store_true", help="prepend the input video to the output")
     _flag(gen, "input-image", default=None, help="talking_avatar: the portrait")
     _flag(gen, "input-audio", default=None, help="talking_avatar: speech (wav, mp3, flac, m4a)")
@@ -60,10 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "prompt-in-every-window", action="store_true", help="talking_avatar: use --prompt in every window")
     _flag(gen, "clip-from-reference", action="store_true",
           help="talking_avatar: CLIP tokens from the portrait in every window")
-    _flag(gen, "output-audio", choices=["original", "normalized"], default="original",
-          help="talking_avatar: mux the original audio (default) or the -23 LUFS one")
+    _flag(gen, "output-audio", choices=["original", "normalized"], default=None,
+          help="talking_avatar: mux the original audio (default) or the -23 LUFS one (the original's)")
     _flag(gen, "max-audio-seconds", type=float, default=200.0)
     _flag(gen, "resume-dir", default=None, help="talking_avatar: per-window checkpoints; rerun to resume")
+    _flag(gen, "reproduce-original", action="store_true",
+          help="the original code's conventions where this package improves on them (per-chunk re-seeding, "
+               "truncation to uint8, nearest resizing, bf16 scheduler input, normalised audio): the original's "
+               "video for the same inputs and seed (docs/fidelity.md)")
     _flag(gen, "output", default=None, help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4)")
     _flag(gen, "crf", type=int, default=10, help="H.264 quality, 0 (lossless) to 51 (default 10, the original's)")
     _flag(gen, "offload", action="store_true", help="model CPU offload: one component on the GPU at a time")

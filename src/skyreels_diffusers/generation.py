@@ -47,12 +47,13 @@ class GenerationRequest:
     window_prompt: str | None = None
     prompt_in_every_window: bool = False
     clip_from_reference: bool = False
-    output_audio: str = "original"
+    output_audio: str | None = None
     max_audio_seconds: float = 200.0
     resume_dir: str | None = None
     keep_source_fps: bool = False
-    resize_mode: str = "bilinear"
+    resize_mode: str | None = None
     return_input_video: bool = False
+    reproduce_original: bool = False
     output: str | None = None
     crf: int = 10
     offload: bool = False
@@ -175,7 +176,7 @@ def validate(request: GenerationRequest) -> GenerationRequest:
 def _validate_avatar(request: GenerationRequest) -> GenerationRequest:
     from .pipelines.audio_io import load_speech
 
-    if request.output_audio not in ("original", "normalized"):
+    if request.output_audio not in (None, "original", "normalized"):
         raise _error("output_audio", f"must be 'original' or 'normalized', got {request.output_audio!r}")
     if not request.max_audio_seconds > 0:
         raise _error("max_audio_seconds", f"must be positive, got {request.max_audio_seconds!r}")
@@ -367,7 +368,7 @@ def run(
     common = dict(
         prompt=request.prompt, negative_prompt=request.negative_prompt, height=height, width=width,
         num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
-        output_type="np", callback_on_step_end=callback_on_step_end,
+        output_type="np", callback_on_step_end=callback_on_step_end, reproduce_original=request.reproduce_original,
     )
     audio, audio_rate = None, None
     if request.task == "talking_avatar":

@@ -166,3 +166,22 @@ def test_avatar_repo_with_incomplete_wav2vec2_fails(tmp_path):
     with pytest.raises((FileNotFoundError, OSError, KeyError)):
         convert_repo("talking_avatar", tmp_path / "orig", tmp_path / "conv")
     assert not (tmp_path / "conv").exists()
+
+
+def test_converted_clip_is_usable_without_a_save_round_trip(tmp_path):
+    """`convert_clip` builds on the meta device: every buffer (the non-persistent position ids too) must hold real
+    values, so the returned model gives the open-clip penultimate features directly, the same on every call."""
+    from skyreels_diffusers.conversion.repo import convert_clip
+    from tests.conversion.original_repos import open_clip_penultimate, open_clip_visual_state
+
+    state = open_clip_visual_state()
+    torch.save(state, tmp_path / "clip.pth")
+    model = convert_clip(tmp_path / "clip.pth", torch.float32)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        second = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    reference = open_clip_penultimate(state, pixels)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, reference, rtol=1e-4, atol=1e-4)

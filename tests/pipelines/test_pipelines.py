@@ -207,3 +207,55 @@ def test_extension_chunks_continue_from_generated_frames():
     first = 4 * plan[0]
     assert np.abs(a[:, :first] - b[:, :first]).max() > 0
     assert np.abs(a[:, first:] - b[:, first:]).max() > 0
+
+
+# ---------------------------------------------------------------------------------------------- schedules, conventions
+@pytest.mark.parametrize("task", ["reference_to_video", "single_shot_extension", "shot_switching_extension"])
+def test_explicit_sigmas_follow_diffusers_semantics(task):
+    """The original's unshifted sigmas passed as `sigmas=` give the default video exactly; other sigmas another."""
+    from skyreels_diffusers.schedulers.scheduling_flow_unipc import original_flow_sigmas
+
+    pipe, default = call(task, output_type="latent")
+    sigmas = original_flow_sigmas(2, pipe.scheduler.config.flow_sigma_max)
+    _, explicit = call(task, output_type="latent", sigmas=sigmas)
+    _, other = call(task, output_type="latent", sigmas=np.array([0.9, 0.4]))
+    torch.testing.assert_close(explicit.frames, default.frames, rtol=0, atol=0)
+    assert (other.frames - default.frames).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="timestep"):
+        call(task, output_type="latent", timesteps=[999, 500])  # UniPC takes no custom timesteps
+
+
+def test_reproduce_original_reseeds_every_extension_chunk():
+    """The original drew every chunk's noise from a freshly seeded generator: with `reproduce_original` every chunk
+    starts from the same noise, by default the chunks draw one stream in turn."""
+    noises = {}
+
+    def first_noise(flag):
+        pipe = tiny_pipeline("single_shot_extension")
+        pipe.set_progress_bar_config(disable=True)
+        seen = []
+        pipe.transformer.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["hidden_states"][:, :1, 7:8].clone()), with_kwargs=True
+        )
+        pipe(video=random_video(), prompt="go on", duration=6, generator=gen(), reproduce_original=flag,
+             **{**SMALL, "num_inference_steps": 1})
+        return seen  # one call per chunk: channel 0 of the first new latent frame of its initial noise
+
+    noises = {flag: first_noise(flag) for flag in (False, True)}
+    assert len(noises[True]) == len(noises[False]) == 2
+    torch.testing.assert_close(noises[True][0], noises[True][1], rtol=0, atol=0)
+    assert not torch.equal(noises[False][0], noises[False][1])
+    torch.testing.assert_close(noises[False][0], noises[True][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("task", ["single_shot_extension", "shot_switching_extension"])
+def test_reproduce_original_truncates_and_resizes_with_nearest_neighbours(task):
+    video = random_video(height=45, width=70)  # resized to the 32 x 48 output
+    kwargs = dict(video=video, output_type="pt", num_inference_steps=1)
+    _, ours = call(task, **kwargs)
+    _, original = call(task, **kwargs, reproduce_original=True)
+    _, nearest = call(task, **kwargs, resize_mode="nearest")
+    levels = lambda frames: (frames * 255).round()  # noqa: E731
+    difference = levels(nearest.frames) - levels(original.frames)  # same resizing: only rounding vs truncation
+    assert difference.min() >= 0 and difference.max() <= 1 and difference.mean() > 0.1
+    assert (levels(ours.frames) - levels(nearest.frames)).abs().max() > 0  # bilinear vs nearest input

@@ -197,7 +197,8 @@ def test_resume_gives_the_same_video(tmp_path):
         ({"audio": None}, "audio"),
         ({"audio": speech_wave(1.0), "audio_sample_rate": 16000, "resolution": "1080P", "height": None,
           "width": None}, "resolution"),
-        ({"audio": speech_wave(1.0), "audio_sample_rate": 16000, "output_type": "latent"}, "output_type"),
+        ({"audio": speech_wave(1.0), "audio_sample_rate": 16000, "output_type": "latent", "resume_dir": "/tmp/r"},
+         "output_type='latent'"),
     ],
 )
 def test_bad_inputs(kwargs, message):
@@ -241,3 +242,43 @@ def test_audio_formats_decode_to_16k_mono(tmp_path, suffix):
     speech = load_speech(path)
     assert abs(speech.duration - 1.0) < 0.1 and speech.waveform.ndim == 1
     assert speech.source_rate == 44100 and speech.source.shape[1] == 2
+
+
+def test_latent_output_is_every_clips_final_latents():
+    """`output_type="latent"`: the latents each clip ended with (keyframe clip, then the windows), in order."""
+    finals = []
+
+    def last_step(pipe, step, t, tensors):
+        if step == pipe.num_timesteps - 1:
+            finals.append(tensors["latents"].clone())
+        return {}
+
+    _, out = avatar(audio_embeds=features(100), num_inference_steps=2, output_type="latent",
+                    callback_on_step_end=last_step)
+    assert out.frames.shape == (1, 3, 16, 21, 4, 6)  # keyframe clip + windows at 0 and 64
+    torch.testing.assert_close(out.frames[0], torch.cat(finals), rtol=0, atol=0)
+
+
+def test_custom_sigmas_and_timesteps_reach_every_clip():
+    """The default schedule passed explicitly gives the same video; another schedule another video."""
+    kwargs = dict(audio_embeds=features(40), num_inference_steps=3, output_type="pt")
+    _, default = avatar(**kwargs)
+    base = np.linspace(1000, 1, 3, dtype=np.float32)
+    _, by_sigmas = avatar(**kwargs, sigmas=(base / 1000).tolist())
+    _, by_timesteps = avatar(**kwargs, timesteps=base.tolist())
+    _, other = avatar(**kwargs, sigmas=[1.0, 0.5, 0.25])
+    torch.testing.assert_close(by_sigmas.frames, default.frames, rtol=0, atol=1 / 255)
+    torch.testing.assert_close(by_timesteps.frames, default.frames, rtol=0, atol=1 / 255)
+    assert (other.frames - default.frames).abs().max() > 5 / 255
+
+
+def test_reproduce_original_truncates_and_returns_the_normalized_track():
+    wave = speech_wave(1.0)
+    _, ours = avatar(audio=wave, audio_sample_rate=16000, num_inference_steps=1, output_type="pt")
+    _, original = avatar(audio=wave, audio_sample_rate=16000, num_inference_steps=1, output_type="pt",
+                         reproduce_original=True)
+    levels = lambda frames: (frames * 255).round()  # noqa: E731 (the uint8 levels behind the [0, 1] frames)
+    difference = levels(ours.frames) - levels(original.frames)
+    assert difference.min() >= 0 and difference.max() <= 1 and difference.mean() > 0.1  # truncation: half a level
+    assert ours.audio_sample_rate == 16000 and np.array_equal(ours.audio, wave)
+    assert original.audio_sample_rate == 16000 and not np.array_equal(original.audio, wave)

@@ -162,14 +162,18 @@ def convert_clip(pth: Path, dtype: torch.dtype):
     expected = set(model.state_dict())
     if not any(k.startswith("vision_model.") for k in expected):  # transformers 5 flattens the vision tower
         converted = {k.removeprefix("vision_model."): v for k, v in converted.items()}
-    position_ids = next((k for k in expected if k.endswith("position_ids")), None)
-    if position_ids is not None:
-        converted[position_ids] = torch.arange(tokens)[None]
     missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
     if missing or unexpected:
         raise KeyError(f"CLIP checkpoint {pth}: missing keys {missing}, unexpected keys {unexpected}")
-    model.load_state_dict({k: v if k.endswith("position_ids") else v.to(dtype) for k, v in converted.items()},
-                          strict=True, assign=True)
+    model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
+    # the position ids are a non-persistent buffer (not in the state dict): built on the meta device, give them values
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"CLIP checkpoint {pth}: buffer {name} was left uninitialised")
+            module_name, _, attribute = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module.register_buffer(attribute, torch.arange(tokens)[None], persistent=False)
     return model.eval()
 
 
@@ -238,13 +242,17 @@ def _save_components(folder: Path, task: str, transformer_src: Path, variant: st
                      dtype: torch.dtype, max_shard_size: str, source: Path) -> None:
     """Write one pipeline folder: the transformer converted from `transformer_src`, the other components re-saved,
     the task's scheduler, `model_index.json` and a model card."""
-    from ..pipelines.tiny import flow_scheduler
-    from ..schedulers import SkyReelsV3FlowEulerScheduler
+    from .. import pipelines
+    from ..schedulers import SkyReelsV3FlowEulerScheduler, SkyReelsV3FlowUniPCScheduler
 
     folder.mkdir(parents=True)
     convert_transformer(transformer_src, folder / "transformer", variant, dtype=dtype, max_shard_size=max_shard_size)
     shift = SCHEDULER_SHIFT[task]
-    scheduler = SkyReelsV3FlowEulerScheduler(shift=shift) if task == "talking_avatar" else flow_scheduler(shift)
+    if task == "talking_avatar":
+        scheduler = SkyReelsV3FlowEulerScheduler(shift=shift)
+    else:
+        sigma_max = getattr(pipelines, PIPELINE_CLASSES[task])._flow_sigma_max
+        scheduler = SkyReelsV3FlowUniPCScheduler(flow_shift=shift, flow_sigma_max=sigma_max)
     components = {**components, "scheduler": scheduler}
     for name, component in components.items():
         kwargs = {"max_shard_size": max_shard_size} if hasattr(component, "num_parameters") else {}

@@ -14,12 +14,17 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from diffusers.utils import BaseOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from ..models import SkyReelsV3Transformer3DModel
+from ..schedulers import SkyReelsV3FlowUniPCScheduler
+from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32
+
+logger = logging.get_logger(__name__)
 
 try:
     import ftfy
@@ -47,6 +52,17 @@ class SkyReelsV3PipelineOutput(BaseOutput):
     frames: Any
 
 
+def exact_flow_scheduler(scheduler, flow_sigma_max: float):
+    """A stock `UniPCMultistepScheduler` with flow sigmas (what folders converted before the exact schedule hold)
+    -> `SkyReelsV3FlowUniPCScheduler` with the same config and the task's original sigma spacing; anything else is
+    returned as it is."""
+    if type(scheduler) is UniPCMultistepScheduler and scheduler.config.use_flow_sigmas:
+        logger.info("Using the original SkyReels-V3 flow-sigma spacing (SkyReelsV3FlowUniPCScheduler) for the "
+                    "UniPCMultistepScheduler of this pipeline; pass `sigmas=` for another spacing.")
+        return SkyReelsV3FlowUniPCScheduler.from_config(scheduler.config, flow_sigma_max=flow_sigma_max)
+    return scheduler
+
+
 class _NoProgressBar:
     def __enter__(self):
         return self
@@ -69,6 +85,8 @@ class SkyReelsV3PipelineBase(DiffusionPipeline, WanLoraLoaderMixin):
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _output_types = ("np", "pil", "pt", "latent")
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    #: the first unshifted flow sigma of the original's schedule for this task (see `SkyReelsV3FlowUniPCScheduler`)
+    _flow_sigma_max: float = SIGMA_MAX_FP32
 
     def __init__(
         self,
@@ -76,9 +94,10 @@ class SkyReelsV3PipelineBase(DiffusionPipeline, WanLoraLoaderMixin):
         text_encoder: UMT5EncoderModel,
         transformer: SkyReelsV3Transformer3DModel,
         vae: AutoencoderKLWan,
-        scheduler: UniPCMultistepScheduler,
+        scheduler: SkyReelsV3FlowUniPCScheduler,
     ):
         super().__init__()
+        scheduler = exact_flow_scheduler(scheduler, self._flow_sigma_max)
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
         )
@@ -286,15 +305,21 @@ class SkyReelsV3PipelineBase(DiffusionPipeline, WanLoraLoaderMixin):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         after_step: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
         progress: bool = True,
+        sigmas: list[float] | None = None,
+        timesteps: list | None = None,
+        float_prediction: bool = True,
     ) -> torch.Tensor:
         """Run the scheduler over `latents` (float32) with `predict(latents, t, state)` giving the flow prediction.
 
         `state` holds the tensors a callback may read or replace (`prompt_embeds`, `negative_prompt_embeds`);
         `callback_on_step_end(pipe, step, t, tensors)` may return replacements for `latents` and for them.
         `after_step(latents, step)` is the pipeline's own per-step update (applied before the user callback).
+        `sigmas` / `timesteps` replace the scheduler's schedule (diffusers' `retrieve_timesteps` semantics).
+        `float_prediction=False` hands the scheduler the prediction in the transformer's dtype (the original did).
         """
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        )
         self._num_timesteps = len(timesteps)
         self.scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
         with (self.progress_bar(total=len(timesteps)) if progress else _NoProgressBar()) as progress_bar:
@@ -303,7 +328,8 @@ class SkyReelsV3PipelineBase(DiffusionPipeline, WanLoraLoaderMixin):
                     continue
                 self._current_timestep = t
                 noise_pred = predict(latents, t, {**state, "step_index": i})
-                latents = self.scheduler.step(noise_pred.float(), t, latents, return_dict=False)[0]
+                noise_pred = noise_pred.float() if float_prediction else noise_pred
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if after_step is not None:
                     latents = after_step(latents, i)
                 if callback_on_step_end is not None:

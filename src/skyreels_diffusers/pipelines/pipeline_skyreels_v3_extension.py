@@ -69,12 +69,13 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
     Components: `tokenizer`, `text_encoder` (`UMT5EncoderModel`), `transformer` (`SkyReelsV3Transformer3DModel`,
     extension config), `vae` (`AutoencoderKLWan`), `scheduler` (`UniPCMultistepScheduler`, flow sigmas, shift 8).
 
-    Where this deliberately differs from the original (spec section 13):
+    Where this deliberately differs from the original (`reproduce_original=True` restores all three):
     * one generator runs through all chunks (the original re-seeded every chunk, so every chunk got the same noise);
     * frames are converted to uint8 by rounding, not truncation (truncation darkens each chunk's conditioning by half
       a level on average, compounding from chunk to chunk);
     * `resize_mode="bilinear"` (antialiased) instead of nearest-neighbour resizing of the input (`"nearest"` gives
-      the original's); `return_input_video=True` prepends the (resized) input video to the output.
+      the original's).
+    `return_input_video=True` prepends the (resized) input video to the output.
     """
 
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -95,7 +96,7 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         latents: list[torch.Tensor] | torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        resize_mode: str = "bilinear",
+        resize_mode: str | None = None,
         return_input_video: bool = False,
         output_type: str = "np",
         return_dict: bool = True,
@@ -103,6 +104,9 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None,
+        reproduce_original: bool = False,
     ) -> SkyReelsV3PipelineOutput | tuple:
         r"""
         Extend `video` by `duration` seconds.
@@ -122,7 +126,8 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
             generator: draws each chunk's noise, in chunk order.
             latents: initial noise per chunk (a list, or one tensor for a single chunk).
             prompt_embeds, negative_prompt_embeds: precomputed UMT5 embeddings.
-            resize_mode: how the input is resized to the bucket: "bilinear" (default), "bicubic", "area", "nearest".
+            resize_mode: how the input is resized to the bucket: "bilinear", "bicubic", "area", "nearest"; default
+                "bilinear" ("nearest" with `reproduce_original`).
             return_input_video: prepend the input video (resized) to the output.
             output_type: "np" (default), "pil", "pt" or "latent" (the chunks' latents, concatenated along time).
             return_dict: return a `SkyReelsV3PipelineOutput` instead of a tuple.
@@ -131,6 +136,10 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
                 (`step` restarts at 0 in each chunk).
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` passed to the callback.
             max_sequence_length: text tokens (512).
+            sigmas: custom unshifted flow sigmas per chunk (diffusers' semantics); default: the original's schedule.
+            timesteps: custom timesteps, for schedulers that accept them.
+            reproduce_original: the original's conventions: every chunk's noise drawn from the generator's initial
+                state (the original re-seeded each chunk), uint8 by truncation, nearest-neighbour input resizing.
 
         Returns: `SkyReelsV3PipelineOutput` with the new frames (plus the input's with `return_input_video`).
 
@@ -138,6 +147,7 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         """
         if not isinstance(duration, int) or isinstance(duration, bool) or duration < 1:
             raise ValueError(f"`duration` must be a positive integer number of seconds, got {duration!r}.")
+        resize_mode = resize_mode or ("nearest" if reproduce_original else "bilinear")
         frames, height, width, fps = self.load_input_video(
             video, NUM_CONDITION_FRAMES, resolution, height, width, resize_mode, fps
         )
@@ -171,7 +181,12 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         first = resize_frames(frames[-NUM_CONDITION_FRAMES:], height, width, resize_mode).to(device)
         prefixes = [first] * batch_size
         new_frames, chunk_latents = [], []
+        if reproduce_original and generator is None:
+            generator = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        initial_state = generator.get_state() if reproduce_original else None
         for index, num_latents in enumerate(plan):
+            if initial_state is not None:
+                generator.set_state(initial_state)  # the original seeded a fresh generator for every chunk
             condition = torch.cat([self.encode_video(p).to(device) for p in prefixes])
             shape = self.latent_shape(batch_size, num_latents, height, width)
             noise = self.prepare_latents(shape, generator, device, None if latents is None else latents[index],
@@ -195,13 +210,13 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
 
             chunk = self.denoise(
                 noise, predict, num_inference_steps, device, state, callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
+                callback_on_step_end_tensor_inputs, sigmas=sigmas, timesteps=timesteps,
             )
             chunk_latents.append(chunk)
             if self.interrupt:
                 break
             decoded = self.decode_latents(torch.cat([condition, chunk], dim=2))
-            chunk_frames = pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1))  # [B, F, H, W, 3]
+            chunk_frames = pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1), truncate=reproduce_original)
             new_frames.append(chunk_frames[:, NUM_CONDITION_FRAMES:])
             generated = torch.from_numpy(new_frames[-1]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
             prefixes = [torch.cat([p, g[None]], dim=2)[:, :, -NUM_CONDITION_FRAMES:] for p, g in zip(prefixes, generated)]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from diffusers.utils import replace_example_docstring
 
+from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP64
 from .buckets import bucket_size, check_size
 from .common import SkyReelsV3PipelineBase, SkyReelsV3PipelineOutput
 from .video_io import ImageInput, letterbox, load_image
@@ -45,13 +46,15 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
     transformer's output is cut back to the video frames.
 
     Components: `tokenizer` (UMT5), `text_encoder` (`UMT5EncoderModel`), `transformer`
-    (`SkyReelsV3Transformer3DModel`), `vae` (`AutoencoderKLWan`), `scheduler` (`UniPCMultistepScheduler` with flow
-    sigmas, shift 5).
+    (`SkyReelsV3Transformer3DModel`), `vae` (`AutoencoderKLWan`), `scheduler` (`SkyReelsV3FlowUniPCScheduler`: UniPC
+    with the original's flow sigmas, shift 5).
 
     Differences from the original, on purpose: the scheduler receives the transformer's prediction in float32 (the
-    original let diffusers evaluate `sigma * prediction` in bf16); everything else, including the RNG order, is
-    the original's.
+    original let diffusers evaluate `sigma * prediction` in bf16); `reproduce_original=True` restores that.
+    Everything else, including the RNG order and the rounding to uint8, is the original's.
     """
+
+    _flow_sigma_max = SIGMA_MAX_FP64
 
     def check_inputs(
         self,
@@ -128,6 +131,9 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None,
+        reproduce_original: bool = False,
     ) -> SkyReelsV3PipelineOutput | tuple:
         r"""
         Generate a video of the subjects in `ref_images`.
@@ -153,6 +159,11 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after every step.
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` passed to the callback.
             max_sequence_length: text tokens (512).
+            sigmas: custom unshifted flow sigmas (diffusers' semantics; the scheduler applies its shift); default:
+                the original's schedule.
+            timesteps: custom timesteps, for schedulers that accept them.
+            reproduce_original: the original's conventions where they differ from this pipeline's (the scheduler
+                gets the prediction in the transformer's dtype): the original's video for the same inputs and seed.
 
         Examples:
         """
@@ -195,7 +206,8 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
                     name, state["step_index"], hidden_states=hidden_states, timestep=timestep,
                     encoder_hidden_states=embeds,
                 )
-                return out[:, :, :num_latent_frames].float()
+                out = out[:, :, :num_latent_frames]
+                return out if reproduce_original else out.float()  # the original guided in the model's dtype
 
             cond = branch("cond", state["prompt_embeds"], references)
             if not self.do_classifier_free_guidance:
@@ -211,7 +223,8 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
         state = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         latents = self.denoise(
             latents, predict, num_inference_steps, device, state, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, sigmas=sigmas, timesteps=timesteps,
+            float_prediction=not reproduce_original,
         )
 
         # 4. Decode

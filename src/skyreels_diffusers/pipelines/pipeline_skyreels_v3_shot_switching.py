@@ -45,7 +45,8 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
 
     Differences from the original: it runs on one GPU without `--offload` (the original moved the transformer to the
     CPU before denoising and crashed), frames are rounded (not truncated) to uint8, `resize_mode="bilinear"` by
-    default (`"nearest"` = the original), `return_input_video=True` prepends the input.
+    default (`"nearest"` = the original), `return_input_video=True` prepends the input. `reproduce_original=True`
+    truncates and resizes with nearest neighbours as the original did.
     """
 
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -66,7 +67,7 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
-        resize_mode: str = "bilinear",
+        resize_mode: str | None = None,
         return_input_video: bool = False,
         output_type: str = "np",
         return_dict: bool = True,
@@ -74,6 +75,9 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
+        sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None,
+        reproduce_original: bool = False,
     ) -> SkyReelsV3PipelineOutput | tuple:
         r"""
         Generate `duration` seconds after a cut from the end of `video`.
@@ -93,12 +97,17 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
             output_type: "np" (default), "pil", "pt" or "latent".
             return_dict, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
             max_sequence_length: as in the other pipelines.
+            sigmas: custom unshifted flow sigmas (diffusers' semantics); default: the original's schedule.
+            timesteps: custom timesteps, for schedulers that accept them.
+            reproduce_original: the original's conventions (uint8 by truncation, nearest-neighbour input resizing;
+                `resize_mode` defaults to "nearest").
 
         Examples:
         """
         if duration not in SHOT_NUM_CONDITION_FRAMES_MAP:
             raise ValueError(f"`duration` must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} seconds, got {duration!r}.")
         num_condition_frames = SHOT_NUM_CONDITION_FRAMES_MAP[duration]
+        resize_mode = resize_mode or ("nearest" if reproduce_original else "bilinear")
         frames, height, width, fps = self.load_input_video(
             video, num_condition_frames, resolution, height, width, resize_mode, fps
         )
@@ -145,14 +154,14 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
         state = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         latents = self.denoise(
             latents, predict, num_inference_steps, device, state, callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, sigmas=sigmas, timesteps=timesteps,
         )
 
         if output_type == "latent":
             output = latents
         else:
             decoded = self.decode_latents(latents)
-            video_frames = pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1))
+            video_frames = pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1), truncate=reproduce_original)
             output = self.format_output(
                 video_frames, frames, height, width, resize_mode, return_input_video, output_type
             )

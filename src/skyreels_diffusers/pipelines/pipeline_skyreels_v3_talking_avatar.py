@@ -117,7 +117,8 @@ class SkyReelsV3AvatarPipelineOutput(BaseOutput):
 
     Args:
         frames: `[1, F, H, W, 3]` floats in [0, 1] ("np"), `[1, F, 3, H, W]` ("pt") or PIL lists ("pil");
-            `F = ceil(audio seconds * 25)`.
+            `F = ceil(audio seconds * 25)`; with "latent" the final latents of every clip `[1, clips, 16, 21, h, w]`
+            (clip 0 = the keyframe clip, then the windows).
         audio: the waveform to mux (`[samples]` or `[samples, channels]` float32), None with precomputed features.
         audio_sample_rate: its sample rate.
         fps: the video frame rate (25).
@@ -150,10 +151,11 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
     in every window (the original uses the first motion frame); 540P has a bucket table; `resume_dir` lets a killed
     run resume at the next window with an identical result; frames are rounded (not truncated) to uint8; the output
     carries the user's original audio by default (`output_audio="normalized"` for the original's -23 LUFS track).
+    `reproduce_original=True` truncates to uint8 as the original and returns the normalised track.
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->audio_encoder->transformer->vae"
-    _output_types = ("np", "pil", "pt")  # clips are decoded window by window: no single latent to return
+    _output_types = ("np", "pil", "pt", "latent")
 
     def __init__(
         self,
@@ -178,6 +180,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         self, image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt, prompt_embeds,
         negative_prompt_embeds, resolution, height, width, num_inference_steps, guidance_scale,
         audio_guidance_scale, max_audio_seconds, output_type, output_audio, callback_on_step_end_tensor_inputs,
+        resume_dir=None,
     ) -> tuple[PIL.Image.Image, SpeechAudio | None, int]:
         """Validate everything before model work; returns (portrait, decoded speech or None, video frames)."""
         portrait = load_image(image, name="image", exif_transpose=True)
@@ -188,6 +191,9 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             raise ValueError(f"`audio_guidance_scale` must be >= 1 (1 = off), got {audio_guidance_scale!r}.")
         if output_audio not in ("original", "normalized"):
             raise ValueError(f"`output_audio` must be 'original' or 'normalized', got {output_audio!r}.")
+        if output_type == "latent" and resume_dir is not None:
+            raise ValueError("`output_type='latent'` cannot be combined with `resume_dir` (finished windows are kept "
+                             "as frames, not latents).")
         self._check_common_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
             output_type, callback_on_step_end_tensor_inputs,
@@ -246,8 +252,10 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         audio_guidance_scale: float,
         callback_on_step_end: Callable | None,
         callback_on_step_end_tensor_inputs: list[str],
-    ) -> torch.Tensor:
-        """Denoise one 81-frame clip; returns decoded pixels `[1, 3, 81, H, W]` in [-1, 1].
+        sigmas: list[float] | None = None,
+        timesteps: list[float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoise one 81-frame clip; returns its final latents and decoded pixels `[1, 3, 81, H, W]` in [-1, 1].
 
         `condition` `[n, 3, H, W]` are the first frames (portrait or motion frames), `pseudo` `[5, 3, H, W]` the
         end frames (or None); the rest of the conditioning video is zero (grey)."""
@@ -271,7 +279,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         y = torch.cat([mask, condition_latents], dim=1)
 
         latents = randn_tensor(condition_latents.shape, generator=generator, device=device, dtype=torch.float32)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, timesteps=timesteps)
         after_step = None
         if motion:
             motion_latents = condition_latents[:, :, : 1 + (MOTION_FRAMES - 1) // scale]
@@ -320,9 +328,10 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         state = {"prompt_embeds": text_embeds, "negative_prompt_embeds": negative_embeds}
         latents = self.denoise(
             latents, predict, num_inference_steps, device, state, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, after_step=after_step, progress=False,
+            callback_on_step_end_tensor_inputs, after_step=after_step, progress=False, sigmas=sigmas,
+            timesteps=timesteps,
         )
-        return self.decode_latents(latents)
+        return latents, self.decode_latents(latents)
 
     # ---------------------------------------------------------------------------------------------- resume
     @staticmethod
@@ -373,13 +382,16 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         audio_embeds: torch.Tensor | None = None,
         resume_dir: str | os.PathLike | None = None,
         output_type: str = "np",
-        output_audio: str = "original",
+        output_audio: str | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         callback_on_window_end: Callable[[Any, int, int], None] | None = None,
         max_sequence_length: int = 512,
+        sigmas: list[float] | None = None,
+        timesteps: list[float] | None = None,
+        reproduce_original: bool = False,
     ) -> SkyReelsV3AvatarPipelineOutput | tuple:
         r"""
         Animate `image` speaking `audio`.
@@ -408,21 +420,27 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             audio_embeds: precomputed wav2vec2 features `[T, 12, 768]` at 25 fps instead of `audio`.
             resume_dir: folder for per-window checkpoints; a run killed at window k and started again with the same
                 inputs resumes at window k and gives the same video as an uninterrupted run.
-            output_type: "np" (default), "pil" or "pt".
-            output_audio: "original" (the user's file, default) or "normalized" (-23 LUFS, 16 kHz mono).
+            output_type: "np" (default), "pil", "pt" or "latent" (every clip's final latents; not with `resume_dir`).
+            output_audio: "original" (the user's file; the default) or "normalized" (-23 LUFS, 16 kHz mono; the
+                default with `reproduce_original`).
             return_dict: return a `SkyReelsV3AvatarPipelineOutput` instead of a tuple.
             attention_kwargs: passed to the transformer.
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after every step of every clip.
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` passed to it.
             callback_on_window_end: `fn(pipe, window, num_windows)` after every finished window (0 = keyframe clip).
             max_sequence_length: text tokens (512).
+            sigmas: custom unshifted noise levels per clip (in (0, 1]; the scheduler applies its shift and appends 0).
+            timesteps: the same as timesteps (`1000 * sigmas`).
+            reproduce_original: the original's conventions (uint8 by truncation, the normalised audio track).
 
         Examples:
         """
+        output_audio = output_audio or ("normalized" if reproduce_original else "original")
         portrait, speech, num_frames = self.check_inputs(
             image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt, prompt_embeds,
             negative_prompt_embeds, resolution, height, width, num_inference_steps, guidance_scale,
             audio_guidance_scale, max_audio_seconds, output_type, output_audio, callback_on_step_end_tensor_inputs,
+            resume_dir,
         )
         callback_on_step_end_tensor_inputs = self._prepare_call(
             guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs
@@ -454,15 +472,22 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             audio_embeds = self.encode_audio(speech)
         audio_embeds = audio_embeds.float()
         plan = plan_windows(num_frames)
+        clip_latents = []
+
+        def to_uint8(pixels: torch.Tensor) -> np.ndarray:  # [F, 3, H, W] in [-1, 1]
+            if reproduce_original:  # the original's avatar conversion: (x + 1) * 127.5, clamped, truncated
+                return ((pixels.permute(0, 2, 3, 1).float() + 1) * 127.5).clamp(0, 255).cpu().numpy().astype(np.uint8)
+            return pixels_to_uint8(pixels.permute(0, 2, 3, 1))
 
         def clip(condition, pseudo, text, audio_start, features, motion):
             clip_tokens = image_embeds if (not motion or clip_from_reference) else self.encode_image(condition[:1])
-            video = self.generate_clip(
+            latents, video = self.generate_clip(
                 condition, pseudo, text, negative_prompt_embeds if guidance else None,
                 audio_windows(features, audio_start, WINDOW_FRAMES), clip_tokens, motion, generator,
                 num_inference_steps, guidance_scale, audio_guidance_scale, callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
+                callback_on_step_end_tensor_inputs, sigmas, timesteps,
             )
+            clip_latents.append(latents)
             return video[0].transpose(0, 1)  # [81, 3, H, W]
 
         # 3. Resume state
@@ -504,7 +529,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             chunks = [np.load(resume_dir / f"window_{k:05d}.npy") for k in range(next_window)]
 
         if not plan.starts:
-            video = pixels_to_uint8(keyframe_video[:num_frames].permute(0, 2, 3, 1))[None]
+            video = to_uint8(keyframe_video[:num_frames])[None]
         else:
             # 5. Sliding windows
             features = extend_audio(audio_embeds, plan.video_length)
@@ -523,7 +548,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
                         frames = frames[: WINDOW_FRAMES - DROP_FRAMES]
                     frames = match_colors(frames, reference, color_match_strength)
                     new = frames if k == 0 else frames[condition.shape[0]:]
-                    chunks.append(pixels_to_uint8(new.permute(0, 2, 3, 1)))
+                    chunks.append(to_uint8(new))
                     motion_frames = frames[-MOTION_FRAMES:]
                     if state_file is not None and is_main_process():
                         tmp = resume_dir / f".window_{k:05d}.npy"
@@ -537,7 +562,10 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
                         callback_on_window_end(self, k + 1, num_windows + 1)
             video = np.concatenate(chunks)[:num_frames][None]
 
-        output = self.format_frames(torch.from_numpy(video).float().div(255).permute(0, 1, 4, 2, 3), output_type)
+        if output_type == "latent":
+            output = torch.stack(clip_latents, dim=1)  # [1, clips, C, F, h, w]
+        else:
+            output = self.format_frames(torch.from_numpy(video).float().div(255).permute(0, 1, 4, 2, 3), output_type)
         waveform, rate = None, None
         if speech is not None:
             waveform, rate = (speech.source, speech.source_rate) if output_audio == "original" else (

@@ -8,10 +8,12 @@ RANDOM WEIGHTS, for trying the tools, not for looking at.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+from diffusers import AutoencoderKLWan
 
 from ..models import SkyReelsV3Transformer3DModel
 from ..models.configs import TINY_TRANSFORMER_CONFIGS
+from ..schedulers import SkyReelsV3FlowUniPCScheduler
+from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32
 
 #: task -> (pipeline class name, transformer variant, scheduler shift)
 TASKS = {
@@ -78,11 +80,9 @@ def tiny_transformer(variant: str, seed: int = 0) -> SkyReelsV3Transformer3DMode
     return SkyReelsV3Transformer3DModel(**TINY_TRANSFORMER_CONFIGS[variant]).eval()
 
 
-def flow_scheduler(shift: float) -> UniPCMultistepScheduler:
-    """The scheduler of every SkyReels-V3 video task but the avatar: UniPC with flow sigmas."""
-    return UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
-    )
+def flow_scheduler(shift: float, flow_sigma_max: float = SIGMA_MAX_FP32) -> SkyReelsV3FlowUniPCScheduler:
+    """The scheduler of every SkyReels-V3 video task but the avatar: UniPC with the original's flow sigmas."""
+    return SkyReelsV3FlowUniPCScheduler(flow_shift=shift, flow_sigma_max=flow_sigma_max)
 
 
 def avatar_feature_extractor():
@@ -115,12 +115,14 @@ def tiny_components(task: str, seed: int = 0) -> dict:
             "vae": tiny_vae(seed),
             "scheduler": SkyReelsV3FlowEulerScheduler(shift=shift),
         }
+    from .. import pipelines
+
     return {
         "tokenizer": tiny_tokenizer(),
         "text_encoder": tiny_text_encoder(seed),
         "transformer": tiny_transformer(variant, seed),
         "vae": tiny_vae(seed),
-        "scheduler": flow_scheduler(shift),
+        "scheduler": flow_scheduler(shift, getattr(pipelines, TASKS[task][0])._flow_sigma_max),
     }
 
 

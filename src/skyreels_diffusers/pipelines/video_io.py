@@ -94,20 +94,22 @@ def load_video(video: VideoInput, name: str = "video", apply_rotation: bool = Tr
     raise ValueError(f"`{name}` must be a path, a [F, H, W, 3] array or a list of PIL images, got {type(video)}.")
 
 
-def to_uint8(frames) -> np.ndarray:
-    """Float frames in [0, 1] -> uint8 by rounding (the original truncated in two of its pipelines, which darkens
-    every frame by half a level on average and compounds across extension chunks)."""
+def to_uint8(frames, truncate: bool = False) -> np.ndarray:
+    """Float frames in [0, 1] -> uint8 by rounding, or by truncation with `truncate=True` (the original's extension
+    and avatar pipelines truncated, which darkens every frame by half a level on average and compounds across
+    extension chunks)."""
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().float().cpu().numpy()
     frames = np.asarray(frames)
     if frames.dtype == np.uint8:
         return frames
-    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+    scaled = frames * np.float32(255.0)
+    return np.clip(scaled if truncate else np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """Pixels in [-1, 1], channels last -> uint8 (rounded, saturated)."""
-    return to_uint8((pixels / 2 + 0.5).clamp(0, 1))
+def pixels_to_uint8(pixels: torch.Tensor, truncate: bool = False) -> np.ndarray:
+    """Pixels in [-1, 1], channels last -> uint8 (rounded, or truncated as the original's extension pipelines)."""
+    return to_uint8((pixels / 2 + 0.5).clamp(0, 1), truncate=truncate)
 
 
 def write_video(

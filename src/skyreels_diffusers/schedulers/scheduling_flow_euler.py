@@ -52,12 +52,30 @@ class SkyReelsV3FlowEulerScheduler(SchedulerMixin, ConfigMixin):
     def set_begin_index(self, begin_index: int = 0):
         self._begin_index = begin_index
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        sigmas: list[float] | None = None,
+        timesteps: list[float] | None = None,
+    ):
+        """`N` steps of the original's schedule, or a custom unshifted schedule: `sigmas` (noise levels in (0, 1]) or
+        `timesteps` (`T * sigmas`); the shift is applied to either and a final zero appended."""
         total = self.config.num_train_timesteps
-        base = list(np.linspace(total, 1, num_inference_steps, dtype=np.float32)) + [0.0]
-        t = torch.tensor(np.array(base, dtype=np.float32))
+        if sigmas is not None and timesteps is not None:
+            raise ValueError("Pass either `sigmas` or `timesteps`, not both.")
+        if timesteps is not None:
+            sigmas = [float(t) / total for t in timesteps]
+        if sigmas is not None:
+            base = np.asarray(sigmas, dtype=np.float32) * np.float32(total)
+            if base.ndim != 1 or len(base) < 1 or not (np.all(base > 0) and np.all(base <= total)):
+                raise ValueError(f"`sigmas` must be a non-empty list of values in (0, 1], got {list(sigmas)!r}.")
+            num_inference_steps = len(base)
+        elif not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        else:
+            base = np.linspace(total, 1, num_inference_steps, dtype=np.float32)
+        t = torch.tensor(np.append(base, np.float32(0.0)).astype(np.float32))
         u = t / total
         shifted = (self.config.shift * u / (1 + (self.config.shift - 1) * u)) * total
         self.num_inference_steps = num_inference_steps
