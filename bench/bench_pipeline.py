@@ -25,17 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import add_run_arguments, device_name, sync, write_json
 
-from skyreels_diffusers import pipelines as pipeline_classes
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from skyreels_diffusers.models.configs import TRANSFORMER_CONFIGS
 from skyreels_diffusers.optimization import apply_memory_mode
-from skyreels_diffusers.pipelines.tiny import (
-    TASKS,
-    avatar_feature_extractor,
-    flow_scheduler,
-    tiny_components,
-    tiny_tokenizer,
-)
+from skyreels_diffusers.pipelines.tasks import TASKS, tiny_components
+from skyreels_diffusers.pipelines.tiny import avatar_feature_extractor, tiny_tokenizer
 
 SIZES = {"480P": (480, 848), "540P": (544, 960), "720P": (720, 1280)}
 AVATAR_SIZES = {"480P": (480, 832), "540P": (544, 960), "720P": (720, 1280)}
@@ -53,7 +47,7 @@ def real_components(task: str, device) -> dict:
         Wav2Vec2Model,
     )
 
-    variant = TASKS[task][1]
+    variant = TASKS[task].variant
     previous = torch.get_default_dtype()
     torch.manual_seed(0)
     with torch.device(device):
@@ -81,12 +75,7 @@ def real_components(task: str, device) -> dict:
     for name, param in components["transformer"].named_parameters():
         if keep & set(name.split(".")):
             param.data = param.data.float()
-    if task == "talking_avatar":
-        from skyreels_diffusers.schedulers import SkyReelsV3FlowEulerScheduler
-
-        components["scheduler"] = SkyReelsV3FlowEulerScheduler(shift=11.0)
-    else:
-        components["scheduler"] = flow_scheduler(TASKS[task][2])
+    components["scheduler"] = TASKS[task].make_scheduler()
     return {k: (v.requires_grad_(False) if isinstance(v, torch.nn.Module) else v) for k, v in components.items()}
 
 
@@ -167,7 +156,7 @@ def main(argv=None) -> int:
                         component.to("cpu")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            pipe = getattr(pipeline_classes, TASKS[task][0])(**components)
+            pipe = TASKS[task].pipeline_class(**components)
             pipe.set_progress_bar_config(disable=True)
             apply_memory_mode(pipe, mode, device)
             spent = time_components(pipe, device)

@@ -23,6 +23,8 @@ import sys
 
 import torch
 
+from skyreels_diffusers.pipelines.tasks import REPOS, TASKS
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -30,13 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     transformer = sub.add_parser("transformer", help="convert one transformer folder")
-    transformer.add_argument("--variant", required=True, choices=["reference", "extension", "avatar"])
+    transformer.add_argument("--variant", required=True, choices=sorted({t.variant for t in TASKS.values()}))
     transformer.add_argument("src")
     transformer.add_argument("dst")
     transformer.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
     transformer.add_argument("--max-shard-size", default="5GB")
     repo = sub.add_parser("repo", help="convert a whole original repo into pipeline folder(s)")
-    repo.add_argument("--task", required=True, choices=["reference_to_video", "video_extension", "talking_avatar"])
+    repo.add_argument("--task", required=True, choices=list(REPOS))
     repo.add_argument("src")
     repo.add_argument("dst")
     repo.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="transformer and text encoder dtype")

@@ -15,14 +15,10 @@ import uuid
 from pathlib import Path
 
 from .generation import DEFAULT_PROMPT, GenerationRequest, run
+from .pipelines.tasks import TASKS
 from .parallel.context_parallel import broadcast_from_main
 
-TASK_LABELS = {
-    "reference_to_video": "Reference to video",
-    "single_shot_extension": "Single-shot extension",
-    "shot_switching_extension": "Shot switching",
-    "talking_avatar": "Talking avatar",
-}
+TASK_LABELS = {name: spec.label for name, spec in TASKS.items()}
 # request field -> the input that shows its errors (the CLI flag names the field)
 FIELD_OF_FLAG = {
     "--ref-imgs": "ref_imgs", "--input-video": "input_video", "--input-image": "input_image",
@@ -134,7 +130,7 @@ class JobRunner:
             self.cancel_event.clear()
             from .generation import validate
 
-            validate(request)
+            request = validate(request)
             broadcast_from_main(request)  # the other ranks (torchrun) join the job
             pipe = self.pipeline(request)
             on_step = self._step_callback(max(1, request.steps), progress)
@@ -194,11 +190,11 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 with gr.Row():
                     inputs["resolution"] = gr.Dropdown(RESOLUTION_CHOICES, value="default", label="Resolution",
                                                        elem_id=f"{task}-resolution")
-                    default_duration = {"shot_switching_extension": 2, "talking_avatar": 0}.get(task, 1)
+                    default_duration = TASKS[task].default_duration
                     inputs["duration"] = gr.Number(value=default_duration, precision=0, label="Duration (s)",
                                                    visible=task != "talking_avatar", elem_id=f"{task}-duration")
                     inputs["seed"] = gr.Number(value=42, precision=0, label="Seed", elem_id=f"{task}-seed")
-                    inputs["steps"] = gr.Number(value=4 if task == "talking_avatar" else 8, precision=0,
+                    inputs["steps"] = gr.Number(value=TASKS[task].default_steps, precision=0,
                                                 label="Steps", elem_id=f"{task}-steps")
                 for name in ("resolution", "duration", "seed", "steps"):
                     error_box(name)

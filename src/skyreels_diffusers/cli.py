@@ -14,7 +14,8 @@ import argparse
 import os
 import sys
 
-from .generation import DEFAULT_PROMPT, GenerationRequest, request_fields, run
+from .generation import DEFAULT_PROMPT, GenerationRequest, check_parallel, request_fields, run
+from .pipelines.tasks import TASKS
 
 
 def _flag(parser, name: str, *aliases: str, **kwargs):
@@ -32,8 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate one video")
-    _flag(gen, "task", "task-type", required=True,
-          choices=["reference_to_video", "single_shot_extension", "shot_switching_extension", "talking_avatar"])
+    _flag(gen, "task", "task-type", required=True, choices=list(TASKS))
     _flag(gen, "model", "model-id", default=None,
           help="'tiny' (random weights, offline) or a converted pipeline folder (scripts/convert_checkpoints.py)")
     _flag(gen, "prompt", default=DEFAULT_PROMPT)
@@ -103,20 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.command == "app":
-        from .parallel.context_parallel import check_degrees
-
         world = int(os.environ.get("WORLD_SIZE", "1"))
         try:
             if args.ulysses_degree != 1 or world != 1:
-                heads = 2 if args.model == "tiny" else 40
-                check_degrees(heads, args.ulysses_degree, 1, world)
+                for task in TASKS:  # every tab's model must shard over the degree
+                    check_parallel(GenerationRequest(task=task, model=args.model,
+                                                     ulysses_degree=args.ulysses_degree), world)
             from .app import launch
 
             launch(model=args.model, host=args.host, port=args.port, output_dir=args.output_dir,
                    offload=args.offload, low_vram=args.low_vram, ulysses_degree=args.ulysses_degree,
                    device=args.device)
         except (ImportError, ValueError) as error:
-            print(f"error: {'--ulysses-degree: ' if isinstance(error, ValueError) else ''}{error}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr)
             return 2
         return 0
     if args.command == "generate":

@@ -1,10 +1,16 @@
-"""One generation request, validated before any model loads, then run: the code path shared by the
-`skyreels-v3` command line (and anything else that drives the pipelines from plain arguments)."""
+"""One generation request: parsed, its inputs decoded once, checked by the pipelines' own checks before any model
+loads, then run. The code path shared by the `skyreels-v3` command line and the web app.
+
+The request layer owns what only a run has (model folder, memory and parallel options, the output file); every
+limit on a pipeline argument lives in the pipeline (`check_inputs`), and its errors are reported here under the
+command-line flag that sets the argument.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,22 +18,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .pipelines.buckets import RESOLUTIONS, bucket_size, check_size, scale_to_long_side
-from .pipelines.pipeline_skyreels_v3_reference import MAX_REFERENCES
-from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
-from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
-from .pipelines.pipeline_skyreels_v3_talking_avatar import DEFAULT_WINDOW_PROMPT
-from .pipelines.tiny import TASKS, TINY_LONG_SIDE, tiny_pipeline
+from .pipelines.buckets import RESOLUTIONS, avatar_bucket_size, bucket_size, scale_to_long_side
+from .pipelines.tasks import TASKS, TaskSpec, tiny_pipeline
+from .pipelines.tiny import TINY_LONG_SIDE
 from .pipelines.video_io import load_image, load_video, write_video
+
 
 DEFAULT_PROMPT = "A man is making his way forward slowly, leaning on a white cane to prop himself up."
 MODEL_FPS = 24
 PARALLEL_BACKENDS = ("diffusers", "xfuser")
+#: pipeline argument -> the command-line flag (without "--") that sets it
+ARGUMENT_FLAGS = {
+    "ref_images": "ref-imgs", "video": "input-video", "image": "input-image", "audio": "input-audio",
+    "audio_embeds": "input-audio", "num_inference_steps": "steps", "num_frames": "duration",
+    "guidance_scale": "guidance-scale", "negative_prompt": "negative-prompt", "resize_mode": "resize-mode",
+    "fps": "keep-source-fps", "max_audio_seconds": "max-audio-seconds", "output_audio": "output-audio",
+    "resume_dir": "resume-dir", "window_prompt": "window-prompt",
+}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationRequest:
-    """Everything one run needs; the field names follow the CLI flags."""
+    """Everything one run needs; the field names follow the CLI flags. `validate` returns a copy with the decoded
+    inputs in `media` and the frame rate in `fps`."""
 
     task: str
     model: str = "tiny"
@@ -68,28 +81,55 @@ class GenerationRequest:
     parallel_backend: str = "diffusers"
     device: str | None = None
 
-    # resolved by `validate`
+    # set by `validate`
     fps: float = MODEL_FPS
-    _media: dict = field(default_factory=dict, repr=False)
+    media: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.task]
 
 
 def _error(argument: str, message: str) -> ValueError:
     return ValueError(f"--{argument.replace('_', '-')}: {message}")
 
 
+def flag_error(error: ValueError) -> ValueError:
+    """A pipeline's argument error -> the same message under the flag that sets the argument."""
+    message = str(error)
+    argument = getattr(error, "argument", None)
+    match = re.match(r"`(\w+)(\[\d+\])?`:? ?", message)
+    if argument is None and match:
+        argument = match.group(1)
+    if argument is None:
+        return error
+    if match:
+        message = message[match.end():] if message[match.end():match.end() + 1].islower() else message
+    return _error(ARGUMENT_FLAGS.get(argument, argument), message)
+
+
 def validate(request: GenerationRequest) -> GenerationRequest:
-    """Check every argument against its accepted range and read the inputs; raises `ValueError` naming the argument.
-    Nothing is loaded but the input media."""
+    """Check the run options, decode the inputs once and run the task pipeline's own checks (no weights); returns
+    the validated request. Raises `ValueError` naming the flag."""
     if request.task not in TASKS:
         raise _error("task", f"must be one of {sorted(TASKS)}, got {request.task!r}")
-    if not request.prompt or not request.prompt.strip():
-        raise _error("prompt", "must not be empty")
-    if request.resolution is not None and request.resolution not in RESOLUTIONS:
-        raise _error("resolution", f"must be one of {list(RESOLUTIONS)}, got {request.resolution!r}")
+    _check_run_options(request)
+    media, fps = _load_media(request)
+    resolution = request.resolution
+    if resolution is not None and resolution not in RESOLUTIONS:
+        raise _error("resolution", f"must be one of {list(RESOLUTIONS)}, got {resolution!r}")
+    if request.task == "talking_avatar" and resolution is None and request.model != "tiny":
+        resolution = "480P"
+    validated = dataclasses.replace(request, media=media, fps=fps, resolution=resolution)
     try:
-        check_size(request.height, request.width)
+        validated.spec.check_inputs(pipeline_kwargs(validated, output_size(validated)))
     except ValueError as error:
-        raise _error("height", str(error)) from None
+        raise flag_error(error) from None
+    return validated
+
+
+def _check_run_options(request: GenerationRequest) -> None:
+    """What only a run has: the model folder, memory, quantisation, parallel and output options."""
     from .optimization import QUANTIZATION_MODES
 
     if sum([request.offload, request.low_vram, request.group_offload, request.sequential_offload]) > 1:
@@ -108,170 +148,109 @@ def validate(request: GenerationRequest) -> GenerationRequest:
             import_xfuser()
         except ImportError as error:
             raise _error("parallel_backend", str(error)) from None
-    if not isinstance(request.steps, int) or not 1 <= request.steps <= 100:
-        raise _error("steps", f"must be an integer in [1, 100], got {request.steps!r}")
-    if not request.guidance_scale >= 1.0:
-        raise _error("guidance_scale", f"must be >= 1 (1 = off), got {request.guidance_scale!r}")
     if not isinstance(request.crf, int) or not 0 <= request.crf <= 51:
         raise _error("crf", f"must be an integer in [0, 51] (0 = lossless), got {request.crf!r}")
     if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise _error("seed", f"must be an integer in [0, 2^63), got {request.seed!r}")
-    if request.model != "tiny" and not Path(request.model).is_dir():
-        raise _error("model", f"{request.model!r} is neither 'tiny' nor a local pipeline folder")
+    if not isinstance(request.duration, int) or isinstance(request.duration, bool):
+        raise _error("duration", f"must be an integer number of seconds, got {request.duration!r}")
     if request.model != "tiny":
-        _check_model_folder(Path(request.model))
+        _check_model_folder(Path(request.model), request.spec)
 
-    no_inputs = not request.ref_imgs and request.input_video is None and request.input_image is None
-    if request.model == "tiny" and no_inputs and request.input_audio is None:
-        request._media = example_media(request.task)
+
+def _load_media(request: GenerationRequest) -> tuple[dict, float]:
+    """Decode the task's inputs once (the built-in examples for `--model tiny` without inputs); returns them and the
+    frame rate of the output."""
+    spec = request.spec
+    given = request.ref_imgs or request.input_video or request.input_image or request.input_audio
+    if request.model == "tiny" and not given:
         print("[skyreels-v3] no input given: using built-in synthetic example inputs.")
-
-    if request.task == "talking_avatar":
-        return _validate_avatar(request)
-
-    if request.task == "reference_to_video":
-        if not isinstance(request.duration, int) or not 1 <= request.duration <= 30:
-            raise _error("duration", f"must be an integer number of seconds in [1, 30], got {request.duration!r}")
-        if "images" in request._media:
-            return request
-        refs = [p for item in request.ref_imgs for p in str(item).split(",") if p.strip()]
-        if not 1 <= len(refs) <= MAX_REFERENCES:
-            raise _error("ref_imgs", f"takes 1 to {MAX_REFERENCES} images, got {len(refs)}")
-        images = []
-        for path in refs:
-            try:
-                images.append(load_image(path.strip(), name="ref_imgs"))
-            except ValueError as error:
-                raise _error("ref_imgs", str(error).split(": ", 1)[-1]) from None
-        request.ref_imgs = [p.strip() for p in refs]
-        request._media = {"images": images, "size": (images[0].height, images[0].width)}
-    else:
-        if request.input_video is None and "frames" not in request._media:
-            raise _error("input_video", "is required for the extension tasks")
-        if request.task == "shot_switching_extension":
-            if request.duration not in SHOT_NUM_CONDITION_FRAMES_MAP:
-                raise _error("duration", f"must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} for shot switching, "
-                                         f"got {request.duration!r}")
-            needed = SHOT_NUM_CONDITION_FRAMES_MAP[request.duration]
-        else:
-            if not isinstance(request.duration, int) or request.duration < 1:
-                raise _error("duration", f"must be a positive integer number of seconds, got {request.duration!r}")
-            needed = NUM_CONDITION_FRAMES
-        try:
-            frames, source_fps = request._media.get("frames"), MODEL_FPS
-            if frames is None:
-                frames, source_fps = load_video(request.input_video, name="input_video")
-        except ValueError as error:
-            raise _error("input_video", str(error).split(": ", 1)[-1]) from None
-        if len(frames) < needed:
-            raise _error("input_video", f"has {len(frames)} frames; at least {needed} are needed")
-        if request.keep_source_fps:
-            if not source_fps or round(source_fps) % 4:
-                raise _error("keep_source_fps", f"needs a source frame rate that is a multiple of 4, got {source_fps}")
-            request.fps = float(round(source_fps))
-        request._media = {"frames": frames, "size": frames.shape[1:3]}
-    return request
-
-
-def _validate_avatar(request: GenerationRequest) -> GenerationRequest:
-    from .pipelines.audio_io import load_speech
-
-    if request.output_audio not in (None, "original", "normalized"):
-        raise _error("output_audio", f"must be 'original' or 'normalized', got {request.output_audio!r}")
-    if not request.max_audio_seconds > 0:
-        raise _error("max_audio_seconds", f"must be positive, got {request.max_audio_seconds!r}")
-    if request.resolution is None and request.model != "tiny":
-        request.resolution = "480P"
-    if "image" not in request._media:
-        if request.input_image is None:
-            raise _error("input_image", "is required for talking_avatar")
-        try:
-            image = load_image(request.input_image, name="input_image")
-        except ValueError as error:
-            raise _error("input_image", str(error).split(": ", 1)[-1]) from None
-        request._media.update(image=image, size=(image.height, image.width))
-    if "speech" not in request._media:
-        if request.input_audio is None:
-            raise _error("input_audio", "is required for talking_avatar")
-        try:
-            request._media["speech"] = load_speech(request.input_audio, max_seconds=request.max_audio_seconds,
-                                                   name="input_audio")
-        except ValueError as error:
-            raise _error("input_audio", str(error).split(": ", 1)[-1]) from None
-    request.fps = 25
-    return request
-
-
-def _speech_like(seconds: float, rate: int = 16000) -> np.ndarray:
-    """A voiced, syllable-modulated tone: enough for the tiny pipeline's audio path (not speech)."""
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    voice = np.sin(2 * np.pi * np.cumsum(pitch) / rate) + 0.4 * np.sin(4 * np.pi * np.cumsum(pitch) / rate)
-    return (0.2 * voice * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
-
-
-def example_media(task: str) -> dict:
-    """Synthetic inputs for `--model tiny` runs without inputs: two reference images (portrait and landscape), or a
-    2-second 24 fps clip of a moving disc."""
-    import PIL.Image
-
-    if task == "talking_avatar":
+        return spec.example_media(), spec.fps
+    try:
+        if spec.variant == "reference":
+            refs = [p.strip() for item in request.ref_imgs for p in str(item).split(",") if p.strip()]
+            return {"images": [load_image(path, name="ref_imgs") for path in refs]}, spec.fps
+        if spec.variant == "extension":
+            return _load_video(request)
         from .pipelines.audio_io import load_speech
 
-        y, x = np.mgrid[0:480, 0:360]
-        face = np.full((480, 360, 3), 240, np.uint8)
-        face[((y - 220) / 150) ** 2 + ((x - 180) / 110) ** 2 < 1] = (225, 180, 150)
-        face[((y - 300) / 18) ** 2 + ((x - 180) / 45) ** 2 < 1] = (150, 60, 60)
-        image = PIL.Image.fromarray(face)
-        return {"image": image, "size": (image.height, image.width),
-                "speech": load_speech(_speech_like(3.5), sample_rate=16000, name="input_audio")}
-    if task == "reference_to_video":
-        images = []
-        for height, width, colour in ((480, 360, (220, 120, 140)), (360, 480, (150, 110, 60))):
-            y, x = np.mgrid[0:height, 0:width]
-            disc = ((y - height / 2) ** 2 + (x - width / 2) ** 2) < (min(height, width) / 3) ** 2
-            array = np.full((height, width, 3), 245, np.uint8)
-            array[disc] = colour
-            images.append(PIL.Image.fromarray(array))
-        return {"images": images, "size": (images[0].height, images[0].width)}
-    frames = np.full((48, 144, 256, 3), 235, np.uint8)
-    y, x = np.mgrid[0:144, 0:256]
-    for i, frame in enumerate(frames):
-        frame[((y - 72) ** 2 + (x - 40 - 3.5 * i) ** 2) < 30**2] = (60, 110, 200)
-    return {"frames": frames, "size": frames.shape[1:3]}
+        if request.input_image is None:
+            raise _error("input_image", "is required for talking_avatar")
+        if request.input_audio is None:
+            raise _error("input_audio", "is required for talking_avatar")
+        image = load_image(request.input_image, name="input_image")
+        speech = load_speech(request.input_audio, max_seconds=request.max_audio_seconds, name="input_audio")
+        return {"image": image, "speech": speech}, spec.fps
+    except ValueError as error:
+        if str(error).startswith("--"):
+            raise
+        argument, _, message = str(error).partition(": ")
+        raise _error(argument.strip("`"), message) from None
 
 
-_REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
-_AVATAR_COMPONENTS = ("image_encoder", "audio_encoder", "feature_extractor")
+def _load_video(request: GenerationRequest) -> tuple[dict, float]:
+    if request.input_video is None:
+        raise _error("input_video", "is required for the extension tasks")
+    frames, source_fps = load_video(request.input_video, name="input_video")
+    fps = float(request.spec.fps)
+    if request.keep_source_fps:
+        if not source_fps or round(source_fps) % 4:
+            raise _error("keep_source_fps", f"needs a source frame rate that is a multiple of 4, got {source_fps}")
+        fps = float(round(source_fps))
+    return {"frames": frames}, fps
 
 
-def _check_model_folder(folder: Path) -> None:
+def _check_model_folder(folder: Path, spec: TaskSpec) -> None:
+    if not folder.is_dir():
+        raise _error("model", f"{str(folder)!r} is neither 'tiny' nor a local pipeline folder")
     index = folder / "model_index.json"
     if not index.is_file():
         raise _error("model", f"{folder} has no model_index.json (convert the original weights first)")
     entries = json.loads(index.read_text())
-    required = _REQUIRED_COMPONENTS + (_AVATAR_COMPONENTS if entries.get("_class_name", "").endswith("AvatarPipeline")
-                                       else ())
-    for name in required:
-        if name not in entries or not (folder / name).is_dir():
+    if entries.get("_class_name") != spec.pipeline_class.__name__:
+        raise _error("model", f"{folder} holds a {entries.get('_class_name')!r} pipeline, not the "
+                              f"{spec.pipeline_class.__name__} of --task {spec.name}")
+    import inspect
+
+    for name in inspect.signature(spec.pipeline_class.__init__).parameters:
+        if name != "self" and (name not in entries or not (folder / name).is_dir()):
             raise _error("model", f"{folder} is missing the {name!r} component")
 
 
-def output_size(request: GenerationRequest) -> tuple[int, int]:
+def output_size(request: GenerationRequest) -> tuple[int | None, int | None]:
     """(height, width): explicit, else the bucket; `--model tiny` without `--resolution` shrinks the 480P bucket to
-    a long side of 256 px so that a CPU run takes seconds."""
-    if request.height is not None:
+    a long side of 256 px so that a CPU run takes seconds. (None, None) while the input's size is unknown."""
+    if request.height is not None or request.width is not None:
         return request.height, request.width
-    height, width = request._media["size"]
-    if request.task == "talking_avatar":
-        from .pipelines.buckets import avatar_bucket_size
-
-        bucket = avatar_bucket_size(height, width, request.resolution or "480P")
+    media = request.media
+    source = (media.get("images") or [None])[0] or media.get("image")
+    if source is not None:
+        height, width = source.height, source.width
+    elif media.get("frames") is not None:
+        height, width = media["frames"].shape[1:3]
     else:
-        bucket = bucket_size(height, width, request.resolution or ("480P" if request.model == "tiny" else "720P"))
+        return None, None
+    resolution = request.resolution or ("480P" if request.model == "tiny" else "720P")
+    if request.task == "talking_avatar":
+        bucket = avatar_bucket_size(height, width, request.resolution or "480P")
+    elif resolution not in RESOLUTIONS:
+        return None, None  # the pipeline's check names the bad resolution
+    else:
+        bucket = bucket_size(height, width, resolution)
     if request.model == "tiny" and request.resolution is None:
         return scale_to_long_side(*bucket, TINY_LONG_SIDE)
     return bucket
+
+
+def pipeline_kwargs(request: GenerationRequest, size: tuple[int | None, int | None], **extra) -> dict:
+    """The task pipeline's keyword arguments for a validated request."""
+    height, width = size
+    return dict(
+        prompt=request.prompt, negative_prompt=request.negative_prompt, height=height, width=width,
+        resolution=request.resolution or "720P", num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale, output_type="np", reproduce_original=request.reproduce_original,
+        **request.spec.call_kwargs(request), **extra,
+    )
 
 
 def default_output_path(request: GenerationRequest) -> Path:
@@ -280,14 +259,11 @@ def default_output_path(request: GenerationRequest) -> Path:
 
 def load_pipeline(request: GenerationRequest):
     """The task's pipeline: tiny random weights in-process, or a converted folder (bf16, VAE in fp32)."""
-    from . import pipelines
-
-    class_name = TASKS[request.task][0]
     if request.model == "tiny":
         print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
         pipe = tiny_pipeline(request.task, seed=0)
     else:
-        pipe = getattr(pipelines, class_name).from_pretrained(request.model, torch_dtype=torch.bfloat16)
+        pipe = request.spec.pipeline_class.from_pretrained(request.model, torch_dtype=torch.bfloat16)
         pipe.vae.to(torch.float32)
         if getattr(pipe, "audio_encoder", None) is not None:
             pipe.audio_encoder.to(torch.float32)  # wav2vec2 runs in float32, as in the original
@@ -305,20 +281,31 @@ def load_pipeline(request: GenerationRequest):
     return pipe
 
 
-def _num_heads(request: GenerationRequest) -> int:
+def num_attention_heads(request: GenerationRequest) -> int:
+    """The transformer's head count (what sequence-parallel degrees must divide)."""
     if request.model == "tiny":
         from .models.configs import TINY_TRANSFORMER_CONFIGS
 
-        return TINY_TRANSFORMER_CONFIGS[TASKS[request.task][1]]["num_attention_heads"]
+        return TINY_TRANSFORMER_CONFIGS[request.spec.variant]["num_attention_heads"]
     config = json.loads((Path(request.model) / "transformer" / "config.json").read_text())
     return config.get("num_attention_heads", 40)
+
+
+def check_parallel(request: GenerationRequest, world_size: int) -> None:
+    """The sequence-parallel degrees against the model's heads and the number of processes."""
+    from .parallel.context_parallel import check_degrees
+
+    try:
+        check_degrees(num_attention_heads(request), request.ulysses_degree, request.ring_degree, world_size)
+    except ValueError as error:
+        raise _error("ulysses_degree", str(error)) from None
 
 
 def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
     """Validate on rank 0 (which alone reads the inputs) and hand the result, or the error, to every rank."""
     import torch.distributed as dist
 
-    from .parallel.context_parallel import broadcast_from_main, check_degrees
+    from .parallel.context_parallel import broadcast_from_main
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1 and request.ulysses_degree * request.ring_degree == 1:
@@ -326,12 +313,8 @@ def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
     outcome = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            validate(request)
-            try:
-                check_degrees(_num_heads(request), request.ulysses_degree, request.ring_degree, world)
-            except ValueError as error:
-                raise _error("ulysses_degree", str(error)) from None
-            outcome = request
+            outcome = validate(request)
+            check_parallel(outcome, world)
         except ValueError as error:
             outcome = error
     outcome = broadcast_from_main(outcome)
@@ -353,9 +336,9 @@ def run(
 
     rank, world, device = init_distributed()
     if world > 1 and request.device is None:
-        request.device = str(device)
-    request = _validate_everywhere(request)
-    height, width = output_size(request)
+        request = dataclasses.replace(request, device=str(device))
+    if not request.media:
+        request = _validate_everywhere(request)
     output = Path(request.output) if request.output else default_output_path(request)
     if output.suffix.lower() != ".mp4":
         raise _error("output", f"must end in .mp4, got {output}")
@@ -364,37 +347,17 @@ def run(
         shard = enable_xfuser_parallel if request.parallel_backend == "xfuser" else enable_context_parallel
         shard(pipe.transformer, request.ulysses_degree, request.ring_degree)
         pipe.set_progress_bar_config(disable=not is_main_process())
-    generator = torch.Generator(device="cpu").manual_seed(request.seed)
-    common = dict(
-        prompt=request.prompt, negative_prompt=request.negative_prompt, height=height, width=width,
-        num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
-        output_type="np", callback_on_step_end=callback_on_step_end, reproduce_original=request.reproduce_original,
-    )
-    audio, audio_rate = None, None
+    extra = {"callback_on_step_end": callback_on_step_end,
+             "generator": torch.Generator(device="cpu").manual_seed(request.seed)}
     if request.task == "talking_avatar":
-        speech = request._media["speech"]
-        window_prompt = None if request.prompt_in_every_window else (request.window_prompt or DEFAULT_WINDOW_PROMPT)
-        out = pipe(
-            image=request._media["image"], audio=speech.source, audio_sample_rate=speech.source_rate,
-            window_prompt=window_prompt, clip_from_reference=request.clip_from_reference,
-            output_audio=request.output_audio, max_audio_seconds=request.max_audio_seconds,
-            resume_dir=request.resume_dir, callback_on_window_end=callback_on_window_end, **common,
-        )
-        frames, audio, audio_rate = out.frames[0], out.audio, out.audio_sample_rate
-    elif request.task == "reference_to_video":
-        frames = pipe(
-            ref_images=request._media["images"], num_frames=MODEL_FPS * request.duration + 1, **common
-        ).frames[0]
-    else:
-        frames = pipe(
-            video=request._media["frames"], duration=request.duration, fps=request.fps,
-            resize_mode=request.resize_mode, return_input_video=request.return_input_video, **common,
-        ).frames[0]
+        extra.update(callback_on_window_end=callback_on_window_end, write_resume=is_main_process())
+    out = pipe(**pipeline_kwargs(request, output_size(request), **extra))
     if not is_main_process() or (should_stop is not None and should_stop()):
         return None
-    return write_video(np.asarray(frames), output, fps=request.fps, audio=audio, audio_sample_rate=audio_rate,
+    audio, rate = getattr(out, "audio", None), getattr(out, "audio_sample_rate", None)
+    return write_video(np.asarray(out.frames[0]), output, fps=request.fps, audio=audio, audio_sample_rate=rate,
                        crf=request.crf)
 
 
 def request_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(GenerationRequest) if not f.name.startswith("_")]
+    return [f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("fps", "media")]

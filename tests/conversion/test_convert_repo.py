@@ -18,7 +18,7 @@ from skyreels_diffusers import (
     SkyReelsV3Transformer3DModel,
 )
 from skyreels_diffusers.conversion import convert_repo, convert_transformer
-from skyreels_diffusers.pipelines.tiny import flow_scheduler
+from skyreels_diffusers.pipelines.tasks import TASKS
 from tests.conversion.original_repos import build_extension_repo, build_reference_repo, remove
 from tests.helpers import random_image, random_video
 
@@ -36,7 +36,7 @@ def test_reference_repo_converts_and_matches_unconverted_components(tmp_path):
 
     loaded = SkyReelsV3ReferencePipeline.from_pretrained(folder)
     assert loaded.scheduler.config.flow_shift == 5.0 and loaded.scheduler.config.use_flow_sigmas
-    reference = SkyReelsV3ReferencePipeline(**parts, scheduler=flow_scheduler(5.0))
+    reference = SkyReelsV3ReferencePipeline(**parts, scheduler=TASKS["reference_to_video"].make_scheduler())
     kwargs = dict(ref_images=[random_image()], prompt="a cat", num_frames=5, **SMALL)
     out = loaded(**kwargs, generator=torch.Generator().manual_seed(0)).frames
     ref = reference(**kwargs, generator=torch.Generator().manual_seed(0)).frames
@@ -75,7 +75,7 @@ def test_extension_repo_yields_two_pipelines(tmp_path):
     convert_transformer(tmp_path / "orig" / "shot_transformer", tmp_path / "t", "extension")
     reference = SkyReelsV3ShotSwitchingPipeline(
         **parts, transformer=SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / "t"),
-        scheduler=flow_scheduler(8.0),
+        scheduler=TASKS["single_shot_extension"].make_scheduler(),
     )
     shot_pipe = SkyReelsV3ShotSwitchingPipeline.from_pretrained(shot)
     kwargs = dict(video=random_video(frames=12), prompt="[ZOOM_IN_CUT] a face", duration=2, **SMALL)

@@ -7,7 +7,7 @@ import torch
 
 peft = pytest.importorskip("peft", reason="LoRA needs peft")
 
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline  # noqa: E402
+from skyreels_diffusers.pipelines.tasks import tiny_pipeline  # noqa: E402
 from tests.helpers import random_image  # noqa: E402
 
 ARGS = dict(prompt="a cat", num_frames=5, height=32, width=48, num_inference_steps=2, output_type="latent")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ..pipelines.tasks import REPOS, TASKS
 from .transformer import KeyMap, convert_transformer, rename_state_dict
 
-TASKS = ("reference_to_video", "video_extension", "talking_avatar")
 
 # Wan-native UMT5 encoder (`models_t5_umt5-xxl-enc-bf16.pth`) -> transformers `UMT5EncoderModel`
 T5_KEY_MAP: KeyMap = [
@@ -42,16 +42,6 @@ T5_KEY_MAP: KeyMap = [
     (r"blocks\.(\d+)\.ffn\.fc2\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
     (r"norm\.weight", r"encoder.final_layer_norm.weight"),
 ]
-
-PIPELINE_CLASSES = {
-    "reference_to_video": "SkyReelsV3ReferencePipeline",
-    "single_shot_extension": "SkyReelsV3ExtensionPipeline",
-    "shot_switching_extension": "SkyReelsV3ShotSwitchingPipeline",
-    "talking_avatar": "SkyReelsV3TalkingAvatarPipeline",
-}
-SCHEDULER_SHIFT = {"reference_to_video": 5.0, "single_shot_extension": 8.0, "shot_switching_extension": 8.0,
-                   "talking_avatar": 11.0}
-
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -203,7 +193,7 @@ def _write_model_index(folder: Path, task: str, components: dict) -> None:
 
     from ..models import SkyReelsV3Transformer3DModel
 
-    index = {"_class_name": PIPELINE_CLASSES[task], "_diffusers_version": diffusers.__version__}
+    index = {"_class_name": TASKS[task].pipeline_class.__name__, "_diffusers_version": diffusers.__version__}
     for name, component in sorted(components.items()):
         index[name] = _library_entry(component)
     index["transformer"] = [SkyReelsV3Transformer3DModel.__module__, SkyReelsV3Transformer3DModel.__name__]
@@ -211,7 +201,7 @@ def _write_model_index(folder: Path, task: str, components: dict) -> None:
 
 
 def _write_model_card(folder: Path, task: str, source: Path) -> None:
-    cls = PIPELINE_CLASSES[task]
+    cls = TASKS[task].pipeline_class.__name__
     card = f"""---
 library_name: diffusers
 pipeline_tag: text-to-video
@@ -238,22 +228,14 @@ Command line: `skyreels-v3 generate --task {task} --model <this folder> ...`
     (folder / "README.md").write_text(card)
 
 
-def _save_components(folder: Path, task: str, transformer_src: Path, variant: str, components: dict,
+def _save_components(folder: Path, task: str, transformer_src: Path, components: dict,
                      dtype: torch.dtype, max_shard_size: str, source: Path) -> None:
     """Write one pipeline folder: the transformer converted from `transformer_src`, the other components re-saved,
     the task's scheduler, `model_index.json` and a model card."""
-    from .. import pipelines
-    from ..schedulers import SkyReelsV3FlowEulerScheduler, SkyReelsV3FlowUniPCScheduler
-
     folder.mkdir(parents=True)
-    convert_transformer(transformer_src, folder / "transformer", variant, dtype=dtype, max_shard_size=max_shard_size)
-    shift = SCHEDULER_SHIFT[task]
-    if task == "talking_avatar":
-        scheduler = SkyReelsV3FlowEulerScheduler(shift=shift)
-    else:
-        sigma_max = getattr(pipelines, PIPELINE_CLASSES[task])._flow_sigma_max
-        scheduler = SkyReelsV3FlowUniPCScheduler(flow_shift=shift, flow_sigma_max=sigma_max)
-    components = {**components, "scheduler": scheduler}
+    convert_transformer(transformer_src, folder / "transformer", TASKS[task].variant, dtype=dtype,
+                        max_shard_size=max_shard_size)
+    components = {**components, "scheduler": TASKS[task].make_scheduler()}
     for name, component in components.items():
         kwargs = {"max_shard_size": max_shard_size} if hasattr(component, "num_parameters") else {}
         component.save_pretrained(folder / name, **kwargs)
@@ -276,8 +258,8 @@ def convert_repo(
     """
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    if task not in TASKS:
-        raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
+    if task not in REPOS:
+        raise ValueError(f"--task must be one of {tuple(REPOS)}, got {task!r}")
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source repo not found: {src}")
@@ -296,7 +278,7 @@ def convert_repo(
             vae = AutoencoderKLWan.from_pretrained(_require(src / "vae", "vae folder"), torch_dtype=torch.float32)
             components = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
             _save_components(tmp / "pipeline", task, _require(src / "transformer", "transformer folder"),
-                             "reference", components, dtype, max_shard_size, src)
+                             components, dtype, max_shard_size, src)
             outputs = {"pipeline": dst}
         else:
             components = {
@@ -311,14 +293,14 @@ def convert_repo(
                     audio_encoder=audio_encoder, feature_extractor=feature_extractor,
                 )
                 _require(src / "config.json", "avatar transformer config")
-                _save_components(tmp / "pipeline", task, src, "avatar", components, dtype, max_shard_size, src)
+                _save_components(tmp / "pipeline", task, src, components, dtype, max_shard_size, src)
                 outputs = {"pipeline": dst}
             else:
                 outputs = {}
-                for name, transformer_dir in (("single_shot_extension", "transformer"),
-                                              ("shot_switching_extension", "shot_transformer")):
+                for name in REPOS[task]:
+                    transformer_dir = TASKS[name].transformer_folder
                     _save_components(tmp / name, name, _require(src / transformer_dir, f"{transformer_dir} folder"),
-                                     "extension", components, dtype, max_shard_size, src)
+                                     components, dtype, max_shard_size, src)
                     outputs[name] = dst / name
         if dst.exists():
             dst.rmdir()

@@ -6,6 +6,8 @@ table order on ties), then both sides are floored to multiples of 16, exactly li
 
 from __future__ import annotations
 
+from .errors import PipelineInputError
+
 ASPECT_RATIO_CONFIG: dict[str, dict[float, tuple[int, int]]] = {
     "480P": {
         0.38: (392, 1046), 0.43: (420, 980), 0.48: (444, 925), 0.50: (452, 904), 0.53: (466, 880),
@@ -30,6 +32,8 @@ ASPECT_RATIO_CONFIG: dict[str, dict[float, tuple[int, int]]] = {
 }
 
 RESOLUTIONS = tuple(ASPECT_RATIO_CONFIG)
+#: the longest side any bucket has (the avatar's 720P table): the limit of explicit sizes
+MAX_SIDE = 2048
 
 
 def closest_bucket(height: int, width: int, table: dict[float, tuple[int, int]]) -> tuple[int, int]:
@@ -41,7 +45,7 @@ def closest_bucket(height: int, width: int, table: dict[float, tuple[int, int]])
 def bucket_size(height: int, width: int, resolution: str) -> tuple[int, int]:
     """(height, width) of the bucket for an input of `height` x `width`, floored to multiples of 16."""
     if resolution not in ASPECT_RATIO_CONFIG:
-        raise ValueError(f"`resolution` must be one of {list(ASPECT_RATIO_CONFIG)}, got {resolution!r}.")
+        raise PipelineInputError("resolution", f"must be one of {list(ASPECT_RATIO_CONFIG)}, got {resolution!r}.")
     bucket_h, bucket_w = closest_bucket(height, width, ASPECT_RATIO_CONFIG[resolution])
     return bucket_h // 16 * 16, bucket_w // 16 * 16
 
@@ -55,10 +59,12 @@ def scale_to_long_side(height: int, width: int, long_side: int, multiple: int = 
 
 def check_size(height: int | None, width: int | None) -> None:
     for name, value in (("height", height), ("width", width)):
-        if value is not None and (not isinstance(value, int) or value <= 0 or value % 16):
-            raise ValueError(f"`{name}` must be a positive multiple of 16, got {value!r}.")
+        if value is not None and (not isinstance(value, int) or not 16 <= value <= MAX_SIDE or value % 16):
+            raise PipelineInputError(name, f"must be a multiple of 16 in [16, {MAX_SIDE}] (the largest bucket side; "
+                                           f"memory grows with the area), got {value!r}.")
     if (height is None) != (width is None):
-        raise ValueError("Pass both `height` and `width` (or neither, to use the resolution buckets).")
+        raise PipelineInputError("height" if height is None else "width",
+                                 "must be given with the other side (or neither, to use the resolution buckets).")
 
 
 # Talking-avatar buckets (key = H/W; values are multiples of 16 already; closest key, first on ties).
@@ -84,5 +90,5 @@ AVATAR_ASPECT_RATIOS: dict[str, dict[float, tuple[int, int]]] = {
 
 def avatar_bucket_size(height: int, width: int, resolution: str) -> tuple[int, int]:
     if resolution not in AVATAR_ASPECT_RATIOS:
-        raise ValueError(f"`resolution` must be one of {list(AVATAR_ASPECT_RATIOS)}, got {resolution!r}.")
+        raise PipelineInputError("resolution", f"must be one of {list(AVATAR_ASPECT_RATIOS)}, got {resolution!r}.")
     return closest_bucket(height, width, AVATAR_ASPECT_RATIOS[resolution])

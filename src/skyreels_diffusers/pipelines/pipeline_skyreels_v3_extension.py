@@ -6,13 +6,31 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import replace_example_docstring
+from transformers import AutoTokenizer, UMT5EncoderModel
 
-from .common import SkyReelsV3PipelineOutput, SkyReelsV3VideoPipelineBase
+from ..models import SkyReelsV3Transformer3DModel
+from ..schedulers import SkyReelsV3FlowUniPCScheduler
+from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32
+from .common import (
+    FiniteWatch,
+    PipelineInputError,
+    SkyReelsV3PipelineMixin,
+    SkyReelsV3PipelineOutput,
+    SkyReelsV3VideoInputMixin,
+    check_common_inputs,
+    exact_flow_scheduler,
+)
 from .video_io import VideoInput, pixels_to_uint8, resize_frames
 
 NUM_CONDITION_FRAMES = 25
 CHUNK_SECONDS = 5
+#: the longest extension one call makes, in seconds (the model was made for 5-30 s; memory grows with the output)
+MAX_DURATION = 60
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -57,7 +75,9 @@ def chunk_latent_frames(
     return plan
 
 
-class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
+class SkyReelsV3ExtensionPipeline(
+    DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin, SkyReelsV3VideoInputMixin
+):
     r"""
     Single-shot video extension with SkyReels-V3 (14B).
 
@@ -67,7 +87,8 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
     latent count of each chunk follows the original's multiple-of-8 bookkeeping (`chunk_latent_frames`).
 
     Components: `tokenizer`, `text_encoder` (`UMT5EncoderModel`), `transformer` (`SkyReelsV3Transformer3DModel`,
-    extension config), `vae` (`AutoencoderKLWan`), `scheduler` (`UniPCMultistepScheduler`, flow sigmas, shift 8).
+    extension config), `vae` (`AutoencoderKLWan`), `scheduler` (`SkyReelsV3FlowUniPCScheduler`: UniPC with the
+    original's flow sigmas, shift 8).
 
     Where this deliberately differs from the original (`reproduce_original=True` restores all three):
     * one generator runs through all chunks (the original re-seeded every chunk, so every chunk got the same noise);
@@ -77,6 +98,93 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
       the original's).
     `return_input_video=True` prepends the (resized) input video to the output.
     """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _flow_sigma_max = SIGMA_MAX_FP32
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        transformer: SkyReelsV3Transformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler: SkyReelsV3FlowUniPCScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+            scheduler=exact_flow_scheduler(scheduler, self._flow_sigma_max),
+        )
+        self._set_vae_scale_factors()
+
+    @classmethod
+    def check_inputs(
+        cls,
+        video,
+        prompt,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        duration: int = 5,
+        resolution: str = "720P",
+        height: int | None = None,
+        width: int | None = None,
+        fps: float | None = None,
+        num_inference_steps: int = 8,
+        guidance_scale: float = 1.0,
+        resize_mode: str | None = None,
+        output_type: str = "np",
+        callback_on_step_end_tensor_inputs=None,
+    ) -> None:
+        """Validate every argument before any model work (needs no weights: a classmethod)."""
+        if not isinstance(duration, int) or isinstance(duration, bool) or not 1 <= duration <= MAX_DURATION:
+            raise PipelineInputError(
+                "duration", f"must be an integer number of seconds in [1, {MAX_DURATION}], got {duration!r}."
+            )
+        cls.check_video_inputs(video, height, width, resize_mode, fps)
+        if height is None:
+            from .buckets import bucket_size
+
+            bucket_size(1, 1, resolution)  # validates `resolution`
+        check_common_inputs(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
+            output_type, callback_on_step_end_tensor_inputs, cls._callback_tensor_inputs,
+        )
+
+    def denoise_chunk(
+        self, latents: torch.Tensor, condition: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None, callback_on_step_end, callback_on_step_end_tensor_inputs,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One chunk's denoising loop: condition latents first (timestep 0), then the new latents."""
+        frames_c, dtype = condition.shape[2], self.transformer.dtype
+        self.scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
+        watch = FiniteWatch()
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = torch.cat(
+                    [torch.zeros(frames_c, dtype=t.dtype, device=t.device), t.expand(latents.shape[2])]
+                ).expand(latents.shape[0], -1)
+                hidden_states = torch.cat([condition, latents], dim=2).to(dtype)
+                noise_pred = self.predict_noise(
+                    i, prompt_embeds, negative_prompt_embeds, hidden_states=hidden_states, timestep=timestep
+                )[:, :, frames_c:]
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                watch.update(latents, i)
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
+        watch.check()
+        return latents, prompt_embeds, negative_prompt_embeds
 
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     @torch.no_grad()
@@ -91,6 +199,8 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         width: int | None = None,
         fps: float | None = None,
         num_inference_steps: int = 8,
+        sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None,
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         latents: list[torch.Tensor] | torch.Tensor | None = None,
@@ -101,11 +211,9 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         output_type: str = "np",
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
-        sigmas: list[float] | None = None,
-        timesteps: list[int] | None = None,
         reproduce_original: bool = False,
     ) -> SkyReelsV3PipelineOutput | tuple:
         r"""
@@ -116,12 +224,13 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
                 or a list of PIL images. Needs at least 25 frames.
             prompt: what happens next (or pass `prompt_embeds`).
             negative_prompt: used only when guidance is on (default "").
-            duration: seconds to add, any positive integer (5-30 s is what the model was made for); generated in
-                5-second chunks.
+            duration: seconds to add, 1 to 60 (5-30 s is what the model was made for); generated in 5-second chunks.
             resolution: "480P", "540P" or "720P"; the bucket closest to the input's aspect.
             height, width: explicit output size (multiples of 16), overriding the bucket.
             fps: frame rate the duration is counted in (default 24, the model's; 4 frames per latent frame).
             num_inference_steps: denoising steps per chunk (8).
+            sigmas: custom unshifted flow sigmas per chunk (diffusers' semantics); default: the original's schedule.
+            timesteps: custom timesteps, for schedulers that accept them.
             guidance_scale: text guidance (1.0 = off, the original's default).
             generator: draws each chunk's noise, in chunk order.
             latents: initial noise per chunk (a list, or one tensor for a single chunk).
@@ -136,8 +245,6 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
                 (`step` restarts at 0 in each chunk).
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` passed to the callback.
             max_sequence_length: text tokens (512).
-            sigmas: custom unshifted flow sigmas per chunk (diffusers' semantics); default: the original's schedule.
-            timesteps: custom timesteps, for schedulers that accept them.
             reproduce_original: the original's conventions: every chunk's noise drawn from the generator's initial
                 state (the original re-seeded each chunk), uint8 by truncation, nearest-neighbour input resizing.
 
@@ -145,82 +252,58 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
 
         Examples:
         """
-        if not isinstance(duration, int) or isinstance(duration, bool) or duration < 1:
-            raise ValueError(f"`duration` must be a positive integer number of seconds, got {duration!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs, decode the video (before any model work)
+        self.check_inputs(
+            video, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, duration, resolution, height,
+            width, fps, num_inference_steps, guidance_scale, resize_mode, output_type,
+            callback_on_step_end_tensor_inputs,
+        )
         resize_mode = resize_mode or ("nearest" if reproduce_original else "bilinear")
-        frames, height, width, fps = self.load_input_video(
-            video, NUM_CONDITION_FRAMES, resolution, height, width, resize_mode, fps
-        )
-        self._check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs,
-        )
-        condition_latent_frames = (NUM_CONDITION_FRAMES - 1) // self.vae_scale_factor_temporal + 1
-        latents_per_second = fps / self.vae_scale_factor_temporal
-        if latents_per_second != int(latents_per_second):
-            raise ValueError(f"`fps` must be a multiple of {self.vae_scale_factor_temporal}, got {fps}.")
-        plan = chunk_latent_frames(duration, condition_latent_frames, int(latents_per_second))
-        if latents is not None:
-            latents = [latents] if isinstance(latents, torch.Tensor) else list(latents)
-            if len(latents) != len(plan):
-                raise ValueError(f"`latents` must hold one tensor per chunk ({len(plan)}), got {len(latents)}.")
-        callback_on_step_end_tensor_inputs = self._prepare_call(
-            guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
+        frames, height, width = self.load_input_video(video, NUM_CONDITION_FRAMES, resolution, height, width)
+        condition_frames = (NUM_CONDITION_FRAMES - 1) // self.vae_scale_factor_temporal + 1
+        plan = chunk_latent_frames(duration, condition_frames, int(fps or 24) // self.vae_scale_factor_temporal)
+        latents = self.check_chunk_latents(latents, plan)
+        self._start_call(guidance_scale, attention_kwargs)
         device = self._execution_device
 
+        # 2. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
         )
         batch_size = prompt_embeds.shape[0]
-        state = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-        dtype = self.transformer.dtype
 
-        # pixels in [-1, 1] of the last 25 frames; each video of the batch continues from its own frames
-        first = resize_frames(frames[-NUM_CONDITION_FRAMES:], height, width, resize_mode).to(device)
-        prefixes = [first] * batch_size
-        new_frames, chunk_latents = [], []
+        # 3. Chunk by chunk: encode the last 25 frames, draw the noise, denoise, decode
+        prefixes = [resize_frames(frames[-NUM_CONDITION_FRAMES:], height, width, resize_mode).to(device)] * batch_size
         if reproduce_original and generator is None:
             generator = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         initial_state = generator.get_state() if reproduce_original else None
+        new_frames, chunk_latents = [], []
         for index, num_latents in enumerate(plan):
             if initial_state is not None:
                 generator.set_state(initial_state)  # the original seeded a fresh generator for every chunk
             condition = torch.cat([self.encode_video(p).to(device) for p in prefixes])
-            shape = self.latent_shape(batch_size, num_latents, height, width)
-            noise = self.prepare_latents(shape, generator, device, None if latents is None else latents[index],
-                                         name=f"latents[{index}]")
-
-            def predict(x: torch.Tensor, t: torch.Tensor, state: dict, condition=condition) -> torch.Tensor:
-                frames_c = condition.shape[2]
-                timestep = torch.cat(
-                    [torch.zeros(frames_c, dtype=t.dtype, device=t.device), t.expand(x.shape[2])]
-                ).expand(x.shape[0], -1)
-                hidden_states = torch.cat([condition, x], dim=2).to(dtype)
-
-                def branch(name, embeds):
-                    out = self.run_transformer(
-                        name, state["step_index"], hidden_states=hidden_states, timestep=timestep,
-                        encoder_hidden_states=embeds,
-                    )
-                    return out[:, :, frames_c:].float()
-
-                return self.guided(branch, state)
-
-            chunk = self.denoise(
-                noise, predict, num_inference_steps, device, state, callback_on_step_end,
-                callback_on_step_end_tensor_inputs, sigmas=sigmas, timesteps=timesteps,
+            noise = self.prepare_latents(self.latent_shape(batch_size, num_latents, height, width), generator,
+                                         device, None if latents is None else latents[index], f"latents[{index}]")
+            chunk_timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
+            self._num_timesteps = len(chunk_timesteps)
+            chunk, prompt_embeds, negative_prompt_embeds = self.denoise_chunk(
+                noise, condition, chunk_timesteps, prompt_embeds, negative_prompt_embeds, callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
             )
             chunk_latents.append(chunk)
             if self.interrupt:
                 break
             decoded = self.decode_latents(torch.cat([condition, chunk], dim=2))
-            chunk_frames = pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1), truncate=reproduce_original)
-            new_frames.append(chunk_frames[:, NUM_CONDITION_FRAMES:])
+            new_frames.append(pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1), truncate=reproduce_original)[
+                :, NUM_CONDITION_FRAMES:])
             generated = torch.from_numpy(new_frames[-1]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
             prefixes = [torch.cat([p, g[None]], dim=2)[:, :, -NUM_CONDITION_FRAMES:] for p, g in zip(prefixes, generated)]
 
+        # 4. Output
         if output_type == "latent":
             output = torch.cat(chunk_latents, dim=2)
         else:
@@ -233,3 +316,12 @@ class SkyReelsV3ExtensionPipeline(SkyReelsV3VideoPipelineBase):
         if not return_dict:
             return (output,)
         return SkyReelsV3PipelineOutput(frames=output)
+
+    @staticmethod
+    def check_chunk_latents(latents, plan: list[int]) -> list[torch.Tensor] | None:
+        if latents is None:
+            return None
+        latents = [latents] if isinstance(latents, torch.Tensor) else list(latents)
+        if len(latents) != len(plan):
+            raise PipelineInputError("latents", f"must hold one tensor per chunk ({len(plan)}), got {len(latents)}.")
+        return latents

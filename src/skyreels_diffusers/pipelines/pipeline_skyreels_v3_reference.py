@@ -5,15 +5,35 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
+import PIL.Image
 import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import replace_example_docstring
+from diffusers.video_processor import VideoProcessor
+from transformers import AutoTokenizer, UMT5EncoderModel
 
+from ..models import SkyReelsV3Transformer3DModel
+from ..schedulers import SkyReelsV3FlowUniPCScheduler
 from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP64
 from .buckets import bucket_size, check_size
-from .common import SkyReelsV3PipelineBase, SkyReelsV3PipelineOutput
+from .common import (
+    PipelineInputError,
+    SkyReelsV3PipelineMixin,
+    SkyReelsV3PipelineOutput,
+    check_common_inputs,
+    FiniteWatch,
+    check_guidance_scale,
+    exact_flow_scheduler,
+)
 from .video_io import ImageInput, letterbox, load_image
 
+
 MAX_REFERENCES = 4
+#: 30 s at 24 fps: the longest video one call makes (the model was made for 5 s; memory grows with the length)
+MAX_NUM_FRAMES = 24 * 30 + 1
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -36,7 +56,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
+class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin):
     r"""
     Reference-to-video generation with SkyReels-V3 (14B).
 
@@ -52,50 +72,71 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
     Differences from the original, on purpose: the scheduler receives the transformer's prediction in float32 (the
     original let diffusers evaluate `sigma * prediction` in bf16); `reproduce_original=True` restores that.
     Everything else, including the RNG order and the rounding to uint8, is the original's.
+
+    LoRA: `load_lora_weights` / `set_adapters` / `fuse_lora` come from diffusers' `WanLoraLoaderMixin` (Wan2.1-14B
+    LoRAs in diffusers or Wan-native format; needs peft).
     """
 
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = []
     _flow_sigma_max = SIGMA_MAX_FP64
 
-    def check_inputs(
+    def __init__(
         self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        transformer: SkyReelsV3Transformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler: SkyReelsV3FlowUniPCScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+            scheduler=exact_flow_scheduler(scheduler, self._flow_sigma_max),
+        )
+        self._set_vae_scale_factors()
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    @classmethod
+    def check_inputs(
+        cls,
         ref_images,
         prompt,
-        negative_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
-        num_frames,
-        resolution,
-        height,
-        width,
-        num_inference_steps,
-        guidance_scale,
-        guidance_scale_img,
-        output_type,
-        callback_on_step_end_tensor_inputs,
-    ) -> list:
-        """Validate everything before any model work; returns the loaded reference images."""
-        if isinstance(ref_images, (str, bytes)) or not hasattr(ref_images, "__len__"):
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        num_frames: int = 121,
+        resolution: str = "720P",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 8,
+        guidance_scale: float = 1.0,
+        guidance_scale_img: float = 1.0,
+        output_type: str = "np",
+        callback_on_step_end_tensor_inputs=None,
+    ) -> None:
+        """Validate every argument before any model work (needs no weights: a classmethod)."""
+        if isinstance(ref_images, (str, bytes, PIL.Image.Image)) or not hasattr(ref_images, "__len__"):
             ref_images = [ref_images]
         if not 1 <= len(ref_images) <= MAX_REFERENCES:
-            raise ValueError(f"`ref_images` must hold 1 to {MAX_REFERENCES} images, got {len(ref_images)}.")
-        images = [load_image(image, name=f"ref_images[{i}]") for i, image in enumerate(ref_images)]
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal:
-            raise ValueError(
-                f"`num_frames` must be 4k+1 (e.g. 24*duration+1 = 121 for 5 s), got {num_frames!r}."
+            raise PipelineInputError("ref_images", f"must hold 1 to {MAX_REFERENCES} images, got {len(ref_images)}.")
+        temporal = cls.vae_scale_factor_temporal
+        if not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_NUM_FRAMES or (num_frames - 1) % temporal:
+            raise PipelineInputError(
+                "num_frames", f"must be {temporal}k+1 up to {MAX_NUM_FRAMES} (24 * seconds + 1 for 1-30 s; 121 = 5 s), "
+                              f"got {num_frames!r}."
             )
         check_size(height, width)
         if height is None:
-            bucket_size(images[0].height, images[0].width, resolution)  # validates `resolution`
-        if not guidance_scale_img >= 1.0:
-            raise ValueError(f"`guidance_scale_img` must be >= 1, got {guidance_scale_img!r}.")
-        self._check_common_inputs(
+            bucket_size(1, 1, resolution)  # validates `resolution`
+        check_guidance_scale("guidance_scale_img", guidance_scale_img)
+        check_common_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs,
+            output_type, callback_on_step_end_tensor_inputs, cls._callback_tensor_inputs,
         )
-        return images
 
     def prepare_references(
-        self, images: list, height: int, width: int, generator, device: torch.device
+        self, images: list[PIL.Image.Image], height: int, width: int, generator, device: torch.device
     ) -> torch.Tensor:
         """Letterbox, encode and posterior-sample each reference; pad with zeros to 4 frames -> `[1, C, 4, h, w]`."""
         latents = []
@@ -106,6 +147,31 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
         zeros = torch.zeros_like(latents[0])
         latents += [zeros] * (MAX_REFERENCES - len(latents))
         return torch.cat(latents, dim=2)
+
+    def predict_with_references(
+        self, latents: torch.Tensor, t: torch.Tensor, step: int, references: torch.Tensor,
+        prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None, guidance_scale_img: float,
+        keep_dtype: bool,
+    ) -> torch.Tensor:
+        """The flow prediction for the video frames, with text (and reference-image) guidance when on."""
+        timestep = t.expand(latents.shape[0])
+        num_frames = latents.shape[2]
+
+        def branch(name: str, embeds: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+            hidden_states = torch.cat([latents, refs], dim=2).to(self.transformer.dtype)
+            out = self.run_transformer(
+                name, step, hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=embeds
+            )[:, :, :num_frames]
+            return out if keep_dtype else out.float()  # the original guided in the model's dtype
+
+        cond = branch("cond", prompt_embeds, references)
+        if not self.do_classifier_free_guidance:
+            return cond
+        uncond_text = branch("uncond", negative_prompt_embeds, references)
+        if guidance_scale_img <= 1.0:
+            return uncond_text + self.guidance_scale * (cond - uncond_text)
+        uncond_all = branch("uncond_img", negative_prompt_embeds, torch.zeros_like(references))
+        return uncond_all + guidance_scale_img * (uncond_text - uncond_all) + self.guidance_scale * (cond - uncond_text)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -119,6 +185,8 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 8,
+        sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None,
         guidance_scale: float = 1.0,
         guidance_scale_img: float = 1.0,
         generator: torch.Generator | None = None,
@@ -128,11 +196,9 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
         output_type: str = "np",
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
-        sigmas: list[float] | None = None,
-        timesteps: list[int] | None = None,
         reproduce_original: bool = False,
     ) -> SkyReelsV3PipelineOutput | tuple:
         r"""
@@ -147,6 +213,9 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
             resolution: "480P", "540P" or "720P" bucket table; the bucket closest to the first reference's aspect.
             height, width: explicit output size (multiples of 16), overriding the bucket.
             num_inference_steps: denoising steps (8, as the distilled checkpoint was made for).
+            sigmas: custom unshifted flow sigmas (diffusers' semantics; the scheduler applies its shift); default:
+                the original's schedule.
+            timesteps: custom timesteps, for schedulers that accept them.
             guidance_scale: text guidance (1.0 = off, the original's default).
             guidance_scale_img: reference-image guidance, applied together with text guidance (> 1 only with
                 `guidance_scale > 1`): `u_ti + g_img (u_t - u_ti) + g (c - u_t)`.
@@ -159,81 +228,81 @@ class SkyReelsV3ReferencePipeline(SkyReelsV3PipelineBase):
             callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after every step.
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` passed to the callback.
             max_sequence_length: text tokens (512).
-            sigmas: custom unshifted flow sigmas (diffusers' semantics; the scheduler applies its shift); default:
-                the original's schedule.
-            timesteps: custom timesteps, for schedulers that accept them.
             reproduce_original: the original's conventions where they differ from this pipeline's (the scheduler
                 gets the prediction in the transformer's dtype): the original's video for the same inputs and seed.
 
         Examples:
         """
-        images = self.check_inputs(
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs, load the references (before any model work)
+        self.check_inputs(
             ref_images, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, resolution,
             height, width, num_inference_steps, guidance_scale, guidance_scale_img, output_type,
             callback_on_step_end_tensor_inputs,
         )
-        callback_on_step_end_tensor_inputs = self._prepare_call(
-            guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
+        if isinstance(ref_images, (str, bytes, PIL.Image.Image)) or not hasattr(ref_images, "__len__"):
+            ref_images = [ref_images]
+        images = [load_image(image, name=f"ref_images[{i}]") for i, image in enumerate(ref_images)]
         if height is None:
             height, width = bucket_size(images[0].height, images[0].width, resolution)
+        self._start_call(guidance_scale, attention_kwargs)
         device = self._execution_device
 
-        # 1. Text
+        # 2. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
         )
         batch_size = prompt_embeds.shape[0]
 
-        # 2. Noise first, then the reference posterior samples from the same generator
+        # 3. Timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        )
+        self._num_timesteps = len(timesteps)
+
+        # 4. Noise first, then the reference posterior samples from the same generator (the original's RNG order)
         num_latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
         latents = self.prepare_latents(
             self.latent_shape(batch_size, num_latent_frames, height, width), generator, device, latents
         )
-        references = self.prepare_references(images, height, width, generator, device).expand(batch_size, -1, -1, -1, -1)
-        no_references = torch.zeros_like(references)
+        references = self.prepare_references(images, height, width, generator, device)
+        references = references.expand(batch_size, -1, -1, -1, -1)
 
-        # 3. Denoise
-        dtype = self.transformer.dtype
-
-        def predict(latents: torch.Tensor, t: torch.Tensor, state: dict) -> torch.Tensor:
-            timestep = t.expand(latents.shape[0])
-
-            def branch(name: str, embeds: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
-                hidden_states = torch.cat([latents, refs], dim=2).to(dtype)
-                out = self.run_transformer(
-                    name, state["step_index"], hidden_states=hidden_states, timestep=timestep,
-                    encoder_hidden_states=embeds,
+        # 5. Denoising loop
+        self.scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
+        watch = FiniteWatch()
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                noise_pred = self.predict_with_references(
+                    latents, t, i, references, prompt_embeds, negative_prompt_embeds, guidance_scale_img,
+                    keep_dtype=reproduce_original,
                 )
-                out = out[:, :, :num_latent_frames]
-                return out if reproduce_original else out.float()  # the original guided in the model's dtype
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                watch.update(latents, i)
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
 
-            cond = branch("cond", state["prompt_embeds"], references)
-            if not self.do_classifier_free_guidance:
-                return cond
-            uncond_text = branch("uncond", state["negative_prompt_embeds"], references)
-            if guidance_scale_img <= 1.0:
-                return uncond_text + guidance_scale * (cond - uncond_text)
-            uncond_all = branch("uncond_img", state["negative_prompt_embeds"], no_references)
-            return (
-                uncond_all + guidance_scale_img * (uncond_text - uncond_all) + guidance_scale * (cond - uncond_text)
-            )
-
-        state = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-        latents = self.denoise(
-            latents, predict, num_inference_steps, device, state, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, sigmas=sigmas, timesteps=timesteps,
-            float_prediction=not reproduce_original,
-        )
-
-        # 4. Decode
+        # 6. Decode
+        watch.check()
         if output_type == "latent":
             video = latents
         else:
-            video = self.postprocess(self.decode_latents(latents), output_type)
+            video = self.video_processor.postprocess_video(self.decode_latents(latents), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (video,)
         return SkyReelsV3PipelineOutput(frames=video)
-

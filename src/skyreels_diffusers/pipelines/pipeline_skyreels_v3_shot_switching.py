@@ -5,10 +5,26 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import replace_example_docstring
+from transformers import AutoTokenizer, UMT5EncoderModel
 
-from .common import SkyReelsV3PipelineOutput, SkyReelsV3VideoPipelineBase
-from .video_io import VideoInput, pixels_to_uint8
+from ..models import SkyReelsV3Transformer3DModel
+from ..schedulers import SkyReelsV3FlowUniPCScheduler
+from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32
+from .common import (
+    FiniteWatch,
+    PipelineInputError,
+    SkyReelsV3PipelineMixin,
+    SkyReelsV3PipelineOutput,
+    SkyReelsV3VideoInputMixin,
+    check_common_inputs,
+    exact_flow_scheduler,
+)
+from .video_io import VideoInput, pixels_to_uint8, resize_frames
 
 #: seconds after the cut -> condition frames taken from the end of the input video
 SHOT_NUM_CONDITION_FRAMES_MAP = {2: 9, 3: 17, 4: 25, 5: 33}
@@ -32,7 +48,9 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
+class SkyReelsV3ShotSwitchingPipeline(
+    DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin, SkyReelsV3VideoInputMixin
+):
     r"""
     Shot-switching video extension with SkyReels-V3 (14B, its own weights): a new shot of 2-5 s after a cut.
 
@@ -41,13 +59,65 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
     positions from 1024 on, timestep 0. Prompts may start with a cut tag such as `[ZOOM_IN_CUT]`,
     `[ZOOM_OUT_CUT]`.
 
-    Components as the single-shot pipeline (`scheduler`: UniPC flow sigmas, shift 8).
+    Components as the single-shot pipeline (`scheduler`: `SkyReelsV3FlowUniPCScheduler`, shift 8).
 
     Differences from the original: it runs on one GPU without `--offload` (the original moved the transformer to the
     CPU before denoising and crashed), frames are rounded (not truncated) to uint8, `resize_mode="bilinear"` by
     default (`"nearest"` = the original), `return_input_video=True` prepends the input. `reproduce_original=True`
     truncates and resizes with nearest neighbours as the original did.
     """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _flow_sigma_max = SIGMA_MAX_FP32
+
+    def __init__(
+        self,
+        tokenizer: AutoTokenizer,
+        text_encoder: UMT5EncoderModel,
+        transformer: SkyReelsV3Transformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler: SkyReelsV3FlowUniPCScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+            scheduler=exact_flow_scheduler(scheduler, self._flow_sigma_max),
+        )
+        self._set_vae_scale_factors()
+
+    @classmethod
+    def check_inputs(
+        cls,
+        video,
+        prompt,
+        negative_prompt=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        duration: int = 5,
+        resolution: str = "720P",
+        height: int | None = None,
+        width: int | None = None,
+        fps: float | None = None,
+        num_inference_steps: int = 8,
+        guidance_scale: float = 1.0,
+        resize_mode: str | None = None,
+        output_type: str = "np",
+        callback_on_step_end_tensor_inputs=None,
+    ) -> None:
+        """Validate every argument before any model work (needs no weights: a classmethod)."""
+        if isinstance(duration, bool) or duration not in SHOT_NUM_CONDITION_FRAMES_MAP:
+            raise PipelineInputError(
+                "duration", f"must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} seconds, got {duration!r}."
+            )
+        cls.check_video_inputs(video, height, width, resize_mode, fps)
+        if height is None:
+            from .buckets import bucket_size
+
+            bucket_size(1, 1, resolution)  # validates `resolution`
+        check_common_inputs(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
+            output_type, callback_on_step_end_tensor_inputs, cls._callback_tensor_inputs,
+        )
 
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     @torch.no_grad()
@@ -62,6 +132,8 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
         width: int | None = None,
         fps: float | None = None,
         num_inference_steps: int = 8,
+        sigmas: list[float] | None = None,
+        timesteps: list[int] | None = None,
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -72,11 +144,9 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
         output_type: str = "np",
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         max_sequence_length: int = 512,
-        sigmas: list[float] | None = None,
-        timesteps: list[int] | None = None,
         reproduce_original: bool = False,
     ) -> SkyReelsV3PipelineOutput | tuple:
         r"""
@@ -90,6 +160,8 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
             duration: 2, 3, 4 or 5 seconds; `fps * duration + 1` frames are generated.
             resolution, height, width, fps, resize_mode, return_input_video: as in `SkyReelsV3ExtensionPipeline`.
             num_inference_steps: denoising steps (8).
+            sigmas: custom unshifted flow sigmas (diffusers' semantics); default: the original's schedule.
+            timesteps: custom timesteps, for schedulers that accept them.
             guidance_scale: text guidance (1.0 = off).
             generator: draws the noise.
             latents: initial noise `[1, 16, fps*duration/4+1, H/8, W/8]`.
@@ -97,66 +169,52 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
             output_type: "np" (default), "pil", "pt" or "latent".
             return_dict, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs,
             max_sequence_length: as in the other pipelines.
-            sigmas: custom unshifted flow sigmas (diffusers' semantics); default: the original's schedule.
-            timesteps: custom timesteps, for schedulers that accept them.
             reproduce_original: the original's conventions (uint8 by truncation, nearest-neighbour input resizing;
                 `resize_mode` defaults to "nearest").
 
         Examples:
         """
-        if duration not in SHOT_NUM_CONDITION_FRAMES_MAP:
-            raise ValueError(f"`duration` must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} seconds, got {duration!r}.")
-        num_condition_frames = SHOT_NUM_CONDITION_FRAMES_MAP[duration]
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs, decode the video (before any model work)
+        self.check_inputs(
+            video, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, duration, resolution, height,
+            width, fps, num_inference_steps, guidance_scale, resize_mode, output_type,
+            callback_on_step_end_tensor_inputs,
+        )
         resize_mode = resize_mode or ("nearest" if reproduce_original else "bilinear")
-        frames, height, width, fps = self.load_input_video(
-            video, num_condition_frames, resolution, height, width, resize_mode, fps
-        )
-        self._check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs,
-        )
-        num_new_frames = fps * duration
-        if num_new_frames != int(num_new_frames) or int(num_new_frames) % self.vae_scale_factor_temporal:
-            raise ValueError(f"`fps * duration` must be a multiple of {self.vae_scale_factor_temporal}, got {num_new_frames}.")
-        num_latents = int(num_new_frames) // self.vae_scale_factor_temporal + 1
-        callback_on_step_end_tensor_inputs = self._prepare_call(
-            guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
+        num_condition_frames = SHOT_NUM_CONDITION_FRAMES_MAP[duration]
+        frames, height, width = self.load_input_video(video, num_condition_frames, resolution, height, width)
+        num_latents = int(fps or 24) * duration // self.vae_scale_factor_temporal + 1
+        self._start_call(guidance_scale, attention_kwargs)
         device = self._execution_device
 
+        # 2. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
         )
         batch_size = prompt_embeds.shape[0]
-        condition = self.condition_latents(frames[-num_condition_frames:], height, width, resize_mode, device)
-        condition = condition.expand(batch_size, -1, -1, -1, -1)
+
+        # 3. Condition latents (the last frames before the cut) and noise
+        pixels = resize_frames(frames[-num_condition_frames:], height, width, resize_mode).to(device)
+        condition = self.encode_video(pixels).to(device).expand(batch_size, -1, -1, -1, -1)
         latents = self.prepare_latents(
             self.latent_shape(batch_size, num_latents, height, width), generator, device, latents
         )
-        dtype = self.transformer.dtype
-        condition_input = condition.to(dtype)
 
-        def predict(x: torch.Tensor, t: torch.Tensor, state: dict) -> torch.Tensor:
-            # noisy frames first, then the condition frames at timestep 0 (the token order of the model)
-            timestep = torch.cat(
-                [t.expand(x.shape[2]), torch.zeros(condition.shape[2], dtype=t.dtype, device=t.device)]
-            ).expand(x.shape[0], -1)
-
-            def branch(name, embeds):
-                return self.run_transformer(
-                    name, state["step_index"], hidden_states=x.to(dtype), timestep=timestep,
-                    encoder_hidden_states=embeds, condition_hidden_states=condition_input,
-                ).float()
-
-            return self.guided(branch, state)
-
-        state = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-        latents = self.denoise(
-            latents, predict, num_inference_steps, device, state, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, sigmas=sigmas, timesteps=timesteps,
+        # 4. Timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
         )
+        self._num_timesteps = len(timesteps)
 
+        # 5. Denoising loop
+        latents = self.denoise(latents, condition, timesteps, prompt_embeds, negative_prompt_embeds,
+                               callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+        # 6. Decode
         if output_type == "latent":
             output = latents
         else:
@@ -169,3 +227,39 @@ class SkyReelsV3ShotSwitchingPipeline(SkyReelsV3VideoPipelineBase):
         if not return_dict:
             return (output,)
         return SkyReelsV3PipelineOutput(frames=output)
+
+    def denoise(
+        self, latents: torch.Tensor, condition: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None, callback_on_step_end, callback_on_step_end_tensor_inputs,
+    ) -> torch.Tensor:
+        """The denoising loop: noisy tokens first, then the condition tokens at timestep 0 (the model's order)."""
+        dtype = self.transformer.dtype
+        condition_input = condition.to(dtype)
+        self.scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
+        watch = FiniteWatch()
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = torch.cat(
+                    [t.expand(latents.shape[2]), torch.zeros(condition.shape[2], dtype=t.dtype, device=t.device)]
+                ).expand(latents.shape[0], -1)
+                noise_pred = self.predict_noise(
+                    i, prompt_embeds, negative_prompt_embeds, hidden_states=latents.to(dtype), timestep=timestep,
+                    condition_hidden_states=condition_input,
+                )
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                watch.update(latents, i)
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
+        watch.check()
+        return latents

@@ -15,17 +15,24 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from ..models import SkyReelsV3Transformer3DModel
-from ..parallel import is_main_process
 from ..schedulers import SkyReelsV3FlowEulerScheduler
 from .audio_io import DEFAULT_MAX_SECONDS, VIDEO_FPS, SpeechAudio, audio_windows, load_speech, wav2vec2_features
 from .buckets import avatar_bucket_size, check_size
 from .color import match_colors
-from .common import SkyReelsV3PipelineBase
+from .common import (
+    FiniteWatch,
+    PipelineInputError,
+    SkyReelsV3PipelineMixin,
+    check_common_inputs,
+    check_guidance_scale,
+)
 from .video_io import ImageInput, load_image, pixels_to_uint8
 
 WINDOW_FRAMES = 81
@@ -130,7 +137,30 @@ class SkyReelsV3AvatarPipelineOutput(BaseOutput):
     fps: int = VIDEO_FPS
 
 
-class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
+@dataclass
+class AvatarRun:
+    """What every clip of one call shares: embeddings, the portrait, the generator and the sampling settings."""
+
+    reference: torch.Tensor  # [3, H, W] in [-1, 1]
+    prompt_embeds: torch.Tensor
+    window_prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    image_embeds: torch.Tensor
+    audio_embeds: torch.Tensor  # [T, layers, dim] float32
+    generator: torch.Generator
+    num_inference_steps: int
+    sigmas: list[float] | None
+    timesteps: list[float] | None
+    audio_guidance_scale: float
+    clip_from_reference: bool
+    color_match_strength: float
+    reproduce_original: bool
+    callback_on_step_end: Callable | None
+    callback_on_step_end_tensor_inputs: list[str]
+    clip_latents: list[torch.Tensor] = field(default_factory=list)
+
+
+class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin):
     r"""
     Talking-avatar generation with SkyReels-V3 (19B): a portrait and speech (up to 200 s) -> a lip-synced video.
 
@@ -155,7 +185,6 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->audio_encoder->transformer->vae"
-    _output_types = ("np", "pil", "pt", "latent")
 
     def __init__(
         self,
@@ -168,7 +197,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         vae: AutoencoderKLWan,
         scheduler: SkyReelsV3FlowEulerScheduler,
     ):
-        DiffusionPipeline.__init__(self)
+        super().__init__()
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder, audio_encoder=audio_encoder,
             feature_extractor=feature_extractor, transformer=transformer, vae=vae, scheduler=scheduler,
@@ -176,38 +205,54 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         self._set_vae_scale_factors()
 
     # ---------------------------------------------------------------------------------------------- inputs
+    @classmethod
     def check_inputs(
-        self, image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt, prompt_embeds,
-        negative_prompt_embeds, resolution, height, width, num_inference_steps, guidance_scale,
-        audio_guidance_scale, max_audio_seconds, output_type, output_audio, callback_on_step_end_tensor_inputs,
-        resume_dir=None,
-    ) -> tuple[PIL.Image.Image, SpeechAudio | None, int]:
-        """Validate everything before model work; returns (portrait, decoded speech or None, video frames)."""
-        portrait = load_image(image, name="image", exif_transpose=True)
+        cls, image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt=None, prompt_embeds=None,
+        negative_prompt_embeds=None, resolution: str = "480P", height=None, width=None, num_inference_steps=4,
+        guidance_scale=1.0, audio_guidance_scale=1.0, max_audio_seconds=DEFAULT_MAX_SECONDS, output_type="np",
+        output_audio="original", callback_on_step_end_tensor_inputs=None, resume_dir=None,
+    ) -> None:
+        """Validate every argument before any model work (needs no weights: a classmethod)."""
+        if image is None:
+            raise PipelineInputError("image", "is required.")
         check_size(height, width)
         if height is None:
-            avatar_bucket_size(portrait.height, portrait.width, resolution)
-        if not audio_guidance_scale >= 1.0:
-            raise ValueError(f"`audio_guidance_scale` must be >= 1 (1 = off), got {audio_guidance_scale!r}.")
+            avatar_bucket_size(1, 1, resolution)  # validates `resolution`
+        check_guidance_scale("audio_guidance_scale", audio_guidance_scale)
         if output_audio not in ("original", "normalized"):
-            raise ValueError(f"`output_audio` must be 'original' or 'normalized', got {output_audio!r}.")
+            raise PipelineInputError("output_audio", f"must be 'original' or 'normalized', got {output_audio!r}.")
+        if not isinstance(max_audio_seconds, (int, float)) or not 0 < max_audio_seconds <= DEFAULT_MAX_SECONDS:
+            raise PipelineInputError(
+                "max_audio_seconds", f"must be in (0, {DEFAULT_MAX_SECONDS:g}] seconds, got {max_audio_seconds!r}."
+            )
         if output_type == "latent" and resume_dir is not None:
-            raise ValueError("`output_type='latent'` cannot be combined with `resume_dir` (finished windows are kept "
-                             "as frames, not latents).")
-        self._check_common_inputs(
+            raise PipelineInputError("output_type", "='latent' cannot be combined with `resume_dir` (finished "
+                                                    "windows are kept as frames, not latents).")
+        check_common_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs,
+            output_type, callback_on_step_end_tensor_inputs, cls._callback_tensor_inputs,
         )
         if (audio is None) == (audio_embeds is None):
-            raise ValueError("Pass exactly one of `audio` (a file or waveform) and `audio_embeds` (wav2vec2 features).")
+            raise PipelineInputError("audio", "or `audio_embeds` (wav2vec2 features) is required, not both.")
         if audio_embeds is not None:
             if audio_embeds.ndim != 3 or len(audio_embeds) < 1:
-                raise ValueError(f"`audio_embeds` must be [T, layers, dim], got {tuple(audio_embeds.shape)}.")
+                raise PipelineInputError("audio_embeds", f"must be [T, layers, dim], got {tuple(audio_embeds.shape)}.")
             if len(audio_embeds) > max_audio_seconds * VIDEO_FPS:
-                raise ValueError(f"`audio_embeds` covers {len(audio_embeds) / VIDEO_FPS:.1f} s, over the limit of "
-                                 f"{max_audio_seconds:g} s (`max_audio_seconds`).")
+                raise PipelineInputError("audio_embeds", f"covers {len(audio_embeds) / VIDEO_FPS:.1f} s, over the "
+                                                         f"limit of {max_audio_seconds:g} s (`max_audio_seconds`).")
+
+    @staticmethod
+    def load_inputs(image, audio, audio_sample_rate, audio_embeds, max_audio_seconds: float
+                    ) -> tuple[PIL.Image.Image, SpeechAudio | None, int]:
+        """The portrait, the decoded speech (None with `audio_embeds`) and the number of video frames."""
+        portrait = load_image(image, name="image", exif_transpose=True)
+        if audio_embeds is not None:
             return portrait, None, len(audio_embeds)
-        speech = load_speech(audio, audio_sample_rate, max_seconds=max_audio_seconds, name="audio")
+        speech = audio if isinstance(audio, SpeechAudio) else load_speech(
+            audio, audio_sample_rate, max_seconds=max_audio_seconds, name="audio")
+        if speech.duration > max_audio_seconds:
+            raise PipelineInputError("audio", f"is {speech.duration:.1f} s long, over the limit of "
+                                              f"{max_audio_seconds:g} s (`max_audio_seconds`).")
         return portrait, speech, speech.num_frames
 
     def prepare_portrait(self, portrait: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
@@ -237,28 +282,9 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         return wav2vec2_features(self.audio_encoder, self.feature_extractor, speech.normalized, speech.num_frames)
 
     # ---------------------------------------------------------------------------------------------- one clip
-    def generate_clip(
-        self,
-        condition: torch.Tensor,
-        pseudo: torch.Tensor | None,
-        text_embeds: torch.Tensor,
-        negative_embeds: torch.Tensor | None,
-        audio: torch.Tensor,
-        image_embeds: torch.Tensor,
-        motion: bool,
-        generator: torch.Generator | None,
-        num_inference_steps: int,
-        guidance_scale: float,
-        audio_guidance_scale: float,
-        callback_on_step_end: Callable | None,
-        callback_on_step_end_tensor_inputs: list[str],
-        sigmas: list[float] | None = None,
-        timesteps: list[float] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoise one 81-frame clip; returns its final latents and decoded pixels `[1, 3, 81, H, W]` in [-1, 1].
-
-        `condition` `[n, 3, H, W]` are the first frames (portrait or motion frames), `pseudo` `[5, 3, H, W]` the
-        end frames (or None); the rest of the conditioning video is zero (grey)."""
+    def prepare_condition(self, condition: torch.Tensor, pseudo: torch.Tensor | None) -> torch.Tensor:
+        """`y` = [mask (4) | condition latents (16)] `[1, 20, 21, h, w]` of an 81-frame conditioning video:
+        `condition` `[n, 3, H, W]` first frames, `pseudo` `[5, 3, H, W]` end frames (or None), zeros (grey) between."""
         device = self._execution_device
         num_cond, (_, height, width) = condition.shape[0], condition.shape[1:]
         video = torch.zeros(1, 3, WINDOW_FRAMES, height, width, device=device)
@@ -267,7 +293,6 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         if pseudo is not None:
             video[0, :, -num_pseudo:] = pseudo.transpose(0, 1).to(device)
         condition_latents = self.encode_video(video).to(device)  # [1, 16, 21, h, w]
-
         h, w = condition_latents.shape[-2:]
         mask = torch.zeros(1, WINDOW_FRAMES, h, w, device=device)
         mask[:, :num_cond] = 1
@@ -276,62 +301,79 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         scale = self.vae_scale_factor_temporal
         mask = torch.cat([mask[:, :1].repeat_interleave(scale, dim=1), mask[:, 1:]], dim=1)
         mask = mask.view(1, -1, scale, h, w).transpose(1, 2)  # [1, 4, 21, h, w]
-        y = torch.cat([mask, condition_latents], dim=1)
+        return torch.cat([mask, condition_latents], dim=1)
 
-        latents = randn_tensor(condition_latents.shape, generator=generator, device=device, dtype=torch.float32)
-        self.scheduler.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, timesteps=timesteps)
-        after_step = None
+    def renoise_motion(self, latents: torch.Tensor, motion_latents: torch.Tensor, noise_level: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+        """Motion latents (the first latent frames) re-noised to `noise_level` with a fresh draw (the original's)."""
+        noise = randn_tensor(motion_latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
+        latents = latents.clone()
+        latents[:, :, : motion_latents.shape[2]] = self.scheduler.add_noise_at(motion_latents, noise, noise_level)
+        return latents
+
+    def predict_avatar_noise(self, step: int, run: AvatarRun, text_embeds: torch.Tensor, audio: torch.Tensor,
+                             **model_inputs) -> torch.Tensor:
+        """The flow prediction with the original's text / audio guidance combinations (float32)."""
+
+        def branch(name: str, embeds: torch.Tensor, sound: torch.Tensor) -> torch.Tensor:
+            return self.run_transformer(name, step, encoder_hidden_states=embeds, audio_embeds=sound,
+                                        **model_inputs).float()
+
+        cond = branch("cond", text_embeds, audio)
+        text_on, audio_on, negative = self.guidance_scale > 1.0, run.audio_guidance_scale > 1.0, run.negative_prompt_embeds
+        if text_on and audio_on:
+            uncond = branch("uncond", negative, torch.zeros_like(audio))
+            uncond_text = branch("uncond_text", negative, audio)
+            return uncond + self.guidance_scale * (cond - uncond_text) + run.audio_guidance_scale * (uncond_text - uncond)
+        if text_on:
+            uncond_text = branch("uncond_text", negative, audio)
+            return uncond_text + self.guidance_scale * (cond - uncond_text)
+        if audio_on:
+            uncond_audio = branch("uncond_audio", text_embeds, torch.zeros_like(audio))
+            return uncond_audio + run.audio_guidance_scale * (cond - uncond_audio)
+        return cond
+
+    def generate_clip(self, run: AvatarRun, condition: torch.Tensor, pseudo: torch.Tensor | None,
+                      text_embeds: torch.Tensor, audio_start: int, features: torch.Tensor, motion: bool) -> torch.Tensor:
+        """Denoise and decode one 81-frame clip; returns its frames `[81, 3, H, W]` in [-1, 1]."""
+        device, dtype = self._execution_device, self.transformer.dtype
+        clip_from_portrait = not motion or run.clip_from_reference
+        image_embeds = (run.image_embeds if clip_from_portrait else self.encode_image(condition[:1])).to(device, dtype)
+        y = self.prepare_condition(condition, pseudo)
+        audio = audio_windows(features, audio_start, WINDOW_FRAMES).to(device, dtype)[None]
+        latents = randn_tensor((1, y.shape[1] - 4, *y.shape[2:]), generator=run.generator, device=device,
+                               dtype=torch.float32)  # the shape of the condition latents
+        self.scheduler.set_timesteps(run.num_inference_steps, device=device, sigmas=run.sigmas,
+                                     timesteps=run.timesteps)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        motion_latents = y[:, 4:, : 1 + (MOTION_FRAMES - 1) // self.vae_scale_factor_temporal] if motion else None
         if motion:
-            motion_latents = condition_latents[:, :, : 1 + (MOTION_FRAMES - 1) // scale]
-            frames_m = motion_latents.shape[2]
-
-            def renoise(x: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
-                noise = randn_tensor(motion_latents.shape, generator=generator, device=device, dtype=torch.float32)
-                x = x.clone()
-                x[:, :, :frames_m] = self.scheduler.add_noise_at(motion_latents, noise, noise_level)
-                return x
-
-            latents = renoise(latents, self.scheduler.timesteps[0])
-
-            def after_step(x: torch.Tensor, i: int) -> torch.Tensor:
-                return renoise(x, self.scheduler.sigmas[i + 1] * self.scheduler.config.num_train_timesteps)
-
-        dtype = self.transformer.dtype
-        audio = audio.to(device, dtype)[None]
-        no_audio = torch.zeros_like(audio)
-        image_embeds = image_embeds.to(device, dtype)
-
-        def predict(x: torch.Tensor, t: torch.Tensor, state: dict) -> torch.Tensor:
-            hidden_states = torch.cat([x, y], dim=1).to(dtype)
-            timestep = t.expand(x.shape[0]).float()
-
-            def branch(name: str, embeds: torch.Tensor, sound: torch.Tensor) -> torch.Tensor:
-                return self.run_transformer(
-                    name, state["step_index"], hidden_states=hidden_states, timestep=timestep,
-                    encoder_hidden_states=embeds, encoder_hidden_states_image=image_embeds, audio_embeds=sound,
-                ).float()
-
-            cond = branch("cond", state["prompt_embeds"], audio)
-            text_on, audio_on = guidance_scale > 1.0, audio_guidance_scale > 1.0
-            if text_on and audio_on:
-                uncond = branch("uncond", state["negative_prompt_embeds"], no_audio)
-                uncond_text = branch("uncond_text", state["negative_prompt_embeds"], audio)
-                return uncond + guidance_scale * (cond - uncond_text) + audio_guidance_scale * (uncond_text - uncond)
-            if text_on:
-                uncond_text = branch("uncond_text", state["negative_prompt_embeds"], audio)
-                return uncond_text + guidance_scale * (cond - uncond_text)
-            if audio_on:
-                uncond_audio = branch("uncond_audio", state["prompt_embeds"], no_audio)
-                return uncond_audio + audio_guidance_scale * (cond - uncond_audio)
-            return cond
-
-        state = {"prompt_embeds": text_embeds, "negative_prompt_embeds": negative_embeds}
-        latents = self.denoise(
-            latents, predict, num_inference_steps, device, state, callback_on_step_end,
-            callback_on_step_end_tensor_inputs, after_step=after_step, progress=False, sigmas=sigmas,
-            timesteps=timesteps,
-        )
-        return latents, self.decode_latents(latents)
+            latents = self.renoise_motion(latents, motion_latents, timesteps[0], run.generator)
+        self.scheduler.set_begin_index(0)
+        watch = FiniteWatch()
+        for i, t in enumerate(timesteps):
+            if self.interrupt:
+                continue
+            self._current_timestep = t
+            noise_pred = self.predict_avatar_noise(
+                i, run, text_embeds, audio, hidden_states=torch.cat([latents, y], dim=1).to(dtype),
+                timestep=t.expand(latents.shape[0]).float(), encoder_hidden_states_image=image_embeds,
+            )
+            latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if motion:
+                level = self.scheduler.sigmas[i + 1] * self.scheduler.config.num_train_timesteps
+                latents = self.renoise_motion(latents, motion_latents, level, run.generator)
+            watch.update(latents, i)
+            if run.callback_on_step_end is not None:
+                callback_kwargs = {"latents": latents, "prompt_embeds": text_embeds,
+                                   "negative_prompt_embeds": run.negative_prompt_embeds}
+                callback_kwargs = {k: callback_kwargs[k] for k in run.callback_on_step_end_tensor_inputs}
+                latents = (run.callback_on_step_end(self, i, t, callback_kwargs) or {}).pop("latents", latents)
+        self._current_timestep = None
+        watch.check()
+        run.clip_latents.append(latents)
+        return self.decode_latents(latents)[0].transpose(0, 1)  # [81, 3, H, W]
 
     # ---------------------------------------------------------------------------------------------- resume
     @staticmethod
@@ -346,13 +388,86 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
 
     @staticmethod
     def _save_atomic(obj, path: Path) -> None:
-        from ..parallel import is_main_process
-
-        if not is_main_process():  # under torchrun every rank holds the same state; rank 0 writes it
-            return
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(obj, tmp)
         os.replace(tmp, path)
+
+    def _resume_fingerprint(self, run: AvatarRun, settings: list) -> str:
+        return self._fingerprint(
+            run.audio_embeds, run.reference, run.prompt_embeds, run.window_prompt_embeds, run.image_embeds,
+            run.generator.get_state(), [*settings, run.num_inference_steps, run.audio_guidance_scale,
+                                        run.clip_from_reference, run.color_match_strength, dict(self.scheduler.config)],
+        )
+
+    # ---------------------------------------------------------------------------------------------- windows
+    def to_uint8(self, run: AvatarRun, pixels: torch.Tensor) -> np.ndarray:
+        """`[F, 3, H, W]` in [-1, 1] -> uint8 `[F, H, W, 3]` (rounded; the original's `(x + 1) * 127.5` truncated
+        with `reproduce_original`)."""
+        if run.reproduce_original:
+            return ((pixels.permute(0, 2, 3, 1).float() + 1) * 127.5).clamp(0, 255).cpu().numpy().astype(np.uint8)
+        return pixels_to_uint8(pixels.permute(0, 2, 3, 1))
+
+    def generate_windows(
+        self, run: AvatarRun, plan: WindowPlan, keyframe_video: torch.Tensor, start: tuple[int, torch.Tensor | None,
+                                                                                             list[np.ndarray]],
+        resume: tuple[Path, str, bool] | None, callback_on_window_end: Callable | None,
+    ) -> list[np.ndarray]:
+        """The sliding windows after the keyframe clip; returns every window's new uint8 frames."""
+        next_window, motion_frames, chunks = start
+        features = extend_audio(run.audio_embeds, plan.video_length)
+        keyframes = [keyframe_video[i] for i in plan.keyframes]
+        num_windows = len(plan.starts)
+        with self.progress_bar(total=num_windows) as progress_bar:
+            progress_bar.update(next_window)
+            for k in range(next_window, num_windows):
+                if self.interrupt:
+                    break
+                last = plan.starts[k] + WINDOW_FRAMES == plan.video_length
+                pseudo = keyframes[min(k, len(keyframes) - 1)][None].repeat(PSEUDO_FRAMES, 1, 1, 1)
+                condition = run.reference[None] if k == 0 else motion_frames
+                frames = self.generate_clip(run, condition, pseudo, run.window_prompt_embeds, plan.starts[k], features,
+                                            motion=k > 0)
+                if not last:
+                    frames = frames[: WINDOW_FRAMES - DROP_FRAMES]
+                frames = match_colors(frames, run.reference, run.color_match_strength)
+                chunks.append(self.to_uint8(run, frames if k == 0 else frames[condition.shape[0]:]))
+                motion_frames = frames[-MOTION_FRAMES:]
+                if resume is not None and resume[2]:
+                    folder, fingerprint, _ = resume
+                    np.save(folder / f".window_{k:05d}.npy", chunks[-1])
+                    os.replace(folder / f".window_{k:05d}.npy", folder / f"window_{k:05d}.npy")
+                    self._save_atomic({"fingerprint": fingerprint, "keyframe_video": keyframe_video.cpu(),
+                                       "next_window": k + 1, "motion": motion_frames.cpu(),
+                                       "generator": run.generator.get_state()}, folder / "state.pt")
+                progress_bar.update()
+                if callback_on_window_end is not None:
+                    callback_on_window_end(self, k + 1, num_windows + 1)
+        return chunks
+
+    def keyframe_clip(self, run: AvatarRun, resume: tuple[Path, str, bool] | None,
+                      callback_on_window_end: Callable | None, num_windows: int) -> torch.Tensor:
+        """The first clip, on the user prompt, colour-matched to the portrait."""
+        keyframe_video = match_colors(
+            self.generate_clip(run, run.reference[None], None, run.prompt_embeds, 0, run.audio_embeds, motion=False),
+            run.reference, run.color_match_strength,
+        )
+        if resume is not None and resume[2]:
+            self._save_atomic({"fingerprint": resume[1], "keyframe_video": keyframe_video.cpu(), "next_window": 0,
+                               "motion": None, "generator": run.generator.get_state()}, resume[0] / "state.pt")
+        if callback_on_window_end is not None:
+            callback_on_window_end(self, 0, num_windows + 1)
+        return keyframe_video
+
+    def load_resume_state(self, resume_dir, fingerprint: str) -> dict | None:
+        """The saved state of an interrupted run with the same inputs (None when the folder holds none)."""
+        state_file = Path(resume_dir) / "state.pt"
+        if not state_file.is_file():
+            return None
+        state = torch.load(state_file, weights_only=True)
+        if state.get("fingerprint") != fingerprint:
+            raise PipelineInputError("resume_dir", f"{resume_dir} holds a different run (other inputs or seed); "
+                                                   "use an empty folder.")
+        return state
 
     # ---------------------------------------------------------------------------------------------- call
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -360,7 +475,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
     def __call__(
         self,
         image: ImageInput,
-        audio: str | os.PathLike | np.ndarray | None = None,
+        audio: str | os.PathLike | np.ndarray | SpeechAudio | None = None,
         prompt: str | None = None,
         negative_prompt: str | None = None,
         audio_sample_rate: int | None = None,
@@ -368,6 +483,8 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 4,
+        sigmas: list[float] | None = None,
+        timesteps: list[float] | None = None,
         guidance_scale: float = 1.0,
         audio_guidance_scale: float = 1.0,
         window_prompt: str | None = DEFAULT_WINDOW_PROMPT,
@@ -381,16 +498,15 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         image_embeds: torch.Tensor | None = None,
         audio_embeds: torch.Tensor | None = None,
         resume_dir: str | os.PathLike | None = None,
+        write_resume: bool = True,
         output_type: str = "np",
         output_audio: str | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         callback_on_window_end: Callable[[Any, int, int], None] | None = None,
         max_sequence_length: int = 512,
-        sigmas: list[float] | None = None,
-        timesteps: list[float] | None = None,
         reproduce_original: bool = False,
     ) -> SkyReelsV3AvatarPipelineOutput | tuple:
         r"""
@@ -398,8 +514,8 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
 
         Args:
             image: the portrait (path or PIL; EXIF orientation applied); picks the resolution bucket.
-            audio: speech: a file (wav, mp3, flac, m4a, ...) or a waveform with `audio_sample_rate`; mono 16 kHz,
-                normalised to -23 LUFS for the features. 0.4 s to `max_audio_seconds`.
+            audio: speech: a file (wav, mp3, flac, m4a, ...), a waveform with `audio_sample_rate`, or a decoded
+                `SpeechAudio`; mono 16 kHz, normalised to -23 LUFS for the features. 0.4 s to `max_audio_seconds`.
             prompt: describes the person and scene; drives the keyframe clip (and every window with
                 `window_prompt=None`).
             negative_prompt: used with guidance (default: the original's English negative prompt).
@@ -407,12 +523,14 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             resolution: "480P" (default), "540P" or "720P" avatar bucket table.
             height, width: explicit size (multiples of 16), overriding the bucket.
             num_inference_steps: Euler steps per clip (4).
+            sigmas: custom unshifted noise levels per clip (in (0, 1]; the scheduler applies its shift and appends 0).
+            timesteps: the same as timesteps (`1000 * sigmas`).
             guidance_scale, audio_guidance_scale: text and audio guidance (1.0 = off, the original's defaults).
             window_prompt: prompt of the sliding windows ("a person is talking", the original's); None = `prompt`.
             clip_from_reference: CLIP tokens from the portrait in every window (default False: from the first
                 motion frame, as the original).
             color_match_strength: Lab colour matching to the portrait after every clip (1.0 = the original).
-            max_audio_seconds: longest accepted audio (200 s).
+            max_audio_seconds: longest accepted audio (at most 200 s).
             generator: draws all noise (clip noise and motion re-noising, in the original's order).
             prompt_embeds, window_prompt_embeds, negative_prompt_embeds: precomputed UMT5 embeddings.
             image_embeds: precomputed CLIP tokens of the portrait `[1, 257, 1280]` (used wherever the portrait's
@@ -420,6 +538,8 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             audio_embeds: precomputed wav2vec2 features `[T, 12, 768]` at 25 fps instead of `audio`.
             resume_dir: folder for per-window checkpoints; a run killed at window k and started again with the same
                 inputs resumes at window k and gives the same video as an uninterrupted run.
+            write_resume: whether this process writes the checkpoints (when several processes run the same call,
+                one of them writes; all of them read).
             output_type: "np" (default), "pil", "pt" or "latent" (every clip's final latents; not with `resume_dir`).
             output_audio: "original" (the user's file; the default) or "normalized" (-23 LUFS, 16 kHz mono; the
                 default with `reproduce_original`).
@@ -429,30 +549,31 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` passed to it.
             callback_on_window_end: `fn(pipe, window, num_windows)` after every finished window (0 = keyframe clip).
             max_sequence_length: text tokens (512).
-            sigmas: custom unshifted noise levels per clip (in (0, 1]; the scheduler applies its shift and appends 0).
-            timesteps: the same as timesteps (`1000 * sigmas`).
             reproduce_original: the original's conventions (uint8 by truncation, the normalised audio track).
 
         Examples:
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         output_audio = output_audio or ("normalized" if reproduce_original else "original")
-        portrait, speech, num_frames = self.check_inputs(
+
+        # 1. Check inputs, load the portrait and the speech (before any model work)
+        self.check_inputs(
             image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt, prompt_embeds,
             negative_prompt_embeds, resolution, height, width, num_inference_steps, guidance_scale,
             audio_guidance_scale, max_audio_seconds, output_type, output_audio, callback_on_step_end_tensor_inputs,
             resume_dir,
         )
-        callback_on_step_end_tensor_inputs = self._prepare_call(
-            guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
+        portrait, speech, num_frames = self.load_inputs(image, audio, audio_sample_rate, audio_embeds,
+                                                        max_audio_seconds)
         if height is None:
             height, width = avatar_bucket_size(portrait.height, portrait.width, resolution)
+        self._start_call(guidance_scale, attention_kwargs)
         device = self._execution_device
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        guidance = guidance_scale > 1.0 or audio_guidance_scale > 1.0
 
-        # 1. Text: the user prompt (keyframe clip) and the window prompt
+        # 2. Encode the prompts (the user prompt drives the keyframe clip), the portrait and the speech
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT, guidance_scale > 1.0,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -463,107 +584,24 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
                 prompt_embeds if window_prompt is None
                 else self.encode_prompt(window_prompt, max_sequence_length=max_sequence_length, device=device)[0]
             )
-
-        # 2. Portrait, CLIP, audio features
         reference = self.prepare_portrait(portrait, height, width).to(device)[0, :, 0]  # [3, H, W]
-        if image_embeds is None:
-            image_embeds = self.encode_image(reference[None])
-        if audio_embeds is None:
-            audio_embeds = self.encode_audio(speech)
-        audio_embeds = audio_embeds.float()
+        run = AvatarRun(
+            reference, prompt_embeds, window_prompt_embeds,
+            negative_prompt_embeds if guidance_scale > 1.0 or audio_guidance_scale > 1.0 else None,
+            self.encode_image(reference[None]) if image_embeds is None else image_embeds,
+            (self.encode_audio(speech) if audio_embeds is None else audio_embeds).float(), generator,
+            num_inference_steps, sigmas, timesteps, audio_guidance_scale, clip_from_reference, color_match_strength,
+            reproduce_original, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        )
+
+        # 3. The keyframe clip, then the sliding windows (resuming an interrupted run where it stopped)
         plan = plan_windows(num_frames)
-        clip_latents = []
+        video = self.generate_video(run, plan, resume_dir, write_resume, [height, width, guidance_scale],
+                                    callback_on_window_end)
 
-        def to_uint8(pixels: torch.Tensor) -> np.ndarray:  # [F, 3, H, W] in [-1, 1]
-            if reproduce_original:  # the original's avatar conversion: (x + 1) * 127.5, clamped, truncated
-                return ((pixels.permute(0, 2, 3, 1).float() + 1) * 127.5).clamp(0, 255).cpu().numpy().astype(np.uint8)
-            return pixels_to_uint8(pixels.permute(0, 2, 3, 1))
-
-        def clip(condition, pseudo, text, audio_start, features, motion):
-            clip_tokens = image_embeds if (not motion or clip_from_reference) else self.encode_image(condition[:1])
-            latents, video = self.generate_clip(
-                condition, pseudo, text, negative_prompt_embeds if guidance else None,
-                audio_windows(features, audio_start, WINDOW_FRAMES), clip_tokens, motion, generator,
-                num_inference_steps, guidance_scale, audio_guidance_scale, callback_on_step_end,
-                callback_on_step_end_tensor_inputs, sigmas, timesteps,
-            )
-            clip_latents.append(latents)
-            return video[0].transpose(0, 1)  # [81, 3, H, W]
-
-        # 3. Resume state
-        state_file = None
-        resume = None
-        if resume_dir is not None:
-            resume_dir = Path(resume_dir)
-            resume_dir.mkdir(parents=True, exist_ok=True)
-            state_file = resume_dir / "state.pt"
-            fingerprint = self._fingerprint(
-                audio_embeds, reference, prompt_embeds, window_prompt_embeds, image_embeds,
-                generator.get_state(), [height, width, num_inference_steps, guidance_scale, audio_guidance_scale,
-                                        clip_from_reference, color_match_strength, dict(self.scheduler.config)],
-            )
-            if state_file.is_file():
-                resume = torch.load(state_file, weights_only=True)
-                if resume.get("fingerprint") != fingerprint:
-                    raise ValueError(f"`resume_dir` {resume_dir} holds a different run (other inputs or seed); "
-                                     "use an empty folder.")
-
-        num_windows = len(plan.starts)
-        if resume is None:
-            # 4. Keyframe clip on the user prompt
-            keyframe_video = match_colors(
-                clip(reference[None], None, prompt_embeds, 0, audio_embeds, motion=False), reference,
-                color_match_strength,
-            )
-            next_window, motion_frames, chunks = 0, None, []
-            if state_file is not None:
-                self._save_atomic({"fingerprint": fingerprint, "keyframe_video": keyframe_video.cpu(),
-                                   "next_window": 0, "motion": None, "generator": generator.get_state()}, state_file)
-            if callback_on_window_end is not None:
-                callback_on_window_end(self, 0, num_windows + 1)
-        else:
-            keyframe_video = resume["keyframe_video"].to(device)
-            next_window, motion_frames = resume["next_window"], resume["motion"]
-            motion_frames = motion_frames.to(device) if motion_frames is not None else None
-            generator.set_state(resume["generator"])
-            chunks = [np.load(resume_dir / f"window_{k:05d}.npy") for k in range(next_window)]
-
-        if not plan.starts:
-            video = to_uint8(keyframe_video[:num_frames])[None]
-        else:
-            # 5. Sliding windows
-            features = extend_audio(audio_embeds, plan.video_length)
-            keyframes = [keyframe_video[i] for i in plan.keyframes]
-            with self.progress_bar(total=num_windows) as progress_bar:
-                progress_bar.update(next_window)
-                for k in range(next_window, num_windows):
-                    if self.interrupt:
-                        break
-                    start = plan.starts[k]
-                    last = start + WINDOW_FRAMES == plan.video_length
-                    pseudo = keyframes[min(k, len(keyframes) - 1)][None].repeat(PSEUDO_FRAMES, 1, 1, 1)
-                    condition = reference[None] if k == 0 else motion_frames
-                    frames = clip(condition, pseudo, window_prompt_embeds, start, features, motion=k > 0)
-                    if not last:
-                        frames = frames[: WINDOW_FRAMES - DROP_FRAMES]
-                    frames = match_colors(frames, reference, color_match_strength)
-                    new = frames if k == 0 else frames[condition.shape[0]:]
-                    chunks.append(to_uint8(new))
-                    motion_frames = frames[-MOTION_FRAMES:]
-                    if state_file is not None and is_main_process():
-                        tmp = resume_dir / f".window_{k:05d}.npy"
-                        np.save(tmp, chunks[-1])
-                        os.replace(tmp, resume_dir / f"window_{k:05d}.npy")
-                        self._save_atomic({"fingerprint": fingerprint, "keyframe_video": keyframe_video.cpu(),
-                                           "next_window": k + 1, "motion": motion_frames.cpu(),
-                                           "generator": generator.get_state()}, state_file)
-                    progress_bar.update()
-                    if callback_on_window_end is not None:
-                        callback_on_window_end(self, k + 1, num_windows + 1)
-            video = np.concatenate(chunks)[:num_frames][None]
-
+        # 4. Output
         if output_type == "latent":
-            output = torch.stack(clip_latents, dim=1)  # [1, clips, C, F, h, w]
+            output = torch.stack(run.clip_latents, dim=1)  # [1, clips, C, F, h, w]
         else:
             output = self.format_frames(torch.from_numpy(video).float().div(255).permute(0, 1, 4, 2, 3), output_type)
         waveform, rate = None, None
@@ -574,3 +612,27 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         if not return_dict:
             return (output, waveform, rate)
         return SkyReelsV3AvatarPipelineOutput(frames=output, audio=waveform, audio_sample_rate=rate)
+
+    def generate_video(self, run: AvatarRun, plan: WindowPlan, resume_dir, write_resume: bool, settings: list,
+                       callback_on_window_end: Callable | None) -> np.ndarray:
+        """Keyframe clip + windows -> uint8 `[1, F, H, W, 3]`, resuming from `resume_dir` when it holds a state."""
+        resume, state = None, None
+        if resume_dir is not None:
+            Path(resume_dir).mkdir(parents=True, exist_ok=True)
+            resume = (Path(resume_dir), self._resume_fingerprint(run, settings), write_resume)
+            state = self.load_resume_state(resume_dir, resume[1])
+        num_windows = len(plan.starts)
+        if state is None:
+            keyframe_video = self.keyframe_clip(run, resume, callback_on_window_end, num_windows)
+            start = (0, None, [])
+        else:
+            device = self._execution_device
+            keyframe_video = state["keyframe_video"].to(device)
+            motion = state["motion"].to(device) if state["motion"] is not None else None
+            run.generator.set_state(state["generator"])
+            windows = [np.load(resume[0] / f"window_{k:05d}.npy") for k in range(state["next_window"])]
+            start = (state["next_window"], motion, windows)
+        if not plan.starts:
+            return self.to_uint8(run, keyframe_video[: plan.num_frames])[None]
+        chunks = self.generate_windows(run, plan, keyframe_video, start, resume, callback_on_window_end)
+        return np.concatenate(chunks)[: plan.num_frames][None]

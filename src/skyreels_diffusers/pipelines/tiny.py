@@ -1,8 +1,9 @@
-"""Tiny, randomly initialised pipelines for every task: `--model tiny`, the tests and the web app.
+"""Tiny, randomly initialised components (toy sizes of the real classes): what `--model tiny`, the tests and the web
+app build their pipelines from (`tasks.tiny_pipeline`).
 
 They have the real components' classes and code paths (UMT5 encoder + tokenizer, Wan VAE, SkyReels-V3 transformer,
-UniPC flow scheduler) at toy sizes, build offline in about a second and run on a CPU. Their output is noise-like:
-RANDOM WEIGHTS, for trying the tools, not for looking at.
+CLIP, wav2vec2), build offline in about a second and run on a CPU. Their output is noise-like: RANDOM WEIGHTS, for
+trying the tools, not for looking at.
 """
 
 from __future__ import annotations
@@ -12,16 +13,6 @@ from diffusers import AutoencoderKLWan
 
 from ..models import SkyReelsV3Transformer3DModel
 from ..models.configs import TINY_TRANSFORMER_CONFIGS
-from ..schedulers import SkyReelsV3FlowUniPCScheduler
-from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32
-
-#: task -> (pipeline class name, transformer variant, scheduler shift)
-TASKS = {
-    "reference_to_video": ("SkyReelsV3ReferencePipeline", "reference", 5.0),
-    "single_shot_extension": ("SkyReelsV3ExtensionPipeline", "extension", 8.0),
-    "shot_switching_extension": ("SkyReelsV3ShotSwitchingPipeline", "extension", 8.0),
-    "talking_avatar": ("SkyReelsV3TalkingAvatarPipeline", "avatar", 11.0),
-}
 
 TINY_VAE_CONFIG = dict(
     base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
@@ -80,11 +71,6 @@ def tiny_transformer(variant: str, seed: int = 0) -> SkyReelsV3Transformer3DMode
     return SkyReelsV3Transformer3DModel(**TINY_TRANSFORMER_CONFIGS[variant]).eval()
 
 
-def flow_scheduler(shift: float, flow_sigma_max: float = SIGMA_MAX_FP32) -> SkyReelsV3FlowUniPCScheduler:
-    """The scheduler of every SkyReels-V3 video task but the avatar: UniPC with the original's flow sigmas."""
-    return SkyReelsV3FlowUniPCScheduler(flow_shift=shift, flow_sigma_max=flow_sigma_max)
-
-
 def avatar_feature_extractor():
     from transformers import Wav2Vec2FeatureExtractor
 
@@ -93,43 +79,13 @@ def avatar_feature_extractor():
     )
 
 
-def tiny_components(task: str, seed: int = 0) -> dict:
-    if task not in TASKS:
-        raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {task!r}.")
-    _, variant, shift = TASKS[task]
-    if task == "talking_avatar":
-        from transformers import CLIPVisionConfig, CLIPVisionModel, Wav2Vec2Config, Wav2Vec2Model
+def tiny_avatar_encoders(seed: int = 0) -> dict:
+    """The talking avatar's CLIP image encoder, wav2vec2 audio encoder and feature extractor at toy sizes."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Wav2Vec2Config, Wav2Vec2Model
 
-        from ..schedulers import SkyReelsV3FlowEulerScheduler
-
-        torch.manual_seed(seed)
-        image_encoder = CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_CONFIG)).eval()
-        audio_encoder = Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC2_CONFIG)).eval()
-        return {
-            "tokenizer": tiny_tokenizer(),
-            "text_encoder": tiny_text_encoder(seed),
-            "image_encoder": image_encoder,
-            "audio_encoder": audio_encoder,
-            "feature_extractor": avatar_feature_extractor(),
-            "transformer": tiny_transformer(variant, seed),
-            "vae": tiny_vae(seed),
-            "scheduler": SkyReelsV3FlowEulerScheduler(shift=shift),
-        }
-    from .. import pipelines
-
+    torch.manual_seed(seed)
     return {
-        "tokenizer": tiny_tokenizer(),
-        "text_encoder": tiny_text_encoder(seed),
-        "transformer": tiny_transformer(variant, seed),
-        "vae": tiny_vae(seed),
-        "scheduler": flow_scheduler(shift, getattr(pipelines, TASKS[task][0])._flow_sigma_max),
+        "image_encoder": CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP_CONFIG)).eval(),
+        "audio_encoder": Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC2_CONFIG)).eval(),
+        "feature_extractor": avatar_feature_extractor(),
     }
-
-
-def tiny_pipeline(task: str, seed: int = 0):
-    """A tiny randomly initialised pipeline for `task` (float32, CPU)."""
-    from .. import pipelines
-
-    class_name = TASKS[task][0] if task in TASKS else None
-    components = tiny_components(task, seed)
-    return getattr(pipelines, class_name)(**components)
