@@ -62,6 +62,7 @@ class GenerationRequest:
     quantize: str | None = None
     compile: bool = False
     attention_backend: str | None = None
+    fast: bool = False
     ulysses_degree: int = 1
     ring_degree: int = 1
     parallel_backend: str = "diffusers"
@@ -74,6 +75,20 @@ class GenerationRequest:
 
 def _error(argument: str, message: str) -> ValueError:
     return ValueError(f"--{argument.replace('_', '-')}: {message}")
+
+
+def _apply_fast_preset(request: GenerationRequest) -> None:
+    """`--fast`: fill in `optimization.FAST_PRESET` (8-bit attention, FP8 linears, compile); conflicting choices
+    are an error naming the flag."""
+    from .optimization import FAST_PRESET
+
+    if request.low_vram:
+        raise _error("fast", "--fast quantizes with fp8_dynamic; --low-vram quantizes weight-only: choose one")
+    for name, value in FAST_PRESET.items():
+        current = getattr(request, name)
+        if current not in (None, False, value):
+            raise _error("fast", f"--fast sets --{name.replace('_', '-')} {value}; got {current!r} as well")
+        setattr(request, name, value)
 
 
 def validate(request: GenerationRequest) -> GenerationRequest:
@@ -95,6 +110,15 @@ def validate(request: GenerationRequest) -> GenerationRequest:
         raise _error("offload", "choose one of --offload, --group-offload, --sequential-offload, --low-vram")
     if request.quantize is not None and request.quantize not in QUANTIZATION_MODES:
         raise _error("quantize", f"must be one of {QUANTIZATION_MODES}, got {request.quantize!r}")
+    if request.fast:
+        _apply_fast_preset(request)
+    if request.attention_backend is not None:
+        from .models.attention_8bit_backend import check_8bit_backend_available
+
+        try:
+            check_8bit_backend_available(request.attention_backend)
+        except (ImportError, RuntimeError) as error:
+            raise _error("attention_backend", str(error)) from None
     if request.parallel_backend not in PARALLEL_BACKENDS:
         raise _error("parallel_backend", f"must be one of {PARALLEL_BACKENDS}, got {request.parallel_backend!r}")
     if request.parallel_backend == "xfuser":
