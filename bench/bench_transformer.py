@@ -13,6 +13,8 @@ Modes (one fresh model each, same seed, same inputs):
   compile_fused    compile with `fuse_qkv_projections()` (one GEMM for q/k/v, one for each cross-attention k/v)
   fp8_weight_only  torchao float8 weight-only on the block linears + compile (the original's low-VRAM quantisation)
   fp8_dynamic      torchao float8 dynamic activation+weight (per-tensor) + compile
+  attn8            compile with the 8-bit Triton self-attention backend `triton_8bit` (bf16 linears)
+  fast             the `--fast` preset: `triton_8bit` attention + fp8_dynamic linears + compile
   group            block-level group offload from pinned CPU memory with CUDA-stream prefetch (eager)
   low_vram         fp8_weight_only + group offload (eager)
   original         the original SkyReels-V3 transformer (with `--original PATH`, a checkout of its repository; it runs
@@ -54,7 +56,7 @@ RESOLUTION_CHOICES = sorted({resolution for _, resolution in SHAPES})
 TINY_SHAPE = (5, 8, 12)
 ATTENTION_TFLOPS, GEMM_TFLOPS = 583.0, 750.0  # measured on one H100 (shared/perf/roofline.md)
 MODES = ("original", "baseline", "default", "cudnn", "compile", "compile_fused", "fp8_weight_only", "fp8_dynamic",
-         "group", "low_vram")
+         "group", "low_vram", "attn8", "fast")
 
 
 def check_shapes(variants: list[str], resolutions: list[str]) -> None:
@@ -138,12 +140,13 @@ def prepare(mode: str, cfg: dict, device: torch.device, weights: dict | None = N
     if weights is not None:  # the original's weights (run with --original)
         model.load_state_dict(weights, strict=True)
     # diffusers keeps the active backend globally (reset_attention_backend leaves it): set it on every model
-    model.set_attention_backend("_native_cudnn" if mode == "cudnn" else "native")
-    if mode in ("fp8_weight_only", "fp8_dynamic", "low_vram"):
-        quantize_transformer(model, "fp8_dynamic" if mode == "fp8_dynamic" else "fp8_weight_only")
+    backends = {"cudnn": "_native_cudnn", "attn8": "triton_8bit", "fast": "triton_8bit"}
+    model.set_attention_backend(backends.get(mode, "native"))
+    if mode in ("fp8_weight_only", "fp8_dynamic", "low_vram", "fast"):
+        quantize_transformer(model, "fp8_weight_only" if mode in ("fp8_weight_only", "low_vram") else "fp8_dynamic")
     if mode == "compile_fused":
         model.fuse_qkv_projections()
-    if mode in ("compile", "compile_fused", "fp8_weight_only", "fp8_dynamic"):
+    if mode in ("compile", "compile_fused", "fp8_weight_only", "fp8_dynamic", "attn8", "fast"):
         model.compile_repeated_blocks(fullgraph=True)
     if mode in ("group", "low_vram"):
         model.to("cpu")

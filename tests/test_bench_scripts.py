@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,6 +56,21 @@ def test_bench_attention_kernels(tmp_path):
     assert rows["_native_math"]["rel_diff_vs_first"] == 0
     assert 0 <= rows["native"]["rel_diff_vs_first"] < 1e-2  # SDPA's CPU choice vs the math kernel, both bf16
     assert "error" in rows["_native_efficient"]  # no CPU kernel: recorded, not fatal
+
+
+@pytest.mark.slow
+def test_bench_attention_8bit_table(tmp_path, monkeypatch):
+    """The issue-17 kernel table in Triton's interpreter: every (heads, tokens, kernel) row, sane values."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "k.json"
+    run_script("bench_attention.py", "--device", "cpu", "--tokens", "130", "--heads", "1", "--repeats", "1",
+               "--error-queries", "32", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [r["kernel"] for r in rows] == ["cudnn", "int8_fp8", "int8_bf16"]
+    assert all(r["tokens"] == 130 and r["heads"] == 1 and r["ms"] > 0 for r in rows)
+    assert rows[0]["prepass_ms"] is None and all(r["prepass_ms"] > 0 for r in rows[1:])
+    assert all(0 < r["rel_error_gaussian"] < 0.1 and 0 < r["rel_error_outlier"] < 0.1 for r in rows)
 
 
 def test_bench_linear_covers_every_block_linear(tmp_path):

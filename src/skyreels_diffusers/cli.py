@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
           help="FP8 transformer linear layers (torchao; fp8_storage = layerwise casting without torchao)")
     _flag(gen, "compile", action="store_true", help="torch.compile the repeated transformer blocks")
     _flag(gen, "attention-backend", default=None,
-          help="diffusers attention backend (default: PyTorch SDPA's choice; e.g. _native_cudnn, flash, sage)")
+          help="diffusers attention backend (default: PyTorch SDPA's choice; e.g. _native_cudnn, flash, sage, "
+               "triton_8bit, triton_8bit_accurate)")
+    _flag(gen, "fast", action="store_true",
+          help="lossy speed preset: 8-bit self-attention (triton_8bit) + FP8 linears (fp8_dynamic) + compile "
+               "(GPU with FP8; docs/performance.md has its speed and error)")
     _flag(gen, "ulysses-degree", type=int, default=1,
           help="sequence parallelism over heads (torchrun --nproc_per_node = ulysses x ring degree)")
     _flag(gen, "ring-degree", type=int, default=1, help="ring attention degree (needs a flash/sage/cuDNN backend)")

@@ -76,6 +76,7 @@ class GenerationRequest:
     quantize: str | None = None
     compile: bool = False
     attention_backend: str | None = None
+    fast: bool = False
     ulysses_degree: int = 1
     ring_degree: int = 1
     parallel_backend: str = "diffusers"
@@ -108,11 +109,27 @@ def flag_error(error: ValueError) -> ValueError:
     return _error(ARGUMENT_FLAGS.get(argument, argument), message)
 
 
+def _apply_fast_preset(request: GenerationRequest) -> GenerationRequest:
+    """`--fast`: fill in `optimization.FAST_PRESET` (8-bit attention, FP8 linears, compile); conflicting choices
+    are an error naming the flag."""
+    from .optimization import FAST_PRESET
+
+    if request.low_vram:
+        raise _error("fast", "--fast quantizes with fp8_dynamic; --low-vram quantizes weight-only: choose one")
+    for name, value in FAST_PRESET.items():
+        current = getattr(request, name)
+        if current not in (None, False, value):
+            raise _error("fast", f"--fast sets --{name.replace('_', '-')} {value}; got {current!r} as well")
+    return dataclasses.replace(request, **FAST_PRESET)
+
+
 def validate(request: GenerationRequest) -> GenerationRequest:
     """Check the run options, decode the inputs once and run the task pipeline's own checks (no weights); returns
     the validated request. Raises `ValueError` naming the flag."""
     if request.task not in TASKS:
         raise _error("task", f"must be one of {sorted(TASKS)}, got {request.task!r}")
+    if request.fast:
+        request = _apply_fast_preset(request)
     _check_run_options(request)
     media, fps = _load_media(request)
     resolution = request.resolution
@@ -136,6 +153,13 @@ def _check_run_options(request: GenerationRequest) -> None:
         raise _error("offload", "choose one of --offload, --group-offload, --sequential-offload, --low-vram")
     if request.quantize is not None and request.quantize not in QUANTIZATION_MODES:
         raise _error("quantize", f"must be one of {QUANTIZATION_MODES}, got {request.quantize!r}")
+    if request.attention_backend is not None:
+        from .models.attention_8bit_backend import check_8bit_backend_available
+
+        try:
+            check_8bit_backend_available(request.attention_backend)
+        except (ImportError, RuntimeError) as error:
+            raise _error("attention_backend", str(error)) from None
     if request.parallel_backend not in PARALLEL_BACKENDS:
         raise _error("parallel_backend", f"must be one of {PARALLEL_BACKENDS}, got {request.parallel_backend!r}")
     if request.parallel_backend == "xfuser":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 QUANTIZATION_MODES = ("fp8_weight_only", "fp8_dynamic", "fp8_storage")
+# `--fast` (opt-in, lossy): 8-bit self-attention (INT8 Q·K, FP8 P·V; Triton) + FP8 linears + compiled blocks
+FAST_PRESET = {"attention_backend": "triton_8bit", "quantize": "fp8_dynamic", "compile": True}
 MEMORY_MODES = ("resident", "offload", "sequential", "group", "low_vram")
 # Low-VRAM VAE tiles: up to 540P (544 x 960) a 5-s video decodes whole (12.2 GiB peak, measured; diffusers' 256-px
 # tiles cut that to 3.8 GiB but took 1.7x as long, 2.7x inside the pipeline); 720P decodes in 960-px tiles.
@@ -132,10 +134,13 @@ def stream_large_components(pipe, device: torch.device, use_stream: bool = True)
 def enable_fast_path(
     pipe, compile: bool = False, attention_backend: str | None = None, fullgraph: bool = True
 ) -> None:
-    """Speed options: an attention backend (`"_native_cudnn"`, `"flash"`, `"sage"`, ...; default: PyTorch SDPA's
-    own choice, which is cuDNN on Hopper) and regional `torch.compile` of the repeated transformer blocks (fuses the
-    float32 norm / modulation / RoPE chains; the first step pays the compilation)."""
+    """Speed options: an attention backend (`"_native_cudnn"`, `"flash"`, `"sage"`, our 8-bit `"triton_8bit"`, ...;
+    default: PyTorch SDPA's own choice, which is cuDNN on Hopper) and regional `torch.compile` of the repeated
+    transformer blocks (fuses the float32 norm / modulation / RoPE chains; the first step pays the compilation)."""
     if attention_backend is not None:
+        from .models.attention_8bit_backend import check_8bit_backend_available
+
+        check_8bit_backend_available(attention_backend)
         pipe.transformer.set_attention_backend(attention_backend)
     if compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph)

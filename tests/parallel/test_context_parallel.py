@@ -122,3 +122,24 @@ def test_torchrun_cli_rejects_bad_degrees(tmp_path):
     assert result.returncode != 0
     assert "--ulysses-degree" in result.stderr and "attention heads" in result.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.slow
+def test_8bit_backend_under_ulysses_equals_one_process(tmp_path):
+    """The `triton_8bit` backend is registered as supporting context parallelism: under Ulysses over 2 gloo
+    processes (Triton's interpreter) each rank's kernel gets the full sequence of its heads, so the sharded output
+    is the single process's (the same quantisation of the same full-sequence tensors)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
+           "TRITON_INTERPRET": "1"}
+    worker = ["-m", "tests.parallel.attn8_worker", str(tmp_path)]
+    single = subprocess.run([sys.executable, *worker], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port()), *worker]
+    parallel = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    one, two = (torch.load(tmp_path / f"attn8_{name}.pt", weights_only=True).float() for name in ("single", 0))
+    assert one.shape == two.shape and torch.isfinite(two).all()
+    assert ((two - one).norm() / one.norm()).item() < 1e-2

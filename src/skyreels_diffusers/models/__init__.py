@@ -1,3 +1,4 @@
+from . import attention_8bit_backend  # noqa: F401  (registers the 'triton_8bit' attention backends)
 from .attention_processor import (
     SkyReelsV3Attention,
     SkyReelsV3AttnProcessor,

@@ -14,6 +14,8 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttention
 
+from .attention_8bit_backend import cross_attention_backend
+
 
 def rms_norm_fp32(hidden_states: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
     """RMS-normalise over the last dim in float32 and multiply by the weight, returning float32.
@@ -49,6 +51,7 @@ class SkyReelsV3AttnProcessor:
       length; its output is added to the text attention output before `to_out`.
     * Self-attention passes the model's parallel config (context parallelism); cross-attention attends from the
       local query shard to the full, replicated text/image tokens and passes none.
+    * With an 8-bit backend (`triton_8bit`), only self-attention runs on it; cross-attentions use `native` SDPA.
     """
 
     _attention_backend = None
@@ -88,7 +91,8 @@ class SkyReelsV3AttnProcessor:
             hidden_states = self.self_attention(query, key, value, attention_mask)
         else:
             hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=None
+                query, key, value, attn_mask=attention_mask, backend=cross_attention_backend(self._attention_backend),
+                parallel_config=None,
             )
         hidden_states = hidden_states.flatten(2, 3)
 
@@ -101,7 +105,8 @@ class SkyReelsV3AttnProcessor:
             key_img = rms_norm_fp32(key_img, attn.norm_added_k).to(dtype).unflatten(2, (attn.heads, -1))
             value_img = value_img.unflatten(2, (attn.heads, -1))
             hidden_states_img = dispatch_attention_fn(
-                query, key_img, value_img, backend=self._attention_backend, parallel_config=None
+                query, key_img, value_img, backend=cross_attention_backend(self._attention_backend),
+                parallel_config=None,
             ).flatten(2, 3)
             hidden_states = hidden_states + hidden_states_img
 
@@ -213,7 +218,8 @@ class SkyReelsV3AudioAttnProcessor:
             key, value = attn.to_k(audio), attn.to_v(audio)
         key, value = key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
         hidden_states = dispatch_attention_fn(
-            query, key, value, attn_mask=mask, backend=self._attention_backend, parallel_config=None
+            query, key, value, attn_mask=mask, backend=cross_attention_backend(self._attention_backend),
+            parallel_config=None,
         )
         hidden_states = hidden_states.reshape(batch_size, seq_len, -1).to(dtype)
         hidden_states = attn.to_out[0](hidden_states)
