@@ -56,6 +56,7 @@ def test_single_file_transformer_replaces_the_folders(folder_and_files):
     assert torch.equal(pipe.transformer.blocks[0].attn1.to_q.weight, expected)
 
 
+@pytest.mark.slow
 def test_gguf_transformer_generates_through_the_cli(folder_and_files, tmp_path):
     out = tmp_path / "o.mp4"
     code = main(["generate", "--task", TASK, "--model", str(folder_and_files["folder"]), "--transformer",

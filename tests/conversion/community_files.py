@@ -38,13 +38,34 @@ _OURS_TO_WAN = [
     (r"proj_out\.(.*)", r"head.head.\1"),
     (r"scale_shift_table", r"head.modulation"),
     (r"patch_embedding\.(.*)", r"patch_embedding.\1"),
+    # talking avatar: CLIP tokens, image keys/values, audio projection and audio cross-attention
+    (r"condition_embedder\.image_embedder\.norm1\.(.*)", r"img_emb.proj.0.\1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj\.(.*)", r"img_emb.proj.1.\1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2\.(.*)", r"img_emb.proj.3.\1"),
+    (r"condition_embedder\.image_embedder\.norm2\.(.*)", r"img_emb.proj.4.\1"),
+    (r"blocks\.(\d+)\.attn2\.add_(k|v)_proj\.(.*)", r"blocks.\1.cross_attn.\2_img.\3"),
+    (r"blocks\.(\d+)\.attn2\.norm_added_k\.weight", r"blocks.\1.cross_attn.norm_k_img.weight"),
+    (r"blocks\.(\d+)\.norm_audio\.(.*)", r"blocks.\1.norm_x.\2"),
+    (r"blocks\.(\d+)\.attn_audio\.to_q\.(.*)", r"blocks.\1.audio_cross_attn.q_linear.\2"),
+    (r"blocks\.(\d+)\.attn_audio\.to_out\.0\.(.*)", r"blocks.\1.audio_cross_attn.proj.\2"),
+    (r"audio_proj\.linear_first\.(.*)", r"audio_proj.proj1.\1"),
+    (r"audio_proj\.linear_latter\.(.*)", r"audio_proj.proj1_vf.\1"),
+    (r"audio_proj\.linear_([23])\.(.*)", r"audio_proj.proj\1.\2"),
+    (r"audio_proj\.norm_out\.(.*)", r"audio_proj.norm.\1"),
 ]
+_FUSED_AUDIO_KV = r"blocks\.(\d+)\.attn_audio\.to_(k|v)\.(.*)"  # to_k and to_v -> one kv_linear (k rows first)
 
 
-def wan_native_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """An extension model's weights under the original Wan-native names."""
-    out = {}
-    for key, tensor in model.state_dict().items():
+def wan_native_state(model: torch.nn.Module | dict) -> dict[str, torch.Tensor]:
+    """An extension or avatar model's weights (or state dict) under the original Wan-native names."""
+    out, state = {}, model if isinstance(model, dict) else model.state_dict()
+    for key, tensor in state.items():
+        fused = re.fullmatch(_FUSED_AUDIO_KV, key)
+        if fused:
+            if fused[2] == "k":
+                value = state[key.replace(".to_k.", ".to_v.")]
+                out[f"blocks.{fused[1]}.audio_cross_attn.kv_linear.{fused[3]}"] = torch.cat([tensor, value]).clone()
+            continue
         for pattern, target in _OURS_TO_WAN:
             m = re.fullmatch(pattern, key)
             if m:
@@ -73,7 +94,7 @@ def community_qtype(key: str, shape: tuple[int, ...], qtype):
     """The type city96's script + llama.cpp's quantiser give a tensor: F32 for vectors, tiny tensors and the
     modulation tables, the 5-D patch embedding in F32 (added back by the 5-D fix), F16 for rows not filling whole
     blocks, `qtype` otherwise."""
-    if len(shape) <= 1 or int(np.prod(shape)) <= 1024 or ".modulation" in key or key == "head.modulation":
+    if len(shape) <= 1 or int(np.prod(shape)) <= 1024 or "modulation" in key or "scale_shift_table" in key:
         return T.F32
     if len(shape) > 4:
         return T.F32

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
