@@ -103,6 +103,12 @@ def test_single_file_is_strict_and_names_the_file(change, tmp_path):
             "shape": "blocks.0.ffn.net.2.weight"}[change] in str(info.value)
 
 
+def test_checkpoint_of_another_model_is_rejected_naming_the_file(tmp_path):
+    save_file({"double_blocks.0.img_attn.proj.weight": torch.zeros(4, 4)}, str(tmp_path / "flux.safetensors"))
+    with pytest.raises(ValueError, match=r"flux\.safetensors.*variant"):
+        SkyReelsV3Transformer3DModel.from_single_file(tmp_path / "flux.safetensors")
+
+
 # quant type -> bound on the output error of the file against the float model (real quantisation; None: K-quant
 # files hold random blocks, compared only against their own decoded weights)
 GGUF_TYPES = {T.Q8_0: 0.01, T.Q5_0: 0.06, T.Q4_0: 0.12, T.BF16: 0.005, T.F16: 0.001,

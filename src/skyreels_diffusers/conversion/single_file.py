@@ -292,7 +292,11 @@ def load_transformer_single_file(
     if is_gguf and quantization_config is None:
         raise ValueError(f"{what} holds GGUF-quantised tensors: pass quantization_config="
                          "GGUFQuantizationConfig(compute_dtype=torch.bfloat16)")
-    variant = variant or detect_variant(state)
+    if variant is None:
+        try:
+            variant = detect_variant(state)
+        except ValueError as error:
+            raise ValueError(f"{what}: {error}") from None
     try:
         model_config = resolve_config(config, variant, state)
     except KeyError as error:
