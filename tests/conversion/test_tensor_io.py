@@ -66,7 +66,8 @@ def test_streamed_shards_hold_every_tensor_once_within_the_size(tmp_path):
     seen = {}
     for shard in shards:
         with safe_open(str(tmp_path / shard), framework="pt") as handle:
-            for key in handle.keys():
+            names = handle.keys()  # a safe_open handle, not a dict
+            for key in names:
                 assert key not in seen
                 seen[key] = handle.get_tensor(key)
     assert seen.keys() == state.keys()
