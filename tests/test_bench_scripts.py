@@ -38,6 +38,19 @@ def test_bench_transformer_modes(tmp_path):
     assert errors["baseline"] == 0 and errors["compile"] < 0.02 and 0 < errors["fp8_weight_only"] < 0.2
 
 
+def test_bench_gguf_settings(tmp_path):
+    out = tmp_path / "g.json"
+    run_script("bench_gguf.py", "--tiny", "--device", "cpu", "--cases", "reference:720P", "avatar:480P",
+               "--layers", "1", "--repeats", "1", "--weights", "bf16", "gguf_q8_0", "gguf_q4_0_group",
+               "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["weights"]) for r in rows] == [
+        (v, w) for v in ("reference", "avatar") for w in ("bf16", "gguf_q8_0", "gguf_q4_0_group")]
+    errors = {(r["variant"], r["weights"]): r["rel_error_vs_bf16"] for r in rows}
+    assert all(errors[(v, "bf16")] == 0 and 0 < errors[(v, "gguf_q8_0")] < 0.02
+               and errors[(v, "gguf_q8_0")] < errors[(v, "gguf_q4_0_group")] < 0.2 for v in ("reference", "avatar"))
+
+
 def test_bench_pipeline_components(tmp_path):
     out = tmp_path / "p.json"
     run_script("bench_pipeline.py", "--tiny", "--device", "cpu", "--tasks", "reference_to_video", "--seconds", "1",

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "task", "task-type", required=True, choices=list(TASKS))
     _flag(gen, "model", "model-id", default=None,
           help="'tiny' (random weights, offline) or a converted pipeline folder (scripts/convert_checkpoints.py)")
+    _flag(gen, "transformer", default=None,
+          help="a single-file transformer replacing the folder's: community GGUF (kept quantised) or original "
+               ".safetensors/.pth (with --low-vram a GGUF transformer streams as is, without FP8)")
     _flag(gen, "prompt", default=DEFAULT_PROMPT)
     _flag(gen, "negative-prompt", default=None)
     _flag(gen, "duration", type=int, default=5, help="seconds (shot switching: 2-5; talking avatar: the audio's)")

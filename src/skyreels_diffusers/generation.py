@@ -44,6 +44,7 @@ class GenerationRequest:
 
     task: str
     model: str = "tiny"
+    transformer: str | None = None  # single-file / GGUF transformer replacing the folder's
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str | None = None
     duration: int = 5
@@ -180,6 +181,8 @@ def _check_run_options(request: GenerationRequest) -> None:
         raise _error("duration", f"must be an integer number of seconds, got {request.duration!r}")
     if request.model != "tiny":
         _check_model_folder(Path(request.model), request.spec)
+    if request.transformer is not None:
+        _check_transformer_file(request)
 
 
 def _load_media(request: GenerationRequest) -> tuple[dict, float]:
@@ -241,6 +244,40 @@ def _check_model_folder(folder: Path, spec: TaskSpec) -> None:
             raise _error("model", f"{folder} is missing the {name!r} component")
 
 
+TRANSFORMER_FILE_TYPES = (".gguf", ".safetensors", ".pth", ".pt")
+
+
+def _check_transformer_file(request: GenerationRequest) -> None:
+    path = Path(request.transformer)
+    if request.model == "tiny":
+        raise _error("transformer", "needs --model FOLDER (a converted pipeline folder for the other components)")
+    if path.suffix not in TRANSFORMER_FILE_TYPES or not path.is_file():
+        raise _error("transformer", f"{request.transformer!r} is not a {'/'.join(TRANSFORMER_FILE_TYPES)} file")
+    if path.suffix == ".gguf":
+        if request.quantize is not None:
+            raise _error("quantize", "cannot quantise a GGUF transformer again; drop --quantize")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise _error("transformer", "GGUF files need the gguf package: pip install 'skyreels-diffusers[gguf]'")
+
+
+def load_transformer_file(request: GenerationRequest):
+    """`--transformer FILE`: the transformer from an original single file or a community GGUF (kept quantised,
+    bf16 compute), configured by the pipeline folder's `transformer/config.json`."""
+    from .models import SkyReelsV3Transformer3DModel
+
+    kwargs = {}
+    if request.transformer.endswith(".gguf"):
+        from diffusers import GGUFQuantizationConfig
+
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    return SkyReelsV3Transformer3DModel.from_single_file(
+        request.transformer, variant=request.spec.variant, config=Path(request.model) / "transformer",
+        torch_dtype=torch.bfloat16, **kwargs,
+    )
+
+
 def output_size(request: GenerationRequest) -> tuple[int | None, int | None]:
     """(height, width): explicit, else the bucket; `--model tiny` without `--resolution` shrinks the 480P bucket to
     a long side of 256 px so that a CPU run takes seconds. (None, None) while the input's size is unknown."""
@@ -287,7 +324,8 @@ def load_pipeline(request: GenerationRequest):
         print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
         pipe = tiny_pipeline(request.task, seed=0)
     else:
-        pipe = request.spec.pipeline_class.from_pretrained(request.model, torch_dtype=torch.bfloat16)
+        replaced = {} if request.transformer is None else {"transformer": load_transformer_file(request)}
+        pipe = request.spec.pipeline_class.from_pretrained(request.model, torch_dtype=torch.bfloat16, **replaced)
         pipe.vae.to(torch.float32)
         if getattr(pipe, "audio_encoder", None) is not None:
             pipe.audio_encoder.to(torch.float32)  # wav2vec2 runs in float32, as in the original

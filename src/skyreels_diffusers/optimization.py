@@ -84,7 +84,8 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
     * `"sequential"`: leaf-level CPU offload (least memory, slowest).
     * `"group"`: the transformer's and the text encoder's blocks stream from CPU one at a time (block-level group
       offload, next block prefetched on a CUDA stream); the small components (VAE, CLIP, wav2vec2) stay resident.
-    * `"low_vram"`: `"group"` with FP8 transformer weights (torchao weight-only) and VAE tiling.
+    * `"low_vram"`: `"group"` with FP8 transformer weights (torchao weight-only; a transformer loaded quantised,
+      e.g. from GGUF, is kept as it is) and VAE tiling.
     """
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
@@ -98,7 +99,8 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         if mode == "low_vram":
-            quantize_transformer(pipe.transformer, "fp8_weight_only")
+            if getattr(pipe.transformer, "hf_quantizer", None) is None:  # a GGUF transformer is already small
+                quantize_transformer(pipe.transformer, "fp8_weight_only")
             pipe.vae.enable_tiling(**LOW_VRAM_VAE_TILES)
         stream_large_components(pipe, device, use_stream=device.type == "cuda")
 

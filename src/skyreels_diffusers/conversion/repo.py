@@ -10,9 +10,11 @@
   `CLIPVisionModel`, `chinese-wav2vec2-base/` -> `Wav2Vec2Model` + feature extractor, the flow Euler scheduler with
   shift 11.
 
-Each pipeline folder gets a `model_index.json` naming our classes and a model card. The transformer is converted
-tensor by tensor; `.pth` files are read with `weights_only=True`. Output appears atomically (temporary folder,
-renamed at the end).
+Each pipeline folder gets a `model_index.json` naming our classes and a model card. The transformer and the 11 GB
+text encoder stream tensor by tensor (`tensor_io`: peak memory the largest tensor plus a constant, a progress bar
+each); the small components (VAE, CLIP, wav2vec2) load whole. `.pth` files are read with only tensor-rebuilding
+globals allowed (`weights_only=True` or `tensor_io`'s restricted unpickler). Output appears atomically (temporary
+folder, renamed at the end).
 """
 
 from __future__ import annotations
@@ -20,13 +22,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
 from ..pipelines.tasks import REPOS, TASKS
-from .transformer import KeyMap, convert_transformer, rename_state_dict
+from .tensor_io import PlannedTensor, TensorSource, write_safetensors_shards
+from .transformer import KeyMap, convert_transformer, map_keys, rename_state_dict
 
 
 # Wan-native UMT5 encoder (`models_t5_umt5-xxl-enc-bf16.pth`) -> transformers `UMT5EncoderModel`
@@ -56,31 +63,95 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def convert_t5(pth: Path, dtype: torch.dtype):
-    """Wan-native UMT5-XXL encoder checkpoint -> `UMT5EncoderModel` (config read off the tensor shapes)."""
-    from transformers import UMT5Config, UMT5EncoderModel
+def _t5_config(shapes: dict[str, tuple[int, ...]]):
+    """`UMT5Config` of a converted Wan-native T5 encoder, read off its tensor shapes."""
+    from transformers import UMT5Config
 
-    converted = rename_state_dict(_load_pth(_require(pth, "T5 checkpoint")), T5_KEY_MAP, f"T5 checkpoint {pth}")
-    layers = len({k.split(".")[2] for k in converted if k.startswith("encoder.block.")})
-    vocab, d_model = converted["shared.weight"].shape
-    buckets, heads = converted["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-    inner = converted["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
-    config = UMT5Config(
+    layers = len({k.split(".")[2] for k in shapes if k.startswith("encoder.block.")})
+    vocab, d_model = shapes["shared.weight"]
+    buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+    return UMT5Config(
         vocab_size=vocab, d_model=d_model, d_kv=inner // heads, num_heads=heads, num_layers=layers,
-        d_ff=converted["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
+        d_ff=shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
         relative_attention_num_buckets=buckets, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
         dropout_rate=0.0, layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0,
     )
-    converted["encoder.embed_tokens.weight"] = converted["shared.weight"]
+
+
+_T5_TIED = "encoder.embed_tokens.weight"  # the same tensor as `shared.weight`; transformers saves only the latter
+
+
+def _check_keys(expected: set[str], produced: set[str], what: str) -> None:
+    missing, unexpected = sorted(expected - produced), sorted(produced - expected)
+    if missing or unexpected:
+        raise KeyError(f"{what}: missing keys {missing}, unexpected keys {unexpected}")
+
+
+def convert_t5(pth: Path, dtype: torch.dtype):
+    """Wan-native UMT5-XXL encoder checkpoint -> `UMT5EncoderModel` in memory (config read off the tensor shapes).
+    One call for users who want the encoder from the original file; `write_t5` streams it to a folder instead."""
+    from transformers import UMT5EncoderModel
+
+    converted = rename_state_dict(_load_pth(_require(pth, "T5 checkpoint")), T5_KEY_MAP, f"T5 checkpoint {pth}")
+    config = _t5_config({k: tuple(v.shape) for k, v in converted.items()})
+    converted[_T5_TIED] = converted["shared.weight"]
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
-    missing = sorted(set(model.state_dict()) - set(converted))
-    unexpected = sorted(set(converted) - set(model.state_dict()))
-    if missing or unexpected:
-        raise KeyError(f"T5 checkpoint {pth}: missing keys {missing}, unexpected keys {unexpected}")
+    _check_keys(set(model.state_dict()), set(converted), f"T5 checkpoint {pth}")
     model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
     return model.eval()
+
+
+def _planned(source: TensorSource, mapped, dtype: torch.dtype) -> list[PlannedTensor]:
+    planned = []
+    for item in mapped:
+        info = source.info(item.source)
+        shape = (info.shape[0] // item.num_chunks, *info.shape[1:])
+        planned.append(PlannedTensor(item.target, shape, dtype if info.dtype.is_floating_point else info.dtype,
+                                     lambda item=item: item.take(source.get(item.source))))
+    return planned
+
+
+def write_t5(pth: Path, folder: Path, dtype: torch.dtype, max_shard_size: str = "5GB") -> None:
+    """Stream the Wan-native UMT5-XXL encoder (`models_t5_umt5-xxl-enc-bf16.pth`) into a `UMT5EncoderModel` folder
+    tensor by tensor (the 11 GB encoder never sits in memory); strict keys, config from the shapes."""
+    from transformers import UMT5EncoderModel
+
+    source = TensorSource(_require(pth, "T5 checkpoint"))
+    try:
+        mapped = map_keys(source.keys(), T5_KEY_MAP)
+    except KeyError as error:
+        raise KeyError(f"T5 checkpoint {pth}: {error.args[0]}") from None
+    planned = _planned(source, mapped, dtype)
+    config = _t5_config({p.name: p.shape for p in planned})
+    with torch.device("meta"):
+        expected = set(UMT5EncoderModel(config).state_dict()) - {_T5_TIED}
+    _check_keys(expected, {p.name for p in planned}, f"T5 checkpoint {pth}")
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    write_safetensors_shards(folder, planned, "model", max_shard_size, description="text_encoder (T5)")
+
+
+def copy_text_encoder(src: Path, folder: Path, dtype: torch.dtype, max_shard_size: str = "5GB") -> None:
+    """A transformers `UMT5EncoderModel` folder (the R2V repo's `text_encoder/`) re-sharded in `dtype`, streamed
+    tensor by tensor; its keys must be exactly the model's."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config.from_pretrained(_require(src, "text_encoder folder"))
+    source = TensorSource(src)
+    with torch.device("meta"):
+        expected = set(UMT5EncoderModel(config).state_dict())
+    keys = set(source.keys())
+    if _T5_TIED in keys and "shared.weight" in keys:
+        keys.discard(_T5_TIED)
+    _check_keys(expected - {_T5_TIED} if _T5_TIED not in keys else expected, keys, f"text_encoder folder {src}")
+    mapped = map_keys(sorted(keys), [(r".*", r"\g<0>")])
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    write_safetensors_shards(folder, _planned(source, mapped, dtype), "model", max_shard_size,
+                             description="text_encoder (UMT5)")
 
 
 def convert_wan_vae(pth: Path):
@@ -180,9 +251,20 @@ def load_wav2vec2(folder: Path):
     return model.eval(), Wav2Vec2FeatureExtractor.from_pretrained(folder)
 
 
+@dataclass(frozen=True)
+class StreamedComponent:
+    """A component written straight to its folder by `write(folder)` (never loaded whole), as `library.cls`."""
+
+    library: str
+    cls: str
+    write: Callable[[Path], None]
+
+
 def _library_entry(component) -> list[str]:
     """`model_index.json` entry: [library, class]. diffusers resolves classes from outside diffusers/transformers
     through their defining module (what its own `save_pretrained` writes)."""
+    if isinstance(component, StreamedComponent):
+        return [component.library, component.cls]
     module = type(component).__module__
     library = module.split(".")[0]
     return [library if library in ("diffusers", "transformers") else module, type(component).__name__]
@@ -237,6 +319,10 @@ def _save_components(folder: Path, task: str, transformer_src: Path, components:
                         max_shard_size=max_shard_size)
     components = {**components, "scheduler": TASKS[task].make_scheduler()}
     for name, component in components.items():
+        print(f"[convert] {folder.name}/{name}", file=sys.stderr)
+        if isinstance(component, StreamedComponent):
+            component.write(folder / name)
+            continue
         kwargs = {"max_shard_size": max_shard_size} if hasattr(component, "num_parameters") else {}
         component.save_pretrained(folder / name, **kwargs)
     _write_model_index(folder, task, components)
@@ -256,7 +342,7 @@ def convert_repo(
     With `push_to_hub="user/name"` each pipeline folder is uploaded (two folders go to `user/name` under their
     folder names). The transformer and text encoder are stored in `dtype`, the VAE in float32.
     """
-    from transformers import AutoTokenizer, UMT5EncoderModel
+    from transformers import AutoTokenizer
 
     if task not in REPOS:
         raise ValueError(f"--task must be one of {tuple(REPOS)}, got {task!r}")
@@ -272,9 +358,9 @@ def convert_repo(
             from diffusers import AutoencoderKLWan
 
             tokenizer = AutoTokenizer.from_pretrained(_require(src / "tokenizer", "tokenizer folder"))
-            text_encoder = UMT5EncoderModel.from_pretrained(
-                _require(src / "text_encoder", "text_encoder folder"), torch_dtype=dtype
-            )
+            text_encoder = StreamedComponent("transformers", "UMT5EncoderModel", partial(
+                copy_text_encoder, _require(src / "text_encoder", "text_encoder folder"), dtype=dtype,
+                max_shard_size=max_shard_size))
             vae = AutoencoderKLWan.from_pretrained(_require(src / "vae", "vae folder"), torch_dtype=torch.float32)
             components = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
             _save_components(tmp / "pipeline", task, _require(src / "transformer", "transformer folder"),
@@ -283,7 +369,9 @@ def convert_repo(
         else:
             components = {
                 "tokenizer": AutoTokenizer.from_pretrained(_require(src / "google" / "umt5-xxl", "tokenizer folder")),
-                "text_encoder": convert_t5(src / "models_t5_umt5-xxl-enc-bf16.pth", dtype),
+                "text_encoder": StreamedComponent("transformers", "UMT5EncoderModel", partial(
+                    write_t5, _require(src / "models_t5_umt5-xxl-enc-bf16.pth", "T5 checkpoint"), dtype=dtype,
+                    max_shard_size=max_shard_size)),
                 "vae": convert_wan_vae(src / "Wan2.1_VAE.pth"),
             }
             if task == "talking_avatar":

@@ -5,26 +5,24 @@ target is a replacement string, or a tuple of replacement strings meaning "chunk
 parts along dim 0" (the avatar's fused audio key/value projection). One function applies a table; a key that no
 rule matches is an error, and so is a converted key set that differs from what the model expects.
 
-Conversion runs tensor by tensor from memory-mapped safetensors into shards, so a 19B checkpoint never sits twice
-in RAM; `.pth` files are only read with `weights_only=True`.
+Conversion streams tensor by tensor (`tensor_io`): a 19B checkpoint never sits in RAM, whatever its size; `.pth`
+files are read by an unpickler that allows only tensor-rebuilding globals.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import shutil
 import tempfile
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .tensor_io import PlannedTensor, TensorSource, write_safetensors_shards
 
 _B = r"blocks\.(\d+)\."
 
@@ -246,78 +244,39 @@ def convert_config(original: dict, variant: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- tensors
 
-class _TensorSource:
-    """Lazy, read-only view over the weight files of an original folder (`*.safetensors`, else `*.pth`)."""
 
-    def __init__(self, folder: Path):
-        files = sorted(folder.glob("*.safetensors"))
-        self._handles = {}
-        self._where: dict[str, object] = {}
-        if files:
-            for file in files:
-                handle = safe_open(str(file), framework="pt")
-                self._handles[file] = handle
-                for key in handle.keys():
-                    if key in self._where:
-                        raise ValueError(f"Key {key!r} appears in more than one weight file of {folder}")
-                    self._where[key] = handle
-            return
-        pth = sorted(folder.glob("*.pth")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.bin"))
-        if not pth:
-            raise FileNotFoundError(f"No *.safetensors (or *.pth) weight files in {folder}")
-        for file in pth:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            for key, tensor in state.items():
-                if key in self._where:
-                    raise ValueError(f"Key {key!r} appears in more than one weight file of {folder}")
-                self._where[key] = state
-
-    def keys(self) -> list[str]:
-        return sorted(self._where)
-
-    def get(self, key: str) -> torch.Tensor:
-        source = self._where[key]
-        return source.get_tensor(key) if hasattr(source, "get_tensor") else source[key]
-
-    def numel_and_dtype(self, key: str) -> tuple[int, torch.dtype]:
-        source = self._where[key]
-        if hasattr(source, "get_slice"):
-            sl = source.get_slice(key)
-            return math.prod(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()]
-        return source[key].numel(), source[key].dtype
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def _expected_keys(config: dict) -> set[str]:
+def expected_state_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every key the model with `config` expects and its shape (built on the meta device: no memory)."""
     from ..models import SkyReelsV3Transformer3DModel
 
     with torch.device("meta"):
         model = SkyReelsV3Transformer3DModel.from_config(config)
-    return set(model.state_dict().keys())
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B)\s*", size.upper())
-    if not match:
-        raise ValueError(f"Cannot parse shard size {size!r} (e.g. '5GB')")
-    return int(float(match.group(1)) * units[match.group(2)])
+def check_mapped_keys(mapped: list[MappedKey], expected: set[str], what: str, variant: str) -> None:
+    """Strictness: the converted key set must be exactly the model's (no missing, unexpected or duplicated key)."""
+    produced = [m.target for m in mapped]
+    duplicates = sorted(k for k, n in Counter(produced).items() if n > 1)
+    missing, unexpected = sorted(expected - set(produced)), sorted(set(produced) - expected)
+    if missing or unexpected or duplicates:
+        raise KeyError(
+            f"Checkpoint {what} does not match the {variant!r} model: missing keys {missing}, unexpected keys "
+            f"{unexpected}, duplicated keys {duplicates}"
+        )
 
 
-def _converted_tensors(source: _TensorSource, mapped: list[MappedKey], dtype: torch.dtype | None) -> Iterator:
+def _planned_tensors(source: TensorSource, mapped: list[MappedKey], shapes: dict, dtype: torch.dtype | None):
+    planned = []
     for item in mapped:
-        tensor = item.take(source.get(item.source))
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        yield item.target, tensor.contiguous()
+        info = source.info(item.source)
+        target_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+        shape = (info.shape[0] // item.num_chunks, *info.shape[1:]) if info.shape else ()
+        if shape != shapes[item.target]:
+            raise ValueError(f"{item.source} has shape {info.shape}; {item.target} needs {shapes[item.target]}")
+        planned.append(PlannedTensor(item.target, shape, target_dtype,
+                                     lambda item=item: item.take(source.get(item.source))))
+    return planned
 
 
 def convert_transformer(
@@ -328,6 +287,9 @@ def convert_transformer(
     max_shard_size: int | str = "5GB",
 ) -> dict:
     """Convert an original transformer folder (`config.json` + weights) into a `from_pretrained` folder.
+
+    Streams: shapes come from the file headers, each tensor is read, renamed, cast and written on its own (peak
+    memory: the largest tensor plus a constant), with a progress bar.
 
     Args:
         src: original folder; extension/avatar in Wan-native keys, reference in diffusers keys.
@@ -346,53 +308,21 @@ def convert_transformer(
         raise FileNotFoundError(f"{config_path} not found")
     config = convert_config(json.loads(config_path.read_text()), variant)
 
-    source = _TensorSource(src)
+    source = TensorSource(src)
     mapped = map_keys(source.keys(), KEY_MAPS[VARIANT_LAYOUT[variant]])
-    produced = [m.target for m in mapped]
-    duplicates = sorted(k for k, n in Counter(produced).items() if n > 1)
-    expected = _expected_keys(config)
-    missing, unexpected = sorted(expected - set(produced)), sorted(set(produced) - expected)
-    if missing or unexpected or duplicates:
-        raise KeyError(
-            f"Checkpoint {src} does not match the {variant!r} model: missing keys {missing}, unexpected keys "
-            f"{unexpected}, duplicated keys {duplicates}"
-        )
+    shapes = expected_state_shapes(config)
+    check_mapped_keys(mapped, set(shapes), str(src), variant)
+    planned = _planned_tensors(source, mapped, shapes, dtype)
 
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty")
-
-    # Plan shards from sizes alone, then load and write one shard at a time.
-    limit = _parse_size(max_shard_size)
-    shards: list[list[MappedKey]] = [[]]
-    shard_bytes = 0
-    for item in mapped:
-        numel, source_dtype = source.numel_and_dtype(item.source)
-        target_dtype = dtype if dtype is not None and source_dtype.is_floating_point else source_dtype
-        nbytes = numel // item.num_chunks * torch.empty((), dtype=target_dtype).element_size()
-        if shards[-1] and shard_bytes + nbytes > limit:
-            shards.append([])
-            shard_bytes = 0
-        shards[-1].append(item)
-        shard_bytes += nbytes
 
     # Write into a temporary sibling folder and move it into place at the end: no half-written output.
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        weights_name = "diffusion_pytorch_model"
-        weight_map, total_size = {}, 0
-        for index, shard in enumerate(shards, start=1):
-            name = f"{weights_name}.safetensors" if len(shards) == 1 else (
-                f"{weights_name}-{index:05d}-of-{len(shards):05d}.safetensors"
-            )
-            tensors = dict(_converted_tensors(source, shard, dtype))
-            total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-            weight_map.update({key: name for key in tensors})
-            del tensors
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / f"{weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_safetensors_shards(tmp, planned, "diffusion_pytorch_model", max_shard_size,
+                                 description=f"transformer ({variant})")
         full_config = {"_class_name": SkyReelsV3Transformer3DModel.__name__, **config}
         (tmp / "config.json").write_text(json.dumps(full_config, indent=2) + "\n")
         if dst.exists():

@@ -58,6 +58,14 @@ def timestep_sinusoid(timestep: torch.Tensor, dim: int, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1).float()
 
 
+def linear_compute_dtype(linear: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    """The dtype a linear layer computes in: its weight's, or for quantised storage (GGUF's uint8 blocks) the
+    layer's `compute_dtype` (else `fallback`)."""
+    if linear.weight.is_floating_point():
+        return linear.weight.dtype
+    return getattr(linear, "compute_dtype", None) or fallback
+
+
 def _per_frame(tensor: torch.Tensor, num_groups: int) -> torch.Tensor:
     """View `[B, L, D]` tokens as `[B, G, L/G, D]` frame groups (G = 1: one group for the whole sequence)."""
     return tensor.unflatten(1, (num_groups, -1))
@@ -177,13 +185,13 @@ class SkyReelsV3ConditionEmbedder(nn.Module):
             timestep = timestep[:, None]
         batch_size, groups = timestep.shape
         sinusoid = timestep_sinusoid(timestep.flatten(), self.time_freq_dim)
-        embedder_dtype = self.time_embedder.linear_1.weight.dtype
+        embedder_dtype = linear_compute_dtype(self.time_embedder.linear_1, sinusoid.dtype)
         temb = self.time_embedder(sinusoid.to(embedder_dtype))
-        timestep_proj = self.time_proj(self.act_fn(temb).to(self.time_proj.weight.dtype))
+        timestep_proj = self.time_proj(self.act_fn(temb).to(linear_compute_dtype(self.time_proj, temb.dtype)))
         temb = temb.unflatten(0, (batch_size, groups))
         timestep_proj = timestep_proj.unflatten(0, (batch_size, groups)).unflatten(2, (6, -1))
 
-        text_dtype = self.text_embedder.linear_1.weight.dtype
+        text_dtype = linear_compute_dtype(self.text_embedder.linear_1, encoder_hidden_states.dtype)
         encoder_hidden_states = self.text_embedder(encoder_hidden_states.to(text_dtype))
         if encoder_hidden_states_image is not None:
             if self.image_embedder is None:
@@ -436,6 +444,31 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
             raise ValueError(f"Checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {details}")
         return (model, info) if output_loading_info else model
 
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs):
+        """Load an original single-file or sharded checkpoint, or a community GGUF file, strictly.
+
+        Args:
+            pretrained_model_link_or_path_or_dict: a local `.safetensors` / `.pth` / `.gguf` file, a list of
+                shards, a shard `*.index.json`, a folder of shards, or a state dict. Keys are the original ones
+                (Wan-native for extension / avatar, diffusers-style for reference; a ComfyUI
+                `model.diffusion_model.` prefix is removed), renamed with the converter's tables.
+            variant (`str`, *optional*): `"reference"`, `"extension"` or `"avatar"`; detected from the keys if not
+                given.
+            config (*optional*): our config dict, an original `config.json` dict, or a folder / file holding one;
+                inferred from the tensor shapes if not given (head width 128, as in every Wan2.1 size).
+            torch_dtype (`torch.dtype`, *optional*): compute dtype (modules in `_keep_in_fp32_modules` stay fp32).
+            quantization_config (*optional*): `GGUFQuantizationConfig(compute_dtype=torch.bfloat16)` for `.gguf`
+                files: the linears stay quantised and are dequantised on the fly.
+            device (*optional*): where to put the weights (default CPU).
+
+        Raises `KeyError` / `ValueError` naming the file and the missing, unexpected or misshapen keys, a GGUF
+        file of another architecture, or a truncated file; nothing is ever left randomly initialised.
+        """
+        from ..conversion.single_file import load_transformer_single_file
+
+        return load_transformer_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs)
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
         return tokens.flatten(2).transpose(1, 2)
