@@ -65,6 +65,7 @@ class GenerationRequest:
     ulysses_degree: int = 1
     ring_degree: int = 1
     parallel_backend: str = "diffusers"
+    shard_weights: bool = False
     device: str | None = None
 
     # resolved by `validate`
@@ -107,6 +108,7 @@ def validate(request: GenerationRequest) -> GenerationRequest:
             import_xfuser()
         except ImportError as error:
             raise _error("parallel_backend", str(error)) from None
+    _validate_shard_weights(request)
     if not isinstance(request.steps, int) or not 1 <= request.steps <= 100:
         raise _error("steps", f"must be an integer in [1, 100], got {request.steps!r}")
     if not request.guidance_scale >= 1.0:
@@ -170,6 +172,21 @@ def validate(request: GenerationRequest) -> GenerationRequest:
             request.fps = float(round(source_fps))
         request._media = {"frames": frames, "size": frames.shape[1:3]}
     return request
+
+
+def _validate_shard_weights(request: GenerationRequest) -> None:
+    import os
+
+    if not request.shard_weights:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise _error("shard_weights", "shards the transformer over processes: run under torchrun with 2 or more "
+                                      "processes (--nproc_per_node)")
+    others = [name for name in ("offload", "low_vram", "group_offload", "sequential_offload") if getattr(request, name)]
+    if others or request.quantize is not None:
+        used = [f"--{name.replace('_', '-')}" for name in others] + (["--quantize"] if request.quantize else [])
+        raise _error("shard_weights", f"cannot be combined with {', '.join(used)} (FSDP2 shards resident bf16 "
+                                      "weights)")
 
 
 def _validate_avatar(request: GenerationRequest) -> GenerationRequest:
@@ -280,13 +297,16 @@ def default_output_path(request: GenerationRequest) -> Path:
 def load_pipeline(request: GenerationRequest):
     """The task's pipeline: tiny random weights in-process, or a converted folder (bf16, VAE in fp32)."""
     from . import pipelines
+    from .generation_parallel import drop_main_only_encoders, encoder_kwargs_to_skip, world_info
 
     class_name = TASKS[request.task][0]
     if request.model == "tiny":
         print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
         pipe = tiny_pipeline(request.task, seed=0)
+        drop_main_only_encoders(pipe)  # under torchrun, rank 0 alone runs the text and audio encoders
     else:
-        pipe = getattr(pipelines, class_name).from_pretrained(request.model, torch_dtype=torch.bfloat16)
+        pipe = getattr(pipelines, class_name).from_pretrained(request.model, torch_dtype=torch.bfloat16,
+                                                              **encoder_kwargs_to_skip(*world_info()[::-1]))
         pipe.vae.to(torch.float32)
         if getattr(pipe, "audio_encoder", None) is not None:
             pipe.audio_encoder.to(torch.float32)  # wav2vec2 runs in float32, as in the original
@@ -297,7 +317,12 @@ def load_pipeline(request: GenerationRequest):
         quantize_transformer(pipe.transformer, request.quantize, compute_dtype=pipe.transformer.dtype)
     mode = ("low_vram" if request.low_vram else "group" if request.group_offload else
             "sequential" if request.sequential_offload else "offload" if request.offload else "resident")
-    apply_memory_mode(pipe, mode, device)
+    if request.shard_weights:  # the transformer goes to the GPU as shards (generation_parallel.parallelize)
+        from .generation_parallel import place_all_but_transformer
+
+        place_all_but_transformer(pipe, torch.device(device))
+    else:
+        apply_memory_mode(pipe, mode, device)
     # xfuser's attention is a graph break (`torch.compiler.disable`): its blocks compile in pieces
     enable_fast_path(pipe, compile=request.compile, attention_backend=request.attention_backend,
                      fullgraph=request.parallel_backend != "xfuser")
@@ -348,7 +373,8 @@ def run(
 ) -> Path | None:
     """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun, and
     when `should_stop()` turned true during the run: a cancelled job writes nothing)."""
-    from .parallel import enable_context_parallel, enable_xfuser_parallel, init_distributed, is_main_process
+    from .generation_parallel import muxed_audio, parallelize, pipeline_text_kwargs, precomputed_embeddings
+    from .parallel import init_distributed, is_main_process
 
     rank, world, device = init_distributed()
     if world > 1 and request.device is None:
@@ -359,9 +385,9 @@ def run(
     if output.suffix.lower() != ".mp4":
         raise _error("output", f"must end in .mp4, got {output}")
     pipe = pipe or load_pipeline(request)
-    if world > 1 and pipe.transformer._parallel_config is None:  # a reused pipeline (web app) is sharded once
-        shard = enable_xfuser_parallel if request.parallel_backend == "xfuser" else enable_context_parallel
-        shard(pipe.transformer, request.ulysses_degree, request.ring_degree)
+    if world > 1 or request.shard_weights:  # tokens, VAE tiles (and weights) over the ranks; a reused pipeline
+        parallelize(pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend,  # is done once
+                    request.shard_weights, device)
         pipe.set_progress_bar_config(disable=not is_main_process())
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     common = dict(
@@ -369,17 +395,30 @@ def run(
         num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
         output_type="np", callback_on_step_end=callback_on_step_end,
     )
+    speech = request._media.get("speech")
+    if world > 1:  # encoders once: rank 0 encodes, every rank receives the embeddings
+        embeddings = precomputed_embeddings(
+            pipe, request.task, device, prompt=request.prompt, negative_prompt=request.negative_prompt,
+            guidance_scale=request.guidance_scale, height=height, width=width,
+            window_prompt=None if request.prompt_in_every_window else (request.window_prompt or DEFAULT_WINDOW_PROMPT),
+            portrait=request._media.get("image"), speech=speech,
+        )
+        common.update(pipeline_text_kwargs(embeddings))
     audio, audio_rate = None, None
     if request.task == "talking_avatar":
-        speech = request._media["speech"]
         window_prompt = None if request.prompt_in_every_window else (request.window_prompt or DEFAULT_WINDOW_PROMPT)
+        audio_input = {"audio": speech.source, "audio_sample_rate": speech.source_rate}
+        if "audio_embeds" in common:  # precomputed: the features and the window prompt's embeddings
+            audio_input, window_prompt = {}, None
         out = pipe(
-            image=request._media["image"], audio=speech.source, audio_sample_rate=speech.source_rate,
+            image=request._media["image"], **audio_input,
             window_prompt=window_prompt, clip_from_reference=request.clip_from_reference,
             output_audio=request.output_audio, max_audio_seconds=request.max_audio_seconds,
             resume_dir=request.resume_dir, callback_on_window_end=callback_on_window_end, **common,
         )
         frames, audio, audio_rate = out.frames[0], out.audio, out.audio_sample_rate
+        if audio is None:
+            audio, audio_rate = muxed_audio(speech, request.output_audio)
     elif request.task == "reference_to_video":
         frames = pipe(
             ref_images=request._media["images"], num_frames=MODEL_FPS * request.duration + 1, **common
