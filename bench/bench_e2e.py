@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -222,12 +223,16 @@ def run_case(pipe, task: str, size: tuple[int, int], seconds: float, steps: int,
     clock.mark("generated")
     if dist.is_initialized():
         dist.barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    writes = importlib.util.find_spec("av") is not None  # PyAV: absent on some GPU images
+    if writes and (not dist.is_initialized() or dist.get_rank() == 0):
         with tempfile.TemporaryDirectory() as folder:
             write_video(np.asarray(frames), Path(folder) / "out.mp4", fps=25 if avatar else 24, audio=audio,
                         audio_sample_rate=rate)
     clock.mark("written")
-    return summarise(clock, vae_spent, task, steps, len(frames))
+    row = summarise(clock, vae_spent, task, steps, len(frames))
+    if not writes:
+        row.update(write_s=None, write_note="not measured: PyAV is not installed")
+    return row
 
 
 def summarise(clock: Clock, vae_spent: dict, task: str, steps: int, frames: int) -> dict:
