@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -298,17 +299,23 @@ def main(argv=None) -> int:
         size = TINY_SIZE if args.tiny else size
         steps = args.steps or default_steps
         for preset in args.presets:
-            start = time.perf_counter()
-            pipe = build_pipeline(task, device, args.tiny, args.shard_weights, main=rank == 0)
-            apply_preset(pipe, preset)
-            parallelize(pipe, ulysses, args.ring_degree, shard_weights=False, device=device)
-            built = time.perf_counter() - start
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            row = {"case": case, "preset": preset, "gpus": world, "ulysses": ulysses, "ring": args.ring_degree,
-                   "shard_weights": args.shard_weights, "size": list(size), "seconds": seconds,
-                   "build_s": round(built, 1), **run_case(pipe, task, size, seconds, steps, device, args.tiny)}
-            project(row, default_steps)
+            head = {"case": case, "preset": preset, "gpus": world, "ulysses": ulysses, "ring": args.ring_degree,
+                    "shard_weights": args.shard_weights, "size": list(size), "seconds": seconds}
+            pipe = None
+            try:  # a case that cannot run here (every rank fails alike) is recorded, not fatal
+                start = time.perf_counter()
+                pipe = build_pipeline(task, device, args.tiny, args.shard_weights, main=rank == 0)
+                apply_preset(pipe, preset)
+                parallelize(pipe, ulysses, args.ring_degree, shard_weights=False, device=device)
+                built = time.perf_counter() - start
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                row = {**head, "build_s": round(built, 1),
+                       **run_case(pipe, task, size, seconds, steps, device, args.tiny)}
+                project(row, default_steps)
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                row = {**head, "error": f"{type(error).__name__}: {str(error)[:300]}"}
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
             peaks = [peak] * world
             if dist.is_initialized():
@@ -319,7 +326,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_json(args.json, rows)
-            del pipe
+            pipe = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -335,6 +342,9 @@ def print_table(rows: list[dict]) -> None:
           "write s | projected s | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['case']} | {r['preset']} | {r['gpus']} | {r['shard_weights']} | failed: {r['error'][:90]} |")
+            continue
         projected = r.get("projected_200s_s", r.get("projected_total_s", "-"))
         print(f"| {r['case']} | {r['preset']} | {r['gpus']} | {r['shard_weights']} | {r['total_s']} | "
               f"{r['encoders_s']} | {r['before_first_step_s']} | {sum(r['step_s']):.2f} ({len(r['step_s'])}) | "
