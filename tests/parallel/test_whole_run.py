@@ -139,6 +139,19 @@ def test_each_rank_holds_its_shard_of_the_weights(ranks, variant):
     assert max(held) <= plan["total_bytes"] / 2 * 1.05
 
 
+@pytest.mark.slow
+def test_meta_built_model_shards_and_runs(ranks):
+    """Built on the meta device in bf16 (fp32 norms kept whole), sharded, materialised: each rank holds part of the
+    weights and the forward gives a finite output of the right shape."""
+    for outputs in ranks:
+        assert outputs["meta.output"].shape == (1, 16, 3, 4, 6) and torch.isfinite(outputs["meta.output"]).all()
+    whole = tiny_transformer("avatar").to(torch.bfloat16)
+    keep = set(whole._keep_in_fp32_modules)
+    total = sum(p.numel() * (4 if keep & set(n.split(".")) else 2) for n, p in whole.named_parameters())
+    for outputs in ranks:
+        assert total * 0.4 < int(outputs["meta.local_bytes"]) < total * 0.6
+
+
 def test_sharding_plan_of_the_real_models():
     """Per-rank weight bytes of the 14B transformer (bf16, fp32 `_keep_in_fp32_modules`, as loaded) over 1, 2
     and 4 ranks, from its config on the meta device: what `--shard-weights` leaves per GPU at rest (plus one or two

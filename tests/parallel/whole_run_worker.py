@@ -115,7 +115,35 @@ def sharded_outputs() -> dict:
         out["avatar_bf16.fp32_units"] = torch.tensor(sum(
             1 for name, m in model.named_modules() if name.startswith("condition_embedder") and is_sharded(m)))
         out["avatar_bf16.sharded"] = model(**inputs).sample
+    out.update(meta_sharded())
     return out
+
+
+def meta_sharded() -> dict:
+    """Built on the meta device (bf16 with fp32 modules), sharded, then materialised with `to_empty` and filled:
+    the path `bench/bench_e2e.py` takes for real-size models (no rank holds the whole model)."""
+    from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
+    from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS
+    from skyreels_diffusers.parallel.sharding import local_parameter_bytes, shard_transformer
+    from tests.helpers import tiny_inputs
+
+    with torch.device("meta"):
+        model = SkyReelsV3Transformer3DModel(**TINY_TRANSFORMER_CONFIGS["avatar"]).to(torch.bfloat16)
+    keep = set(model._keep_in_fp32_modules)
+    for name, param in model.named_parameters():
+        if keep & set(name.split(".")):
+            param.data = param.data.float()
+    shard_transformer(model, torch.device("cpu"), min_unit_numel=1000)
+    model.to_empty(device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            local.copy_(torch.randn(local.shape, generator=generator) * 0.02)
+        inputs = tiny_inputs(model, "avatar", frames=3, height=4, width=6, seed=1)
+        inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v
+                  for k, v in inputs.items()}
+        return {"meta.output": model(**inputs).sample, "meta.local_bytes": torch.tensor(local_parameter_bytes(model))}
 
 
 def main(out_dir: str) -> None:

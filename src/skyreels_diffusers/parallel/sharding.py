@@ -78,8 +78,9 @@ def shard_transformer(model: torch.nn.Module, device: torch.device, prefetch: bo
         fully_shard(block, mesh=mesh, reshard_after_forward=True,
                     ignored_params={p for p in block.parameters() if id(p) in kept})
     fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=set(whole))
-    for param in whole:  # FSDP leaves the parameters it ignores where they are
-        param.data = param.data.to(device)
+    for param in whole:  # FSDP leaves the parameters it ignores where they are (meta ones: for `to_empty`)
+        if not param.is_meta:
+            param.data = param.data.to(device)
     if prefetch:
         for block, following in itertools.pairwise(blocks):
             block.set_modules_to_forward_prefetch([following])
