@@ -20,7 +20,10 @@ decode + gather + postprocess), writing the mp4 (rank 0), total; VAE encoder/dec
 peak GPU memory of every rank. `--steps` fewer than the default also gives `projected_total_s`: the measured run
 with its steps replaced by the default count of the median step (the first step excluded when there are others).
 Avatar: keyframe clip, each window, and `projected_200s_s` = encoders + keyframe + windows(200 s) x the mean window.
-`--tiny --device cpu` runs it on the tiny configs (CI: the script works; not a measurement).
+Under torchrun the VAE always tiles (its tiles are what the ranks share); `--vae-tiling` tiles on one GPU too, so
+that `--save-frames DIR` (uint8 frames per run, and the max / mean difference from the case's `*_1gpu.npy` there)
+compares like with like. `--tiny --device cpu` runs it on the tiny configs (CI: the script works; not a
+measurement).
 """
 
 from __future__ import annotations
@@ -198,7 +201,8 @@ def make_inputs(task: str, height: int, width: int, seconds: float, tiny: bool) 
     return {"video": rng.integers(0, 256, (40, height, width, 3), dtype=np.uint8), "duration": int(seconds)}
 
 
-def run_case(pipe, task: str, size: tuple[int, int], seconds: float, steps: int, device, tiny: bool) -> dict:
+def run_case(pipe, task: str, size: tuple[int, int], seconds: float, steps: int, device, tiny: bool,
+             frames_file: Path | None = None) -> dict:
     """One whole run: encoders once, the pipeline, writing (rank 0); returns the timings (rank 0's clock)."""
     from skyreels_diffusers.pipelines.video_io import write_video
 
@@ -231,9 +235,24 @@ def run_case(pipe, task: str, size: tuple[int, int], seconds: float, steps: int,
                         audio_sample_rate=rate)
     clock.mark("written")
     row = summarise(clock, vae_spent, task, steps, len(frames))
+    if frames_file is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        row.update(compare_frames(np.asarray(frames), frames_file))
     if not writes:
         row.update(write_s=None, write_note="not measured: PyAV is not installed")
     return row
+
+
+def compare_frames(frames: np.ndarray, path: Path) -> dict:
+    """Save the frames (uint8) to `path`; against the one-GPU file of the same case beside it (`*_1gpu.npy`), the
+    max and mean absolute difference in uint8 levels (same seed and random weights: unsharded runs only, since
+    `--shard-weights` fills its shards with other random values)."""
+    pixels = np.clip(np.rint(frames * 255), 0, 255).astype(np.uint8)
+    np.save(path, pixels)
+    reference = path.with_name(path.name.rsplit("_", 1)[0] + "_1gpu.npy")
+    if reference == path or not reference.is_file():
+        return {}
+    diff = np.abs(pixels.astype(np.int16) - np.load(reference).astype(np.int16))
+    return {"max_abs_diff_vs_1gpu": int(diff.max()), "mean_abs_diff_vs_1gpu": round(float(diff.mean()), 4)}
 
 
 def summarise(clock: Clock, vae_spent: dict, task: str, steps: int, frames: int) -> dict:
@@ -273,6 +292,13 @@ def project(row: dict, default_steps: int) -> None:
         row["projected_200s_s"] = round(row["projected_200s_s"] + (1 + row["windows_200s"]) * extra, 2)
 
 
+def frames_file(args, case: str, preset: str, world: int) -> Path | None:
+    if args.save_frames is None:
+        return None
+    Path(args.save_frames).mkdir(parents=True, exist_ok=True)
+    return Path(args.save_frames) / f"{case}_{preset}{'_tiny' if args.tiny else ''}_{world}gpu.npy"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -283,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ulysses-degree", type=int, default=None, help="default: all processes")
     parser.add_argument("--ring-degree", type=int, default=1)
     parser.add_argument("--shard-weights", action="store_true", help="FSDP2 over the processes (needs torchrun)")
+    parser.add_argument("--vae-tiling", action="store_true",
+                        help="tiled VAE on one GPU too (the parallel VAE always tiles: same tiles, same output)")
+    parser.add_argument("--save-frames", default=None, metavar="DIR",
+                        help="save each run's frames (uint8 .npy) and compare with the 1-GPU file of the case there")
     add_run_arguments(parser)
     return parser
 
@@ -300,18 +330,22 @@ def main(argv=None) -> int:
         steps = args.steps or default_steps
         for preset in args.presets:
             head = {"case": case, "preset": preset, "gpus": world, "ulysses": ulysses, "ring": args.ring_degree,
-                    "shard_weights": args.shard_weights, "size": list(size), "seconds": seconds}
+                    "shard_weights": args.shard_weights, "vae_tiling": args.vae_tiling or world > 1,
+                    "size": list(size), "seconds": seconds}
             pipe = None
             try:  # a case that cannot run here (every rank fails alike) is recorded, not fatal
                 start = time.perf_counter()
                 pipe = build_pipeline(task, device, args.tiny, args.shard_weights, main=rank == 0)
                 apply_preset(pipe, preset)
                 parallelize(pipe, ulysses, args.ring_degree, shard_weights=False, device=device)
+                if args.vae_tiling:
+                    pipe.vae.enable_tiling()
                 built = time.perf_counter() - start
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
+                target = frames_file(args, case, preset, world)
                 row = {**head, "build_s": round(built, 1),
-                       **run_case(pipe, task, size, seconds, steps, device, args.tiny)}
+                       **run_case(pipe, task, size, seconds, steps, device, args.tiny, target)}
                 project(row, default_steps)
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
