@@ -385,8 +385,8 @@ def run(
     if output.suffix.lower() != ".mp4":
         raise _error("output", f"must end in .mp4, got {output}")
     pipe = pipe or load_pipeline(request)
-    if world > 1 or request.shard_weights:  # tokens, VAE tiles (and weights) over the ranks; a reused pipeline
-        parallelize(pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend,  # is done once
+    if world > 1:  # tokens, VAE tiles (and with --shard-weights the weights) over the ranks; once per pipeline
+        parallelize(pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend,
                     request.shard_weights, device)
         pipe.set_progress_bar_config(disable=not is_main_process())
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
