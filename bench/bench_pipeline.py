@@ -35,8 +35,10 @@ SIZES = {"480P": (480, 848), "540P": (544, 960), "720P": (720, 1280)}
 AVATAR_SIZES = {"480P": (480, 832), "540P": (544, 960), "720P": (720, 1280)}
 
 
-def real_components(task: str, device) -> dict:
-    """Random weights at real size, built on `device` in bf16 (VAE and wav2vec2 in fp32, as the pipelines use them)."""
+def real_components(task: str, device, main_encoders: bool = True, transformer: bool = True) -> dict:
+    """Random weights at real size, built on `device` in bf16 (VAE and wav2vec2 in fp32, as the pipelines use them).
+    `main_encoders=False` leaves out the text and audio encoders (ranks > 0 under torchrun: rank 0 encodes);
+    `transformer=False` leaves out the transformer (the caller builds it, e.g. sharded from the meta device)."""
     from diffusers import AutoencoderKLWan
     from transformers import (
         CLIPVisionConfig,
@@ -58,9 +60,10 @@ def real_components(task: str, device) -> dict:
                 "text_encoder": UMT5EncoderModel(UMT5Config(
                     vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                    feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval(),
-                "transformer": SkyReelsV3Transformer3DModel(**TRANSFORMER_CONFIGS[variant]).eval(),
+                    feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval() if main_encoders else None,
             }
+            if transformer:
+                components["transformer"] = SkyReelsV3Transformer3DModel(**TRANSFORMER_CONFIGS[variant]).eval()
             if task == "talking_avatar":
                 components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
                     hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
@@ -69,12 +72,13 @@ def real_components(task: str, device) -> dict:
             torch.set_default_dtype(previous)
         components["vae"] = AutoencoderKLWan().eval()
         if task == "talking_avatar":
-            components["audio_encoder"] = Wav2Vec2Model(Wav2Vec2Config()).eval()
+            components["audio_encoder"] = Wav2Vec2Model(Wav2Vec2Config()).eval() if main_encoders else None
             components["feature_extractor"] = avatar_feature_extractor()
-    keep = set(components["transformer"]._keep_in_fp32_modules)
-    for name, param in components["transformer"].named_parameters():
-        if keep & set(name.split(".")):
-            param.data = param.data.float()
+    if transformer:
+        keep = set(components["transformer"]._keep_in_fp32_modules)
+        for name, param in components["transformer"].named_parameters():
+            if keep & set(name.split(".")):
+                param.data = param.data.float()
     components["scheduler"] = TASKS[task].make_scheduler()
     return {k: (v.requires_grad_(False) if isinstance(v, torch.nn.Module) else v) for k, v in components.items()}
 

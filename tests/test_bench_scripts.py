@@ -15,7 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from tests.parallel.test_context_parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,3 +191,47 @@ def test_matrix_takes_each_ratio_from_its_own_run(tmp_path):
         for resolution in matrix.RESOLUTIONS:
             assert stored[(variant, resolution, "baseline")]["vs_baseline"] == 1.0
     assert matrix.markdown(stored) in (ROOT / "docs" / "performance.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_e2e_stages_and_projections(tmp_path):
+    """bench_e2e.py on the tiny configs, one process: every stage is timed, steps are counted per clip, and the
+    avatar's 200-s projection uses the windows the pipeline plans for 200 s."""
+    out = tmp_path / "e2e.json"
+    run_script("bench_e2e.py", "--tiny", "--device", "cpu", "--cases", "reference_720p", "avatar_480p",
+               "--steps", "1", "--json", str(out))
+    reference, avatar = json.loads(out.read_text())
+    assert (reference["case"], reference["gpus"], avatar["case"]) == ("reference_720p", 1, "avatar_480p")
+    assert reference["frames"] == 5 and len(reference["step_s"]) == 1
+    stages = ("encoders_s", "before_first_step_s", "after_last_step_s", "write_s")
+    assert all(reference[k] >= 0 for k in stages) and reference["total_s"] >= sum(reference[k] for k in stages)
+    assert reference["projected_total_s"] > reference["total_s"] - sum(reference["step_s"])  # 8 steps projected
+    assert avatar["frames"] == 100 and len(avatar["step_s"]) == 3 and len(avatar["window_s"]) == 2  # keyframe + 2
+    assert avatar["windows_200s"] == 78 and avatar["projected_200s_s"] > avatar["keyframe_s"]
+    assert avatar["vae_encode_compute_s"] > 0 and avatar["vae_decode_compute_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_e2e_two_processes_with_sharded_weights(tmp_path):
+    """Under torchrun with 2 gloo processes: Ulysses over both, the parallel VAE, encoders on rank 0 and the
+    transformer built on the meta device and sharded (FSDP2); rank 0 writes one row with both ranks' peaks and
+    the comparison of its frames with the one-process run's."""
+    out = tmp_path / "e2e2.json"
+    frames = tmp_path / "frames"
+    run_script("bench_e2e.py", "--tiny", "--device", "cpu", "--cases", "reference_720p", "--steps", "1",
+               "--save-frames", str(frames), "--json", str(tmp_path / "e2e1.json"))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "bench" / "bench_e2e.py"),
+                           "--tiny", "--device", "cpu", "--cases", "reference_720p", "--steps", "1",
+                           "--shard-weights", "--save-frames", str(frames), "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert (row["gpus"], row["ulysses"], row["shard_weights"], row["frames"]) == (2, 2, True, 5)
+    assert len(row["peak_gib_per_rank"]) == 2 and len(row["step_s"]) == 1
+    # compared with the one-process frames of the same case (the sharded build fills its shards with other random
+    # values, so only the comparison's presence and the saved frames' shape are checked)
+    assert {"max_abs_diff_vs_1gpu", "mean_abs_diff_vs_1gpu"} <= set(row)
+    one, two = (np.load(frames / f"reference_720p_default_tiny_{n}gpu.npy") for n in (1, 2))
+    assert one.shape == two.shape == (5, 32, 48, 3) and two.dtype == np.uint8

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gen, "parallel-backend", choices=["diffusers", "xfuser"], default="diffusers",
           help="sequence-parallel attention: diffusers' context parallelism (default; any token count) or xDiT's "
                "USP kernels (pip install xfuser; GPU only; token count divisible by the degree)")
+    _flag(gen, "shard-weights", action="store_true",
+          help="under torchrun: shard the transformer's blocks over the processes (FSDP2; weight memory per GPU / N)")
     _flag(gen, "device", default=None, help="cuda / cpu (default: cuda when available)")
     app = sub.add_parser("app", help="start the local web app (pip install 'skyreels-diffusers[app]')")
     _flag(app, "model", default="tiny", help="'tiny' (default, random weights) or a converted pipeline folder")

@@ -81,6 +81,7 @@ class GenerationRequest:
     ulysses_degree: int = 1
     ring_degree: int = 1
     parallel_backend: str = "diffusers"
+    shard_weights: bool = False
     device: str | None = None
 
     # set by `validate`
@@ -173,6 +174,7 @@ def _check_run_options(request: GenerationRequest) -> None:
             import_xfuser()
         except ImportError as error:
             raise _error("parallel_backend", str(error)) from None
+    _validate_shard_weights(request)
     if not isinstance(request.crf, int) or not 0 <= request.crf <= 51:
         raise _error("crf", f"must be an integer in [0, 51] (0 = lossless), got {request.crf!r}")
     if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
@@ -213,6 +215,21 @@ def _load_media(request: GenerationRequest) -> tuple[dict, float]:
             raise
         argument, _, message = str(error).partition(": ")
         raise _error(argument.strip("`"), message) from None
+
+
+def _validate_shard_weights(request: GenerationRequest) -> None:
+    import os
+
+    if not request.shard_weights:
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise _error("shard_weights", "shards the transformer over processes: run under torchrun with 2 or more "
+                                      "processes (--nproc_per_node)")
+    others = [name for name in ("offload", "low_vram", "group_offload", "sequential_offload") if getattr(request, name)]
+    if others or request.quantize is not None:
+        used = [f"--{name.replace('_', '-')}" for name in others] + (["--quantize"] if request.quantize else [])
+        raise _error("shard_weights", f"cannot be combined with {', '.join(used)} (FSDP2 shards resident bf16 "
+                                      "weights)")
 
 
 def _load_video(request: GenerationRequest) -> tuple[dict, float]:
@@ -306,12 +323,14 @@ def output_size(request: GenerationRequest) -> tuple[int | None, int | None]:
 def pipeline_kwargs(request: GenerationRequest, size: tuple[int | None, int | None], **extra) -> dict:
     """The task pipeline's keyword arguments for a validated request."""
     height, width = size
-    return dict(
+    kwargs = dict(
         prompt=request.prompt, negative_prompt=request.negative_prompt, height=height, width=width,
         resolution=request.resolution or "720P", num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale, output_type="np", reproduce_original=request.reproduce_original,
-        **request.spec.call_kwargs(request), **extra,
     )
+    kwargs.update(request.spec.call_kwargs(request))
+    kwargs.update(extra)
+    return kwargs
 
 
 def default_output_path(request: GenerationRequest) -> Path:
@@ -320,12 +339,17 @@ def default_output_path(request: GenerationRequest) -> Path:
 
 def load_pipeline(request: GenerationRequest):
     """The task's pipeline: tiny random weights in-process, or a converted folder (bf16, VAE in fp32)."""
+    from .generation_parallel import drop_main_only_encoders, encoder_kwargs_to_skip, world_info
+
     if request.model == "tiny":
         print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
         pipe = tiny_pipeline(request.task, seed=0)
+        drop_main_only_encoders(pipe)  # under torchrun, rank 0 alone runs the text and audio encoders
     else:
         replaced = {} if request.transformer is None else {"transformer": load_transformer_file(request)}
-        pipe = request.spec.pipeline_class.from_pretrained(request.model, torch_dtype=torch.bfloat16, **replaced)
+        pipe = request.spec.pipeline_class.from_pretrained(
+            request.model, torch_dtype=torch.bfloat16, **replaced, **encoder_kwargs_to_skip(*world_info()[::-1])
+        )
         pipe.vae.to(torch.float32)
         if getattr(pipe, "audio_encoder", None) is not None:
             pipe.audio_encoder.to(torch.float32)  # wav2vec2 runs in float32, as in the original
@@ -336,7 +360,12 @@ def load_pipeline(request: GenerationRequest):
         quantize_transformer(pipe.transformer, request.quantize, compute_dtype=pipe.transformer.dtype)
     mode = ("low_vram" if request.low_vram else "group" if request.group_offload else
             "sequential" if request.sequential_offload else "offload" if request.offload else "resident")
-    apply_memory_mode(pipe, mode, device)
+    if request.shard_weights:  # the transformer goes to the GPU as shards (generation_parallel.parallelize)
+        from .generation_parallel import place_all_but_transformer
+
+        place_all_but_transformer(pipe, torch.device(device))
+    else:
+        apply_memory_mode(pipe, mode, device)
     # xfuser's attention is a graph break (`torch.compiler.disable`): its blocks compile in pieces
     enable_fast_path(pipe, compile=request.compile, attention_backend=request.attention_backend,
                      fullgraph=request.parallel_backend != "xfuser")
@@ -394,7 +423,8 @@ def run(
 ) -> Path | None:
     """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun, and
     when `should_stop()` turned true during the run: a cancelled job writes nothing)."""
-    from .parallel import enable_context_parallel, enable_xfuser_parallel, init_distributed, is_main_process
+    from .generation_parallel import muxed_audio, parallelize, pipeline_text_kwargs, precomputed_embeddings
+    from .parallel import init_distributed, is_main_process
 
     rank, world, device = init_distributed()
     if world > 1 and request.device is None:
@@ -405,18 +435,31 @@ def run(
     if output.suffix.lower() != ".mp4":
         raise _error("output", f"must end in .mp4, got {output}")
     pipe = pipe or load_pipeline(request)
-    if world > 1 and pipe.transformer._parallel_config is None:  # a reused pipeline (web app) is sharded once
-        shard = enable_xfuser_parallel if request.parallel_backend == "xfuser" else enable_context_parallel
-        shard(pipe.transformer, request.ulysses_degree, request.ring_degree)
+    if world > 1:  # tokens, VAE tiles (and with --shard-weights the weights) over the ranks; once per pipeline
+        parallelize(pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend,
+                    request.shard_weights, device)
         pipe.set_progress_bar_config(disable=not is_main_process())
     extra = {"callback_on_step_end": callback_on_step_end,
              "generator": torch.Generator(device="cpu").manual_seed(request.seed)}
     if request.task == "talking_avatar":
         extra.update(callback_on_window_end=callback_on_window_end, write_resume=is_main_process())
-    out = pipe(**pipeline_kwargs(request, output_size(request), **extra))
+    size = output_size(request)
+    if world > 1:  # encoders once: rank 0 encodes, every rank receives the embeddings
+        extra.update(pipeline_text_kwargs(precomputed_embeddings(
+            pipe, request.task, device, prompt=request.prompt, negative_prompt=request.negative_prompt,
+            guidance_scale=request.guidance_scale, height=size[0], width=size[1],
+            window_prompt=pipeline_kwargs(request, size).get("window_prompt"), portrait=request.media.get("image"),
+            speech=request.media.get("speech"),
+        )))
+        if "audio_embeds" in extra:  # precomputed: the features and the window prompt's embeddings
+            extra.update(audio=None, window_prompt=None)
+    out = pipe(**pipeline_kwargs(request, size, **extra))
     if not is_main_process() or (should_stop is not None and should_stop()):
         return None
     audio, rate = getattr(out, "audio", None), getattr(out, "audio_sample_rate", None)
+    if audio is None and request.media.get("speech") is not None:
+        output_audio = request.output_audio or ("normalized" if request.reproduce_original else "original")
+        audio, rate = muxed_audio(request.media["speech"], output_audio)
     return write_video(np.asarray(out.frames[0]), output, fps=request.fps, audio=audio, audio_sample_rate=rate,
                        crf=request.crf)
 
