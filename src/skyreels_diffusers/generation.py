@@ -18,7 +18,7 @@ from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FR
 from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
 from .pipelines.pipeline_skyreels_v3_talking_avatar import DEFAULT_WINDOW_PROMPT
 from .pipelines.tiny import TASKS, TINY_LONG_SIDE, tiny_pipeline
-from .pipelines.video_io import load_image, load_video, write_video
+from .pipelines.video_io import load_image, load_video_tail, write_video
 
 DEFAULT_PROMPT = "A man is making his way forward slowly, leaning on a white cane to prop himself up."
 MODEL_FPS = 24
@@ -160,7 +160,8 @@ def validate(request: GenerationRequest) -> GenerationRequest:
         try:
             frames, source_fps = request._media.get("frames"), MODEL_FPS
             if frames is None:
-                frames, source_fps = load_video(request.input_video, name="input_video")
+                frames, source_fps = load_video_tail(request.input_video, None if request.return_input_video
+                                                     else needed, name="input_video")
         except ValueError as error:
             raise _error("input_video", str(error).split(": ", 1)[-1]) from None
         if len(frames) < needed:
