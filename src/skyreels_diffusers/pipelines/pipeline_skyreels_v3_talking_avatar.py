@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -26,6 +23,7 @@ from .audio_io import DEFAULT_MAX_SECONDS, VIDEO_FPS, SpeechAudio, audio_windows
 from .buckets import avatar_bucket_size, check_size
 from .color import match_colors
 from .common import SkyReelsV3PipelineBase
+from .resume import ResumeStore, fingerprint, module_identity
 from .video_io import ImageInput, load_image, pixels_to_uint8
 
 WINDOW_FRAMES = 81
@@ -333,27 +331,6 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
         )
         return latents, self.decode_latents(latents)
 
-    # ---------------------------------------------------------------------------------------------- resume
-    @staticmethod
-    def _fingerprint(*parts) -> str:
-        digest = hashlib.sha256()
-        for part in parts:
-            if isinstance(part, torch.Tensor):
-                digest.update(part.detach().float().cpu().contiguous().numpy().tobytes())
-            else:
-                digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-        return digest.hexdigest()
-
-    @staticmethod
-    def _save_atomic(obj, path: Path) -> None:
-        from ..parallel import is_main_process
-
-        if not is_main_process():  # under torchrun every rank holds the same state; rank 0 writes it
-            return
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-
     # ---------------------------------------------------------------------------------------------- call
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     @torch.no_grad()
@@ -490,23 +467,17 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             clip_latents.append(latents)
             return video[0].transpose(0, 1)  # [81, 3, H, W]
 
-        # 3. Resume state
-        state_file = None
-        resume = None
+        # 3. Resume state (everything that changes the frames is in the fingerprint)
+        store, resume = None, None
         if resume_dir is not None:
-            resume_dir = Path(resume_dir)
-            resume_dir.mkdir(parents=True, exist_ok=True)
-            state_file = resume_dir / "state.pt"
-            fingerprint = self._fingerprint(
+            store = ResumeStore(resume_dir, fingerprint(
                 audio_embeds, reference, prompt_embeds, window_prompt_embeds, image_embeds,
-                generator.get_state(), [height, width, num_inference_steps, guidance_scale, audio_guidance_scale,
-                                        clip_from_reference, color_match_strength, dict(self.scheduler.config)],
-            )
-            if state_file.is_file():
-                resume = torch.load(state_file, weights_only=True)
-                if resume.get("fingerprint") != fingerprint:
-                    raise ValueError(f"`resume_dir` {resume_dir} holds a different run (other inputs or seed); "
-                                     "use an empty folder.")
+                negative_prompt_embeds if guidance else None, generator.get_state(),
+                [height, width, num_inference_steps, guidance_scale, audio_guidance_scale, clip_from_reference,
+                 color_match_strength, dict(self.scheduler.config), sigmas, timesteps, reproduce_original,
+                 attention_kwargs, str(device.type), module_identity(self.transformer), module_identity(self.vae)],
+            ), writer=is_main_process())  # under torchrun every rank holds the same state; rank 0 writes it
+            resume = store.load()
 
         num_windows = len(plan.starts)
         if resume is None:
@@ -516,9 +487,9 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
                 color_match_strength,
             )
             next_window, motion_frames, chunks = 0, None, []
-            if state_file is not None:
-                self._save_atomic({"fingerprint": fingerprint, "keyframe_video": keyframe_video.cpu(),
-                                   "next_window": 0, "motion": None, "generator": generator.get_state()}, state_file)
+            if store is not None:
+                store.save_state(keyframe_video=keyframe_video.cpu(), next_window=0, motion=None,
+                                 generator=generator.get_state())
             if callback_on_window_end is not None:
                 callback_on_window_end(self, 0, num_windows + 1)
         else:
@@ -526,7 +497,7 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
             next_window, motion_frames = resume["next_window"], resume["motion"]
             motion_frames = motion_frames.to(device) if motion_frames is not None else None
             generator.set_state(resume["generator"])
-            chunks = [np.load(resume_dir / f"window_{k:05d}.npy") for k in range(next_window)]
+            chunks = store.windows(next_window)
 
         if not plan.starts:
             video = to_uint8(keyframe_video[:num_frames])[None]
@@ -550,13 +521,10 @@ class SkyReelsV3TalkingAvatarPipeline(SkyReelsV3PipelineBase):
                     new = frames if k == 0 else frames[condition.shape[0]:]
                     chunks.append(to_uint8(new))
                     motion_frames = frames[-MOTION_FRAMES:]
-                    if state_file is not None and is_main_process():
-                        tmp = resume_dir / f".window_{k:05d}.npy"
-                        np.save(tmp, chunks[-1])
-                        os.replace(tmp, resume_dir / f"window_{k:05d}.npy")
-                        self._save_atomic({"fingerprint": fingerprint, "keyframe_video": keyframe_video.cpu(),
-                                           "next_window": k + 1, "motion": motion_frames.cpu(),
-                                           "generator": generator.get_state()}, state_file)
+                    if store is not None:
+                        store.save_window(k, chunks[-1])
+                        store.save_state(keyframe_video=keyframe_video.cpu(), next_window=k + 1,
+                                         motion=motion_frames.cpu(), generator=generator.get_state())
                     progress_bar.update()
                     if callback_on_window_end is not None:
                         callback_on_window_end(self, k + 1, num_windows + 1)
