@@ -288,10 +288,12 @@ def load_pipeline(request: GenerationRequest):
         print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
         pipe = tiny_pipeline(request.task, seed=0)
     else:
-        pipe = getattr(pipelines, class_name).from_pretrained(request.model, torch_dtype=torch.bfloat16)
-        pipe.vae.to(torch.float32)
-        if getattr(pipe, "audio_encoder", None) is not None:
-            pipe.audio_encoder.to(torch.float32)  # wav2vec2 runs in float32, as in the original
+        from .loading import load_pipeline_folder
+
+        # strict: the folder's pipeline class, every file and every weight checked (wav2vec2 in float32, as in the
+        # original; the VAE in float32)
+        pipe = load_pipeline_folder(request.model, getattr(pipelines, class_name), {
+            "default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32})
     from .optimization import apply_memory_mode, enable_fast_path, quantize_transformer
 
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
