@@ -163,12 +163,18 @@ def load_video_tail(
                     container.seek(0)
             if tail is None:
                 tail = _decode_ring(container, stream, num_frames)
-            frames = [_frame_array(frame, apply_rotation) for frame in tail]
+            frames = None
+            for i in range(len(tail)):  # into one array, releasing each decoded frame as it is converted
+                array = _frame_array(tail[i], apply_rotation)
+                tail[i] = None
+                if frames is None:
+                    frames = np.empty((len(tail), *array.shape), dtype=np.uint8)
+                frames[i] = array
     except av.error.FFmpegError as error:
         raise ValueError(f"`{name}`: {path} is not a readable video ({error}).") from None
-    if not frames:
+    if frames is None:
         raise ValueError(f"`{name}`: {path} has no decodable frames.")
-    return np.stack(frames), fps
+    return frames, fps
 
 
 def _seek_tail(container, stream, num_frames: int, fps: float | None) -> bool:
