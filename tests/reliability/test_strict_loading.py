@@ -120,3 +120,20 @@ def test_missing_folder_parts(folder, tmp_path):
         load_pipeline_folder(folder, AVATAR, torch.float32)
     with pytest.raises(ValueError, match="not a folder"):
         load_pipeline_folder(tmp_path / "nowhere", AVATAR, torch.float32)
+
+
+@pytest.mark.parametrize("task", ["reference_to_video", "talking_avatar"])
+def test_converted_folders_pass_the_strict_checks(tmp_path, task):
+    """Folders written by the converter (from stand-ins of the original repositories) load strictly, unchanged."""
+    from skyreels_diffusers import pipelines
+    from skyreels_diffusers.conversion import convert_repo
+    from skyreels_diffusers.pipelines.tiny import TASKS
+    from tests.conversion import original_repos
+
+    build = {"reference_to_video": original_repos.build_reference_repo,
+             "talking_avatar": original_repos.build_avatar_repo}[task]
+    parts = build(tmp_path / "orig")
+    [folder] = convert_repo(task, tmp_path / "orig", tmp_path / "conv", dtype=torch.float32)
+    pipe = load_pipeline_folder(folder, getattr(pipelines, TASKS[task][0]), torch.float32)
+    ours, theirs = pipe.text_encoder.state_dict(), parts["text_encoder"].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
