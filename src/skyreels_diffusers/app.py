@@ -329,8 +329,8 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 names = list(inputs)
                 error_names = list(errors)
 
-                def submit(*values, _task=task, _names=names, _error_names=error_names,
-                           request=None, progress=gr.Progress()):
+                def submit(request, *values, _task=task, _names=names, _error_names=error_names,
+                           progress=gr.Progress()):
                     form = dict(zip(_names, values))
                     job = getattr(request, "session_hash", None) or "default"
                     path, shown, messages = submit_job(runner, _task, form, model, output_root, job, progress,
@@ -343,8 +343,8 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 def cancel_job(request=None):
                     runner.cancel(getattr(request, "session_hash", None) or "default")
 
-                # Gradio passes the visitor's session to a parameter annotated gr.Request (set here as a class:
-                # this module's string annotations cannot name the locally imported `gr`)
+                # Gradio passes the visitor's session to a leading positional parameter annotated gr.Request (set
+                # here as a class: this module's string annotations cannot name the locally imported `gr`)
                 submit.__annotations__ = {"request": gr.Request}
                 cancel_job.__annotations__ = {"request": gr.Request}
 

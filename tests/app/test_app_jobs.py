@@ -147,3 +147,26 @@ def test_one_job_per_session_at_a_time(tmp_path):
     runner._cancels["S"] = threading.Event()  # S has a job queued
     with pytest.raises(ValueError, match="already has a job"):
         runner(build_request("reference_to_video", form(), "tiny", tmp_path), job="S")
+
+
+def test_gradio_hands_each_handler_the_visitors_session(tmp_path):
+    """The Generate and Cancel handlers receive the session (gr.Request) from Gradio, so jobs are keyed per visitor."""
+    from types import SimpleNamespace
+
+    from gradio.helpers import special_args
+
+    from skyreels_diffusers.app import build_app
+
+    runner = JobRunner()
+    demo = build_app(model="tiny", output_dir=str(tmp_path), runner=runner)
+    visitor = SimpleNamespace(session_hash="visitor-1")
+    handlers = {fn.api_name: fn.fn for fn in demo.fns.values()}
+    generate = handlers["generate_reference_to_video"]
+    inputs, _, _, _ = special_args(generate, inputs=["form-value"], request=visitor)
+    assert inputs[0] is visitor and inputs[1] == "form-value"
+    cancels = [fn for name, fn in handlers.items() if "cancel" in name]
+    assert len(cancels) == 4
+    runner._cancels["visitor-1"] = threading.Event()
+    inputs, _, _, _ = special_args(cancels[0], inputs=[], request=visitor)
+    cancels[0](*inputs)
+    assert runner._cancels["visitor-1"].is_set()
