@@ -248,6 +248,9 @@ def submit_job(runner: JobRunner, task: str, form: dict, model: str, output_root
     try:
         request = build_request(task, form, model, output_root, **server)
         shown = cli_command(request)
+        for value in (*request.ref_imgs, request.input_video, request.input_image, request.input_audio):
+            if value and Path(value).resolve() in request_uploads(request):  # the visitor's own file names
+                shown = shown.replace(str(value), Path(value).name)
         path = runner(request, progress=progress, job=job)
         return str(path), shown, {}
     except Cancelled:

@@ -170,3 +170,13 @@ def test_gradio_hands_each_handler_the_visitors_session(tmp_path):
     inputs, _, _, _ = special_args(cancels[0], inputs=[], request=visitor)
     cancels[0](*inputs)
     assert runner._cancels["visitor-1"].is_set()
+
+
+@pytest.mark.slow
+def test_the_equivalent_command_names_uploads_by_their_file_names(tmp_path, uploads):
+    image = _upload_image(uploads, "face.png")
+    path, shown, messages = submit_job(JobRunner(), "reference_to_video", form(ref_imgs=[str(image)], steps=1),
+                                       "tiny", tmp_path / "out", "S")
+    assert messages == {} and Path(path).is_file()
+    assert "--ref-imgs face.png" in shown and str(uploads) not in shown
+    assert str(tmp_path / "out") in shown  # the output path is the server's real one (not a temporary copy)
