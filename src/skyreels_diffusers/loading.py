@@ -118,8 +118,11 @@ def load_component(folder: Path, name: str, cls: type, torch_dtype: torch.dtype 
         except Exception as error:  # noqa: BLE001 (tokenizers, schedulers, processors raise many types)
             raise _fail(folder, name, f"{name}/", f"cannot be loaded as {cls.__name__} ({error})") from None
     check_weight_files(folder, name)
+    from transformers import PreTrainedModel
+
+    dtype = {} if torch_dtype is None else {"dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype": torch_dtype}
     try:
-        model, info = cls.from_pretrained(folder, subfolder=name, torch_dtype=torch_dtype, output_loading_info=True)
+        model, info = cls.from_pretrained(folder, subfolder=name, output_loading_info=True, **dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise _fail(folder, name, f"{name}/", f"cannot be loaded as {cls.__name__} ({error})") from None
     problems = []

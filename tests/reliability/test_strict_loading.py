@@ -137,3 +137,12 @@ def test_converted_folders_pass_the_strict_checks(tmp_path, task):
     pipe = load_pipeline_folder(folder, getattr(pipelines, TASKS[task][0]), torch.float32)
     ours, theirs = pipe.text_encoder.state_dict(), parts["text_encoder"].state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_per_component_dtypes(saved):
+    pipe = load_pipeline_folder(saved[0], AVATAR, {"default": torch.bfloat16, "vae": torch.float32,
+                                                   "audio_encoder": torch.float32})
+    dtypes = {name: getattr(pipe, name).dtype for name in ("text_encoder", "image_encoder", "audio_encoder", "vae",
+                                                           "transformer")}
+    assert dtypes == {"text_encoder": torch.bfloat16, "image_encoder": torch.bfloat16,
+                      "audio_encoder": torch.float32, "vae": torch.float32, "transformer": torch.bfloat16}
