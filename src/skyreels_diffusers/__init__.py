@@ -5,6 +5,10 @@ import logging as _logging
 # torchao (imported by diffusers) registers pytree constants and torch logs a deprecation for each; harmless noise.
 _logging.getLogger("torch.utils._pytree").setLevel(_logging.ERROR)
 
+from ._quiet import silence_known_noise  # noqa: E402
+
+silence_known_noise()  # torchao's CUDA-kernel load failures on CPU-only machines (see _quiet.py)
+
 __version__ = "0.1.0"
 
 from .models import SkyReelsV3Transformer3DModel  # noqa: E402

@@ -8,7 +8,10 @@ atomically under the output folder with unique names and shown in the page with 
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import tempfile
 import threading
 import time
 import uuid
@@ -62,9 +65,20 @@ def build_request(task: str, form: dict, model: str, output_dir: Path, **server)
     return request
 
 
+#: longest prompt shown whole in the "equivalent command" (a longer one is cut there, with a note)
+MAX_SHOWN_PROMPT = 2000
+
+
 def cli_command(request: GenerationRequest) -> str:
-    """The `skyreels-v3 generate` command that reproduces a request."""
-    args = ["skyreels-v3", "generate", "--task", request.task, "--model", request.model, "--prompt", request.prompt,
+    """The `skyreels-v3 generate` command that reproduces a request (a prompt over `MAX_SHOWN_PROMPT` characters
+    is shortened for display, and a note says so)."""
+    prompt = request.prompt
+    note = ""
+    if len(prompt) > MAX_SHOWN_PROMPT:
+        prompt = prompt[:MAX_SHOWN_PROMPT]
+        note = (f"\n# --prompt shortened here to its first {MAX_SHOWN_PROMPT} of {len(request.prompt)} characters; "
+                "the job used the whole prompt")
+    args = ["skyreels-v3", "generate", "--task", request.task, "--model", request.model, "--prompt", prompt,
             "--duration", str(request.duration), "--seed", str(request.seed), "--steps", str(request.steps)]
     if request.resolution:
         args += ["--resolution", request.resolution]
@@ -80,7 +94,46 @@ def cli_command(request: GenerationRequest) -> str:
     if request.ulysses_degree > 1:
         args = ["torchrun", "--nproc_per_node", str(request.ulysses_degree), "-m", "skyreels_diffusers.cli",
                 *args[1:], "--ulysses-degree", str(request.ulysses_degree)]
-    return " ".join(shlex.quote(a) for a in args + ["--output", request.output])
+    return " ".join(shlex.quote(a) for a in args + ["--output", request.output]) + note
+
+
+def upload_folder() -> Path:
+    """Where Gradio keeps its copies of uploaded files (`GRADIO_TEMP_DIR`, else <tmp>/gradio)."""
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+
+
+def scrub_paths(message: str) -> str:
+    """A message for the page: every path under the server's temporary folders becomes its file name."""
+    for root in {str(upload_folder()), str(Path(tempfile.gettempdir()).resolve()), tempfile.gettempdir()}:
+        message = re.sub(re.escape(root) + r"/[^\s'\"`,;)]*", lambda m: Path(m.group(0)).name, message)
+    return message
+
+
+def request_uploads(request: GenerationRequest) -> list[Path]:
+    """The request's input files that are Gradio upload copies (never a file outside the upload folder)."""
+    root = upload_folder()
+    paths = [*request.ref_imgs, request.input_video, request.input_image, request.input_audio]
+    uploads = []
+    for value in paths:
+        if value:
+            path = Path(value).resolve()
+            if path.is_relative_to(root) and path != root:
+                uploads.append(path)
+    return uploads
+
+
+def delete_uploads(paths: list[Path]) -> None:
+    """Remove upload copies after a job, and their per-upload folders when left empty (bounded temp space)."""
+    root = upload_folder()
+    for path in paths:
+        path.unlink(missing_ok=True)
+        parent = path.parent
+        while parent != root and parent.is_relative_to(root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
 
 def error_field(message: str) -> str:
@@ -90,32 +143,49 @@ def error_field(message: str) -> str:
 
 
 class JobRunner:
-    """Runs one request at a time with progress and cancellation (pipelines cached per task).
+    """Runs one request at a time with progress and per-job cancellation (pipelines cached per task).
 
+    Each job belongs to a `job` key (the web session): `cancel(job)` stops that job only, whether it runs or waits
+    in the queue; a cancelled job stops at the next step, before decoding (the step callback raises `Cancelled`).
     Under torchrun (`--ulysses-degree N`) rank 0 serves the page and hands each validated request to the other
     ranks, which run the same job sharded (`serve_workers`); the cancel flag is shared at every step."""
 
     def __init__(self):
         self.pipes: dict[str, object] = {}
-        self.cancel_event = threading.Event()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one job on the GPU at a time
+        self._cancels: dict[str, threading.Event] = {}
+        self._guard = threading.Lock()
+        self.worker_cancel = threading.Event()  # ranks > 0: set when rank 0 broadcasts a cancel
 
-    def _step_callback(self, steps: int, progress):
+    def cancel(self, job: str) -> bool:
+        """Cancel `job`'s running or queued job; False when it has none (nothing else is touched)."""
+        with self._guard:
+            event = self._cancels.get(job)
+        if event is not None:
+            event.set()
+        return event is not None
+
+    def _step_callback(self, steps: int, progress, event: threading.Event):
         def on_step(pipeline, step, timestep, tensors):
             if progress is not None:
                 progress((step + 1) / steps, desc=f"step {step + 1}/{steps}")
-            if broadcast_from_main(self.cancel_event.is_set()):  # every rank stops before the same next step
-                self.cancel_event.set()
+            if broadcast_from_main(event.is_set()):  # every rank stops before the same next step
+                event.set()
                 pipeline._interrupt = True
+                raise Cancelled("cancelled")  # out of the pipeline now: no further step, no decode
             return {}
 
         return on_step
 
     def run_worker(self, request: GenerationRequest) -> None:
         """A rank > 0's share of a job started on rank 0."""
-        self.cancel_event.clear()
-        run(request, pipe=self.pipeline(request), callback_on_step_end=self._step_callback(request.steps, None),
-            should_stop=self.cancel_event.is_set)
+        self.worker_cancel.clear()
+        try:
+            run(request, pipe=self.pipeline(request),
+                callback_on_step_end=self._step_callback(request.steps, None, self.worker_cancel),
+                should_stop=self.worker_cancel.is_set)
+        except Cancelled:
+            pass
 
     def pipeline(self, request: GenerationRequest):
         from .generation import load_pipeline
@@ -125,25 +195,73 @@ class JobRunner:
             self.pipes[key] = load_pipeline(request)
         return self.pipes[key]
 
-    def __call__(self, request: GenerationRequest, progress=None) -> Path:
-        with self.lock:
-            self.cancel_event.clear()
-            from .generation import validate
+    def __call__(self, request: GenerationRequest, progress=None, job: str = "default") -> Path:
+        with self._guard:
+            if job in self._cancels:
+                raise ValueError("this session already has a job running or queued; cancel it or wait.")
+            event = self._cancels[job] = threading.Event()
+        try:
+            with self.lock:
+                return self._run(request, progress, event)
+        finally:
+            with self._guard:
+                self._cancels.pop(job, None)
 
-            request = validate(request)
-            broadcast_from_main(request)  # the other ranks (torchrun) join the job
-            pipe = self.pipeline(request)
-            on_step = self._step_callback(max(1, request.steps), progress)
+    def _run(self, request: GenerationRequest, progress, event: threading.Event) -> Path:
+        from .generation import validate
 
-            def on_window(pipeline, window, total):
-                if progress is not None:
-                    progress(window / max(total, 1), desc=f"window {window}/{total}")
+        if event.is_set():  # cancelled while queued
+            raise Cancelled("cancelled")
+        request = validate(request)
+        broadcast_from_main(request)  # the other ranks (torchrun) join the job
+        pipe = self.pipeline(request)
+        on_step = self._step_callback(max(1, request.steps), progress, event)
 
+        def on_window(pipeline, window, total):
+            if progress is not None:
+                progress(window / max(total, 1), desc=f"window {window}/{total}")
+
+        try:
             result = run(request, pipe=pipe, callback_on_step_end=on_step, callback_on_window_end=on_window,
-                         should_stop=self.cancel_event.is_set)
-            if self.cancel_event.is_set() or result is None:
-                raise Cancelled("cancelled")
-            return result
+                         should_stop=event.is_set)
+        except Cancelled:
+            raise
+        except Exception:
+            if event.is_set():  # whatever a cancelled pipeline ran into afterwards, the user asked to stop
+                raise Cancelled("cancelled") from None
+            raise
+        if event.is_set() or result is None:
+            raise Cancelled("cancelled")
+        return result
+
+
+def submit_job(runner: JobRunner, task: str, form: dict, model: str, output_root: Path, job: str,
+               progress=None, **server) -> tuple[str | None, str, dict[str, str]]:
+    """One press of Generate: (output path or None, the equivalent command, {input name: message}).
+
+    Messages never show the server's temporary paths, and the job's upload copies are deleted afterwards."""
+    request = None
+    try:
+        request = build_request(task, form, model, output_root, **server)
+        shown = cli_command(request)
+        for value in (*request.ref_imgs, request.input_video, request.input_image, request.input_audio):
+            if value and Path(value).resolve() in request_uploads(request):  # the visitor's own file names
+                shown = shown.replace(str(value), Path(value).name)
+        path = runner(request, progress=progress, job=job)
+        return str(path), shown, {}
+    except Cancelled:
+        return None, "", {"general": "Cancelled."}
+    except ValueError as error:
+        message = scrub_paths(str(error))
+        return None, "", {error_field(message): f"**Error:** {message}"}
+    except Exception as error:  # noqa: BLE001 (shown to the visitor without a traceback; logged on the server)
+        import traceback
+
+        traceback.print_exc()
+        return None, "", {"general": f"**Error:** {type(error).__name__}: {scrub_paths(str(error))}"}
+    finally:
+        if request is not None:
+            delete_uploads(request_uploads(request))
 
 
 def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRunner | None = None, **server):
@@ -158,7 +276,8 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
     output_root = Path(output_dir)
     runner = runner or JobRunner()
 
-    with gr.Blocks(title="SkyReels-V3") as demo:
+    # Gradio's own cache (served results) is swept hourly; upload copies are deleted after each job (submit_job)
+    with gr.Blocks(title="SkyReels-V3", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# SkyReels-V3\nModel: `{model}`" + (" (tiny RANDOM weights: the video is noise)"
                                                           if model == "tiny" else ""))
         for task, label in TASK_LABELS.items():
@@ -209,29 +328,29 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 names = list(inputs)
                 error_names = list(errors)
 
-                def submit(*values, _task=task, _names=names, _error_names=error_names,
+                def submit(request, *values, _task=task, _names=names, _error_names=error_names,
                            progress=gr.Progress()):
                     form = dict(zip(_names, values))
+                    job = getattr(request, "session_hash", None) or "default"
+                    path, shown, messages = submit_job(runner, _task, form, model, output_root, job, progress,
+                                                       **server)
                     blank = {name: "" for name in _error_names}
-                    try:
-                        request = build_request(_task, form, model, output_root, **server)
-                        shown = cli_command(request)
-                        path = runner(request, progress=progress)
-                    except Cancelled:
-                        blank["general"] = "Cancelled."
-                        return (None, None, "", *[blank[n] for n in _error_names])
-                    except ValueError as error:
-                        message = str(error)
-                        blank[error_field(message) if error_field(message) in blank else "general"] = (
-                            f"**Error:** {message}"
-                        )
-                        return (None, None, "", *[blank[n] for n in _error_names])
-                    return (str(path), str(path), shown, *[blank[n] for n in _error_names])
+                    for field_name, message in messages.items():
+                        blank[field_name if field_name in blank else "general"] = message
+                    return (path, path, shown, *[blank[n] for n in _error_names])
+
+                def cancel_job(request=None):
+                    runner.cancel(getattr(request, "session_hash", None) or "default")
+
+                # Gradio passes the visitor's session to a leading positional parameter annotated gr.Request (set
+                # here as a class: this module's string annotations cannot name the locally imported `gr`)
+                submit.__annotations__ = {"request": gr.Request}
+                cancel_job.__annotations__ = {"request": gr.Request}
 
                 generate.click(submit, [inputs[n] for n in names],
                                [video, download, command, *[errors[n] for n in error_names]],
                                concurrency_limit=1, concurrency_id="gpu", api_name=f"generate_{task}")
-                cancel.click(lambda: runner.cancel_event.set(), None, None, queue=False)
+                cancel.click(cancel_job, None, None, queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -257,7 +376,7 @@ def serve_workers(runner: JobRunner) -> None:
             return
         try:
             runner.run_worker(request)
-        except ValueError:
+        except (ValueError, Cancelled):
             pass  # rank 0 shows the error
 
 

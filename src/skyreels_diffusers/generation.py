@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from .pipelines.buckets import RESOLUTIONS, avatar_bucket_size, bucket_size, scale_to_long_side
+from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
+from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
 from .pipelines.tasks import TASKS, TaskSpec, tiny_pipeline
 from .pipelines.tiny import TINY_LONG_SIDE
-from .pipelines.video_io import load_image, load_video, write_video
+from .pipelines.video_io import load_image, load_video_tail, write_video
 
 
 DEFAULT_PROMPT = "A man is making his way forward slowly, leaning on a white cane to prop himself up."
@@ -235,7 +237,10 @@ def _validate_shard_weights(request: GenerationRequest) -> None:
 def _load_video(request: GenerationRequest) -> tuple[dict, float]:
     if request.input_video is None:
         raise _error("input_video", "is required for the extension tasks")
-    frames, source_fps = load_video(request.input_video, name="input_video")
+    # only the tail is used (the condition frames; the whole video with --return-input-video)
+    tail = max(NUM_CONDITION_FRAMES, *SHOT_NUM_CONDITION_FRAMES_MAP.values())
+    frames, source_fps = load_video_tail(request.input_video, None if request.return_input_video else tail,
+                                         name="input_video")
     fps = float(request.spec.fps)
     if request.keep_source_fps:
         if not source_fps or round(source_fps) % 4:
@@ -346,13 +351,15 @@ def load_pipeline(request: GenerationRequest):
         pipe = tiny_pipeline(request.task, seed=0)
         drop_main_only_encoders(pipe)  # under torchrun, rank 0 alone runs the text and audio encoders
     else:
-        replaced = {} if request.transformer is None else {"transformer": load_transformer_file(request)}
-        pipe = request.spec.pipeline_class.from_pretrained(
-            request.model, torch_dtype=torch.bfloat16, **replaced, **encoder_kwargs_to_skip(*world_info()[::-1])
-        )
-        pipe.vae.to(torch.float32)
-        if getattr(pipe, "audio_encoder", None) is not None:
-            pipe.audio_encoder.to(torch.float32)  # wav2vec2 runs in float32, as in the original
+        from .loading import load_pipeline_folder
+
+        given = encoder_kwargs_to_skip(*world_info()[::-1])
+        if request.transformer is not None:
+            given["transformer"] = load_transformer_file(request)
+        # strict: the folder's pipeline class, every file and every weight checked (wav2vec2 in float32, as in the
+        # original; the VAE in float32)
+        pipe = load_pipeline_folder(request.model, request.spec.pipeline_class, {
+            "default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32}, **given)
     from .optimization import apply_memory_mode, enable_fast_path, quantize_transformer
 
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")

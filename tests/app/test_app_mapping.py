@@ -74,12 +74,11 @@ def test_cancel_stops_between_steps_and_writes_nothing(tmp_path):
 
     def progress(fraction, desc=""):
         seen.append(desc)
-        runner.cancel_event.set()  # the user presses Cancel during step 1
+        runner.cancel("default")  # the user presses Cancel during step 1
 
     with pytest.raises(Cancelled):
         runner(request, progress=progress)
     assert seen == ["step 1/3"]  # the later steps were skipped
     assert not Path(request.output).exists()
-    runner.cancel_event.clear()
     path = runner(request)  # the next job runs normally (pipeline reused)
     assert Path(path).is_file() and len(runner.pipes) == 1

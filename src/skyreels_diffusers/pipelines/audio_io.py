@@ -39,11 +39,52 @@ class SpeechAudio:
         return math.ceil(len(self.waveform) * VIDEO_FPS / SAMPLE_RATE)
 
 
-def _decode(path: Path, name: str) -> tuple[np.ndarray, int]:
-    """All channels, native rate, float32 `[samples, channels]` (PyAV: wav, mp3, flac, m4a/aac, ogg)."""
+def probe_audio_seconds(path: str | os.PathLike) -> float | None:
+    """Duration of an audio file from its header, without decoding: soundfile's info for wav/flac/ogg, else the
+    PyAV container's or stream's duration; None when the file does not state it."""
+    path = Path(path)
+    if path.suffix.lower() in (".wav", ".flac", ".ogg"):
+        try:
+            import soundfile
+
+            info = soundfile.info(str(path))
+            if info.samplerate > 0 and info.frames > 0:
+                return info.frames / info.samplerate
+        except (ImportError, RuntimeError):  # soundfile does not know this file: ask PyAV
+            pass
     import av
 
-    chunks, rate = [], None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return container.duration / 1_000_000
+    except av.error.FFmpegError:
+        return None  # the decoder reports what is wrong
+    return None
+
+
+def pcm_to_float(array: np.ndarray) -> np.ndarray:
+    """Decoded samples -> float32 in [-1, 1): unsigned 8-bit is centred on 128, signed integers are divided by
+    2^(bits-1) (24-bit PCM arrives left-aligned in 32 bits), floats pass unchanged."""
+    if array.dtype == np.uint8:
+        return (array.astype(np.float32) - 128.0) / 128.0
+    if array.dtype.kind == "i":
+        return (array.astype(np.float64) / -float(np.iinfo(array.dtype).min)).astype(np.float32)
+    return array.astype(np.float32)
+
+
+def _decode(path: Path, name: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """All channels, native rate, float32 `[samples, channels]` (PyAV: wav, mp3, flac, m4a/aac, ogg).
+
+    With `max_seconds`, decoding stops as soon as the limit is passed (for files whose header states no duration)."""
+    import av
+
+    chunks, rate, decoded = [], None, 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -56,9 +97,10 @@ def _decode(path: Path, name: str) -> tuple[np.ndarray, int]:
                     array = array.T  # [samples, channels]
                 else:
                     array = array.reshape(-1, len(frame.layout.channels))
-                if array.dtype.kind == "i":
-                    array = array.astype(np.float32) / np.iinfo(array.dtype).max
-                chunks.append(array.astype(np.float32))
+                chunks.append(pcm_to_float(array))
+                decoded += len(array)
+                if max_seconds is not None and decoded > max_seconds * rate:
+                    raise ValueError(_too_long(name, decoded / rate, max_seconds, at_least=True))
     except av.error.FFmpegError as error:
         raise ValueError(f"`{name}`: {path} is not a readable audio file ({error}).") from None
     if not chunks:
@@ -101,7 +143,10 @@ def load_speech(
         path = Path(audio)
         if not path.is_file():
             raise ValueError(f"`{name}`: file not found: {path}")
-        source, rate = _decode(path, name)
+        seconds = probe_audio_seconds(path)
+        if seconds is not None and seconds > max_seconds:
+            raise ValueError(_too_long(name, seconds, max_seconds))
+        source, rate = _decode(path, name, max_seconds=max_seconds)
     else:
         if sample_rate is None:
             raise ValueError(f"`{name}`: a waveform needs its `sample_rate`.")
@@ -115,11 +160,16 @@ def load_speech(
     if duration < MIN_SECONDS:
         raise ValueError(f"`{name}`: {duration:.2f} s of audio; at least {MIN_SECONDS} s are needed.")
     if duration > max_seconds:
-        raise ValueError(f"`{name}`: {duration:.1f} s of audio is over the limit of {max_seconds:g} s "
-                         f"(raise `max_audio_seconds` to allow longer audio).")
+        raise ValueError(_too_long(name, duration, max_seconds))
     if np.abs(waveform).max() < 1e-4:
         raise ValueError(f"`{name}`: the audio is silent.")
     return SpeechAudio(waveform, loudness_normalize(waveform), source, rate)
+
+
+def _too_long(name: str, seconds: float, max_seconds: float, at_least: bool = False) -> str:
+    return (f"`{name}`: {'more than ' if at_least else ''}{seconds:.1f} s of audio is over the limit of "
+            f"{max_seconds:g} s "
+            "(raise `max_audio_seconds` to allow longer audio).")
 
 
 @torch.no_grad()

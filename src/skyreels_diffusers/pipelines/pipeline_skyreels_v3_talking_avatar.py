@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -33,6 +30,7 @@ from .common import (
     check_common_inputs,
     check_guidance_scale,
 )
+from .resume import ResumeStore, fingerprint, module_identity
 from .video_io import ImageInput, load_image, pixels_to_uint8
 
 WINDOW_FRAMES = 81
@@ -375,30 +373,6 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
         run.clip_latents.append(latents)
         return self.decode_latents(latents)[0].transpose(0, 1)  # [81, 3, H, W]
 
-    # ---------------------------------------------------------------------------------------------- resume
-    @staticmethod
-    def _fingerprint(*parts) -> str:
-        digest = hashlib.sha256()
-        for part in parts:
-            if isinstance(part, torch.Tensor):
-                digest.update(part.detach().float().cpu().contiguous().numpy().tobytes())
-            else:
-                digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-        return digest.hexdigest()
-
-    @staticmethod
-    def _save_atomic(obj, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-
-    def _resume_fingerprint(self, run: AvatarRun, settings: list) -> str:
-        return self._fingerprint(
-            run.audio_embeds, run.reference, run.prompt_embeds, run.window_prompt_embeds, run.image_embeds,
-            run.generator.get_state(), [*settings, run.num_inference_steps, run.audio_guidance_scale,
-                                        run.clip_from_reference, run.color_match_strength, dict(self.scheduler.config)],
-        )
-
     # ---------------------------------------------------------------------------------------------- windows
     def to_uint8(self, run: AvatarRun, pixels: torch.Tensor) -> np.ndarray:
         """`[F, 3, H, W]` in [-1, 1] -> uint8 `[F, H, W, 3]` (rounded; the original's `(x + 1) * 127.5` truncated
@@ -410,7 +384,7 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
     def generate_windows(
         self, run: AvatarRun, plan: WindowPlan, keyframe_video: torch.Tensor, start: tuple[int, torch.Tensor | None,
                                                                                              list[np.ndarray]],
-        resume: tuple[Path, str, bool] | None, callback_on_window_end: Callable | None,
+        store: ResumeStore | None, callback_on_window_end: Callable | None,
     ) -> list[np.ndarray]:
         """The sliding windows after the keyframe clip; returns every window's new uint8 frames."""
         next_window, motion_frames, chunks = start
@@ -432,42 +406,29 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
                 frames = match_colors(frames, run.reference, run.color_match_strength)
                 chunks.append(self.to_uint8(run, frames if k == 0 else frames[condition.shape[0]:]))
                 motion_frames = frames[-MOTION_FRAMES:]
-                if resume is not None and resume[2]:
-                    folder, fingerprint, _ = resume
-                    np.save(folder / f".window_{k:05d}.npy", chunks[-1])
-                    os.replace(folder / f".window_{k:05d}.npy", folder / f"window_{k:05d}.npy")
-                    self._save_atomic({"fingerprint": fingerprint, "keyframe_video": keyframe_video.cpu(),
-                                       "next_window": k + 1, "motion": motion_frames.cpu(),
-                                       "generator": run.generator.get_state()}, folder / "state.pt")
+                if store is not None:
+                    store.save_window(k, chunks[-1])
+                    store.save_state(keyframe_video=keyframe_video.cpu(), next_window=k + 1,
+                                     motion=motion_frames.cpu(), generator=run.generator.get_state())
                 progress_bar.update()
                 if callback_on_window_end is not None:
                     callback_on_window_end(self, k + 1, num_windows + 1)
         return chunks
 
-    def keyframe_clip(self, run: AvatarRun, resume: tuple[Path, str, bool] | None,
+    def keyframe_clip(self, run: AvatarRun, store: ResumeStore | None,
                       callback_on_window_end: Callable | None, num_windows: int) -> torch.Tensor:
         """The first clip, on the user prompt, colour-matched to the portrait."""
         keyframe_video = match_colors(
             self.generate_clip(run, run.reference[None], None, run.prompt_embeds, 0, run.audio_embeds, motion=False),
             run.reference, run.color_match_strength,
         )
-        if resume is not None and resume[2]:
-            self._save_atomic({"fingerprint": resume[1], "keyframe_video": keyframe_video.cpu(), "next_window": 0,
-                               "motion": None, "generator": run.generator.get_state()}, resume[0] / "state.pt")
+        if store is not None:
+            store.save_state(keyframe_video=keyframe_video.cpu(), next_window=0, motion=None,
+                             generator=run.generator.get_state())
         if callback_on_window_end is not None:
             callback_on_window_end(self, 0, num_windows + 1)
         return keyframe_video
 
-    def load_resume_state(self, resume_dir, fingerprint: str) -> dict | None:
-        """The saved state of an interrupted run with the same inputs (None when the folder holds none)."""
-        state_file = Path(resume_dir) / "state.pt"
-        if not state_file.is_file():
-            return None
-        state = torch.load(state_file, weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            raise PipelineInputError("resume_dir", f"{resume_dir} holds a different run (other inputs or seed); "
-                                                   "use an empty folder.")
-        return state
 
     # ---------------------------------------------------------------------------------------------- call
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -616,23 +577,34 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
     def generate_video(self, run: AvatarRun, plan: WindowPlan, resume_dir, write_resume: bool, settings: list,
                        callback_on_window_end: Callable | None) -> np.ndarray:
         """Keyframe clip + windows -> uint8 `[1, F, H, W, 3]`, resuming from `resume_dir` when it holds a state."""
-        resume, state = None, None
+        store, state = None, None
         if resume_dir is not None:
-            Path(resume_dir).mkdir(parents=True, exist_ok=True)
-            resume = (Path(resume_dir), self._resume_fingerprint(run, settings), write_resume)
-            state = self.load_resume_state(resume_dir, resume[1])
+            store = ResumeStore(resume_dir, self._resume_fingerprint(run, settings), writer=write_resume)
+            state = store.load()
         num_windows = len(plan.starts)
         if state is None:
-            keyframe_video = self.keyframe_clip(run, resume, callback_on_window_end, num_windows)
+            keyframe_video = self.keyframe_clip(run, store, callback_on_window_end, num_windows)
             start = (0, None, [])
         else:
             device = self._execution_device
             keyframe_video = state["keyframe_video"].to(device)
             motion = state["motion"].to(device) if state["motion"] is not None else None
             run.generator.set_state(state["generator"])
-            windows = [np.load(resume[0] / f"window_{k:05d}.npy") for k in range(state["next_window"])]
-            start = (state["next_window"], motion, windows)
+            start = (state["next_window"], motion, store.windows(state["next_window"]))
         if not plan.starts:
             return self.to_uint8(run, keyframe_video[: plan.num_frames])[None]
-        chunks = self.generate_windows(run, plan, keyframe_video, start, resume, callback_on_window_end)
-        return np.concatenate(chunks)[: plan.num_frames][None]
+        chunks = self.generate_windows(run, plan, keyframe_video, start, store, callback_on_window_end)
+        height, width = keyframe_video.shape[-2:]
+        video = np.concatenate(chunks) if chunks else np.zeros((0, height, width, 3), np.uint8)  # interrupted
+        return video[: plan.num_frames][None]
+
+    def _resume_fingerprint(self, run: AvatarRun, settings: list) -> str:
+        """Everything that changes the frames: inputs, embeddings, seed state, settings, schedule, weights."""
+        return fingerprint(
+            run.audio_embeds, run.reference, run.prompt_embeds, run.window_prompt_embeds, run.image_embeds,
+            run.negative_prompt_embeds, run.generator.get_state(),
+            [*settings, run.num_inference_steps, run.audio_guidance_scale, run.clip_from_reference,
+             run.color_match_strength, dict(self.scheduler.config), run.sigmas, run.timesteps, run.reproduce_original,
+             self._attention_kwargs, str(self._execution_device.type), module_identity(self.transformer),
+             module_identity(self.vae)],
+        )

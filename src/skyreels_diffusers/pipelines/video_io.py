@@ -24,14 +24,44 @@ def load_image(image: ImageInput, name: str = "image", exif_transpose: bool = Tr
         path = Path(image)
         if not path.is_file():
             raise ValueError(f"`{name}`: file not found: {path}")
-        try:
-            img = PIL.Image.open(path)
-            img.load()
-        except (PIL.UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"`{name}`: {path} is not a readable image ({error}).") from None
+        img = _open_image(path, name)
+    check_image_shape(img.width, img.height, name)
     if exif_transpose:
         img = PIL.ImageOps.exif_transpose(img)
     return img.convert("RGB")
+
+
+#: widest aspect ratio (long side / short side) an input image may have: the buckets span about 1:4.5 to 4.5:1 and
+#: a letterboxed image beyond 1:8 would keep only a sliver of pixels (a 1 x 4000 image would be 0 pixels wide).
+MAX_IMAGE_ASPECT = 8.0
+
+
+def _open_image(path: Path, name: str) -> PIL.Image.Image:
+    """Open and decode `path`; a decompression bomb (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels, checked from
+    the header before any pixel is decoded) or an unreadable file -> `ValueError` naming `name`."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            img = PIL.Image.open(path)
+            img.load()
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
+        limit = PIL.Image.MAX_IMAGE_PIXELS
+        raise ValueError(f"`{name}`: {path} has more pixels than the limit of {limit} "
+                         "(a decompression bomb or a far too large image); use a smaller image.") from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"`{name}`: {path} is not a readable image ({error}).") from None
+    return img
+
+
+def check_image_shape(width: int, height: int, name: str = "image") -> None:
+    """Refuse images no resolution bucket can use: empty, or an aspect ratio beyond `MAX_IMAGE_ASPECT`."""
+    if width < 1 or height < 1:
+        raise ValueError(f"`{name}`: the image is empty ({width} x {height} pixels).")
+    if max(width, height) / min(width, height) > MAX_IMAGE_ASPECT:
+        raise ValueError(f"`{name}`: a {width} x {height} image has an aspect ratio beyond 1:{MAX_IMAGE_ASPECT:g}; "
+                         "the resolution buckets cannot use it (crop it nearer to the output's shape).")
 
 
 def letterbox(image: PIL.Image.Image, width: int, height: int, fill=(255, 255, 255)) -> PIL.Image.Image:
@@ -92,6 +122,94 @@ def load_video(video: VideoInput, name: str = "video", apply_rotation: bool = Tr
     if isinstance(video, (list, tuple)) and video and all(isinstance(f, PIL.Image.Image) for f in video):
         return np.stack([np.asarray(f.convert("RGB")) for f in video]), None
     raise ValueError(f"`{name}` must be a path, a [F, H, W, 3] array or a list of PIL images, got {type(video)}.")
+
+
+#: frames decoded before the tail's first frame after a seek, to be sure it starts before the frames that are kept
+SEEK_MARGIN_FRAMES = 8
+
+
+def load_video_tail(
+    video: VideoInput, num_frames: int | None, name: str = "video", apply_rotation: bool = True
+) -> tuple[np.ndarray, float | None]:
+    """The last `num_frames` frames of a video (all of them when `num_frames` is None) and its frame rate, holding
+    at most `num_frames` decoded frames at a time.
+
+    For a file, the duration and frame rate come from the container's stream metadata; the decoder seeks to a
+    keyframe shortly before the tail and decodes to the end through a ring buffer of `num_frames` frames. When the
+    seek lands too late (imprecise index, no duration) the whole file is streamed through the same ring buffer, so
+    memory stays bounded by what is returned either way. Fewer frames are returned when the video is shorter.
+    """
+    if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
+        raise ValueError(f"`num_frames` must be a positive integer or None, got {num_frames!r}.")
+    if not isinstance(video, (str, os.PathLike)):
+        frames, fps = load_video(video, name=name, apply_rotation=apply_rotation)
+        return (frames[-num_frames:] if num_frames else frames), fps
+    import av
+
+    path = Path(video)
+    if not path.is_file():
+        raise ValueError(f"`{name}`: file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"`{name}`: {path} has no video stream.")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            tail = None
+            if num_frames is not None and _seek_tail(container, stream, num_frames, fps):
+                tail = _decode_ring(container, stream, num_frames)
+                if len(tail) < num_frames:  # the seek landed too late: start again from the beginning
+                    tail = None
+                    container.seek(0)
+            if tail is None:
+                tail = _decode_ring(container, stream, num_frames)
+            frames = None
+            for i in range(len(tail)):  # into one array, releasing each decoded frame as it is converted
+                array = _frame_array(tail[i], apply_rotation)
+                tail[i] = None
+                if frames is None:
+                    frames = np.empty((len(tail), *array.shape), dtype=np.uint8)
+                frames[i] = array
+    except av.error.FFmpegError as error:
+        raise ValueError(f"`{name}`: {path} is not a readable video ({error}).") from None
+    if frames is None:
+        raise ValueError(f"`{name}`: {path} has no decodable frames.")
+    return frames, fps
+
+
+def _seek_tail(container, stream, num_frames: int, fps: float | None) -> bool:
+    """Seek to a keyframe at or before `num_frames + SEEK_MARGIN_FRAMES` frames from the end (stream metadata);
+    False when the duration or frame rate is unknown or the tail starts at the beginning anyway."""
+    if not fps or stream.time_base is None:
+        return False
+    if stream.duration:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration = container.duration / 1_000_000
+    else:
+        return False
+    start = duration - (num_frames + SEEK_MARGIN_FRAMES) / fps
+    if start <= 0:
+        return False
+    offset = int(start / stream.time_base) + (stream.start_time or 0)
+    container.seek(offset, stream=stream, backward=True, any_frame=False)
+    return True
+
+
+def _decode_ring(container, stream, num_frames: int | None) -> list:
+    """Decode `stream` from the current position to the end, keeping only the last `num_frames` frames."""
+    from collections import deque
+
+    ring = deque(maxlen=num_frames)
+    for frame in container.decode(stream):
+        ring.append(frame)
+    return list(ring)
+
+
+def _frame_array(frame, apply_rotation: bool) -> np.ndarray:
+    array = frame.to_ndarray(format="rgb24")
+    turns = _frame_rotation(frame) if apply_rotation else 0
+    return np.rot90(array, k=turns).copy() if turns else array
 
 
 def to_uint8(frames, truncate: bool = False) -> np.ndarray:
