@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from skyreels_diffusers import loading
 from skyreels_diffusers.loading import load_pipeline_folder
 from skyreels_diffusers.pipelines import SkyReelsV3ReferencePipeline, SkyReelsV3TalkingAvatarPipeline
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+from skyreels_diffusers.pipelines.tasks import tiny_pipeline
 
 AVATAR = SkyReelsV3TalkingAvatarPipeline
 
@@ -125,7 +125,6 @@ def test_missing_folder_parts(folder, tmp_path):
 @pytest.mark.parametrize("task", ["reference_to_video", "talking_avatar"])
 def test_converted_folders_pass_the_strict_checks(tmp_path, task):
     """Folders written by the converter (from stand-ins of the original repositories) load strictly, unchanged."""
-    from skyreels_diffusers import pipelines
     from skyreels_diffusers.conversion import convert_repo
     from skyreels_diffusers.pipelines.tasks import TASKS
     from tests.conversion import original_repos
