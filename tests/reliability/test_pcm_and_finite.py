@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from skyreels_diffusers.pipelines.audio_io import _decode
-from skyreels_diffusers.pipelines.checks import check_finite
+from skyreels_diffusers.pipelines.common import FiniteWatch
 
 RATE = 8000
 # (bits, WAVE format tag: 1 = integer PCM, 3 = IEEE float, numpy dtype of one sample in the file)
@@ -91,16 +91,36 @@ def test_every_pcm_wav_format_decodes_like_the_reference(tmp_path, fmt, channels
     assert abs(samples.mean()) < 0.01  # no DC offset (unsigned 8-bit was left at +1 before)
 
 
-def test_check_finite_passes_finite_latents_through():
-    latents = torch.randn(1, 16, 3, 4, 4)
-    assert check_finite(latents, "denoising step 1/4") is latents
+def test_finite_watch_remembers_the_first_bad_step():
+    watch = FiniteWatch()
+    for step in range(3):
+        latents = torch.randn(1, 16, 3, 4, 4)
+        if step >= 1:
+            latents[0, 0, 0, 0, 0] = float("nan") if step == 1 else float("inf")
+        watch.update(latents, step)
+    with pytest.raises(FloatingPointError, match="from denoising step 2 on"):
+        watch.check()
+    clean = FiniteWatch()
+    clean.update(torch.zeros(2), 0)
+    clean.check()  # finite: no error
 
 
-@pytest.mark.parametrize("bad, counts", [(float("nan"), "2 NaN and 0 infinite"), (float("inf"), "0 NaN and 2 infinite")])
-def test_check_finite_names_the_step(bad, counts):
-    latents = torch.zeros(1, 16, 3, 4, 4, dtype=torch.bfloat16)
-    latents[0, 0, 0, 0, :2] = bad
-    with pytest.raises(FloatingPointError, match=f"^denoising step 3/8: the latents hold {counts} values of 768"):
-        check_finite(latents, "denoising step 3/8")
-    with pytest.raises(TypeError):
-        check_finite(np.zeros(3), "x")
+@pytest.mark.parametrize("task", ["reference_to_video", "shot_switching_extension"])
+def test_a_diverged_run_stops_before_decoding(task):
+    """NaN latents (here injected by a callback at step 2) end the run with an error naming the step; the VAE never
+    decodes them."""
+    from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+    from tests.helpers import random_image, random_video
+
+    pipe = tiny_pipeline(task)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.decode = lambda *a, **k: pytest.fail("diverged latents were decoded")
+
+    def poison(pipeline, step, timestep, tensors):
+        return {"latents": tensors["latents"] * float("nan")} if step == 1 else {}
+
+    inputs = {"ref_images": [random_image()], "num_frames": 5} if task == "reference_to_video" else {
+        "video": random_video(), "duration": 2}
+    with pytest.raises(FloatingPointError, match="denoising step 2"):
+        pipe(prompt="x", height=32, width=48, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+             callback_on_step_end=poison, **inputs)

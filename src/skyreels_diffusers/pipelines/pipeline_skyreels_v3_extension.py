@@ -172,7 +172,6 @@ class SkyReelsV3ExtensionPipeline(
                     i, prompt_embeds, negative_prompt_embeds, hidden_states=hidden_states, timestep=timestep
                 )[:, :, frames_c:]
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                watch.update(latents, i)
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for k in callback_on_step_end_tensor_inputs:
@@ -181,6 +180,7 @@ class SkyReelsV3ExtensionPipeline(
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                watch.update(latents, i)
                 progress_bar.update()
         self._current_timestep = None
         watch.check()

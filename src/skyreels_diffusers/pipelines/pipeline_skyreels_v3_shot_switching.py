@@ -250,7 +250,6 @@ class SkyReelsV3ShotSwitchingPipeline(
                     condition_hidden_states=condition_input,
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                watch.update(latents, i)
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for k in callback_on_step_end_tensor_inputs:
@@ -259,6 +258,7 @@ class SkyReelsV3ShotSwitchingPipeline(
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                watch.update(latents, i)
                 progress_bar.update()
         self._current_timestep = None
         watch.check()

@@ -362,12 +362,12 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             if motion:
                 level = self.scheduler.sigmas[i + 1] * self.scheduler.config.num_train_timesteps
                 latents = self.renoise_motion(latents, motion_latents, level, run.generator)
-            watch.update(latents, i)
             if run.callback_on_step_end is not None:
                 callback_kwargs = {"latents": latents, "prompt_embeds": text_embeds,
                                    "negative_prompt_embeds": run.negative_prompt_embeds}
                 callback_kwargs = {k: callback_kwargs[k] for k in run.callback_on_step_end_tensor_inputs}
                 latents = (run.callback_on_step_end(self, i, t, callback_kwargs) or {}).pop("latents", latents)
+            watch.update(latents, i)
         self._current_timestep = None
         watch.check()
         run.clip_latents.append(latents)
