@@ -474,6 +474,58 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         return tokens.flatten(2).transpose(1, 2)
 
     @apply_lora_scale("attention_kwargs")
+    def _check_inputs(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, audio_embeds: torch.Tensor | None,
+        condition_hidden_states: torch.Tensor | Sequence[torch.Tensor] | None,
+    ) -> tuple[list[torch.Tensor], int]:
+        """Shape checks of `forward`'s inputs; returns the condition latents as a list and the number of
+        context-parallel ranks the tokens are split over."""
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        if num_frames % p_t or height % p_h or width % p_w:
+            raise ValueError(
+                f"`hidden_states` frames/height/width ({num_frames}, {height}, {width}) must be multiples of the "
+                f"patch size {tuple(self.config.patch_size)}."
+            )
+        if condition_hidden_states is None:
+            conditions = []
+        elif isinstance(condition_hidden_states, torch.Tensor):
+            conditions = [condition_hidden_states]
+        else:
+            conditions = list(condition_hidden_states)
+        for condition in conditions:
+            if condition.ndim != 5 or condition.shape[0] != batch_size or condition.shape[3:] != (height, width):
+                raise ValueError(
+                    "`condition_hidden_states` must be [B, C, F_c, H, W] with the batch size and spatial size of "
+                    f"`hidden_states` {tuple(hidden_states.shape)}, got {tuple(condition.shape)}."
+                )
+        post_f = num_frames // p_t
+        total_frames = post_f + sum(condition.shape[2] // p_t for condition in conditions)
+        parallel = self._parallel_config.context_parallel_config if self._parallel_config is not None else None
+        ranks = parallel._flattened_mesh.size() if parallel is not None else 1
+        num_tokens = total_frames * (height // p_h) * (width // p_w)
+        if num_tokens % ranks and not (parallel.ulysses_anything or parallel.ring_anything):
+            raise ValueError(
+                f"{num_tokens} tokens cannot be split evenly over {ranks} context-parallel ranks with the current "
+                "parallel configuration (Ulysses or ring alone split any count; combined or swapped-in processors "
+                "need a count divisible by the degree)."
+            )
+        if timestep.ndim == 2 and timestep.shape[1] not in (1, total_frames):
+            raise ValueError(
+                f"`timestep` of shape {tuple(timestep.shape)} must be [B] or [B, F_total] with F_total = "
+                f"{total_frames} latent frames (video + condition)."
+            )
+        if (self.audio_proj is None) != (audio_embeds is None):
+            raise ValueError("`audio_embeds` must be given exactly when the model has an audio branch (`audio_in_dim`).")
+        if audio_embeds is not None and (
+            self.audio_proj.num_latent_frames(audio_embeds.shape[1]) != post_f or audio_embeds.shape[0] != batch_size
+        ):
+            raise ValueError(
+                f"`audio_embeds` must be [B, {self.config.audio_vae_scale}*(F-1)+1, ...] for F = {post_f} latent "
+                f"frames, got {tuple(audio_embeds.shape)}."
+            )
+        return conditions, ranks
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -515,54 +567,11 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
             `Transformer2DModelOutput` whose `sample` is `[B, out_channels, F, H, W]` (the video part only) in the
             compute dtype, or a 1-tuple with that tensor.
         """
-        batch_size, _, num_frames, height, width = hidden_states.shape
+        batch_size = hidden_states.shape[0]
         p_t, p_h, p_w = self.config.patch_size
-        if num_frames % p_t or height % p_h or width % p_w:
-            raise ValueError(
-                f"`hidden_states` frames/height/width ({num_frames}, {height}, {width}) must be multiples of the "
-                f"patch size {tuple(self.config.patch_size)}."
-            )
-        post_f, post_h, post_w = num_frames // p_t, height // p_h, width // p_w
-
-        if condition_hidden_states is None:
-            conditions = []
-        elif isinstance(condition_hidden_states, torch.Tensor):
-            conditions = [condition_hidden_states]
-        else:
-            conditions = list(condition_hidden_states)
-        for condition in conditions:
-            if condition.ndim != 5 or condition.shape[0] != batch_size or condition.shape[3:] != (height, width):
-                raise ValueError(
-                    "`condition_hidden_states` must be [B, C, F_c, H, W] with the batch size and spatial size of "
-                    f"`hidden_states` {tuple(hidden_states.shape)}, got {tuple(condition.shape)}."
-                )
+        conditions, ranks = self._check_inputs(hidden_states, timestep, audio_embeds, condition_hidden_states)
+        post_f, post_h, post_w = (size // patch for size, patch in zip(hidden_states.shape[2:], (p_t, p_h, p_w)))
         condition_frames = [condition.shape[2] // p_t for condition in conditions]
-        total_frames = post_f + sum(condition_frames)
-        num_tokens = total_frames * post_h * post_w
-        parallel = self._parallel_config.context_parallel_config if self._parallel_config is not None else None
-        ranks = parallel._flattened_mesh.size() if parallel is not None else 1
-        if num_tokens % ranks and not (parallel.ulysses_anything or parallel.ring_anything):
-            raise ValueError(
-                f"{num_tokens} tokens cannot be split evenly over {ranks} context-parallel ranks with this setup "
-                "(xfuser, or Ulysses and ring together); use the diffusers backend with Ulysses or ring alone, which "
-                "splits any count exactly, or a size whose token count divides by the degree."
-            )
-
-        if timestep.ndim == 2 and timestep.shape[1] not in (1, total_frames):
-            raise ValueError(
-                f"`timestep` of shape {tuple(timestep.shape)} must be [B] or [B, F_total] with F_total = "
-                f"{total_frames} latent frames (video + condition)."
-            )
-        if self.audio_proj is not None and audio_embeds is None:
-            raise ValueError("This model has an audio branch: `audio_embeds` is required.")
-        if audio_embeds is not None:
-            if self.audio_proj is None:
-                raise ValueError("`audio_embeds` was given but this model has no audio branch (`audio_in_dim`).")
-            if self.audio_proj.num_latent_frames(audio_embeds.shape[1]) != post_f or audio_embeds.shape[0] != batch_size:
-                raise ValueError(
-                    f"`audio_embeds` must be [B, {self.config.audio_vae_scale}*(F-1)+1, ...] for F = {post_f} latent "
-                    f"frames, got {tuple(audio_embeds.shape)}."
-                )
 
         rotary_emb = self.rope(post_f, post_h, post_w, condition_frames, device=hidden_states.device)
         hidden_states = torch.cat([self._patchify(x) for x in [hidden_states, *conditions]], dim=1).contiguous()
