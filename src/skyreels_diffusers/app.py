@@ -287,23 +287,7 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 def error_box(name):
                     errors[name] = gr.Markdown("", elem_id=f"{task}-error-{name}", elem_classes=["field-error"])
 
-                if task == "reference_to_video":
-                    inputs["ref_imgs"] = gr.File(label="Reference images (1-4)", file_count="multiple",
-                                                 file_types=["image"], elem_id=f"{task}-ref-imgs")
-                    preview = gr.Gallery(label="Preview", columns=4, height=160, elem_id=f"{task}-preview")
-                    inputs["ref_imgs"].change(lambda files: _paths(files), inputs["ref_imgs"], preview)
-                    error_box("ref_imgs")
-                elif task in ("single_shot_extension", "shot_switching_extension"):
-                    inputs["input_video"] = gr.Video(label="Input video", sources=["upload"],
-                                                     elem_id=f"{task}-input-video")
-                    error_box("input_video")
-                else:
-                    inputs["input_image"] = gr.Image(label="Portrait", type="filepath", elem_id=f"{task}-input-image")
-                    error_box("input_image")
-                    inputs["input_audio"] = gr.Audio(label="Speech", type="filepath", elem_id=f"{task}-input-audio")
-                    audio_info = gr.Markdown("", elem_id=f"{task}-audio-info")
-                    inputs["input_audio"].change(_audio_duration, inputs["input_audio"], audio_info)
-                    error_box("input_audio")
+                _media_inputs(gr, task, inputs, error_box)
                 inputs["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id=f"{task}-prompt")
                 error_box("prompt")
                 with gr.Row():
@@ -311,7 +295,7 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                                                        elem_id=f"{task}-resolution")
                     default_duration = TASKS[task].default_duration
                     inputs["duration"] = gr.Number(value=default_duration, precision=0, label="Duration (s)",
-                                                   visible=task != "talking_avatar", elem_id=f"{task}-duration")
+                                                   visible=default_duration > 0, elem_id=f"{task}-duration")
                     inputs["seed"] = gr.Number(value=42, precision=0, label="Seed", elem_id=f"{task}-seed")
                     inputs["steps"] = gr.Number(value=TASKS[task].default_steps, precision=0,
                                                 label="Steps", elem_id=f"{task}-steps")
@@ -353,6 +337,27 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 cancel.click(cancel_job, None, None, queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def _media_inputs(gr, task: str, inputs: dict, error_box) -> None:
+    """The upload widgets of a task's tab (its variant's inputs), each with its error box."""
+    variant = TASKS[task].variant
+    if variant == "reference":
+        inputs["ref_imgs"] = gr.File(label="Reference images (1-4)", file_count="multiple", file_types=["image"],
+                                     elem_id=f"{task}-ref-imgs")
+        preview = gr.Gallery(label="Preview", columns=4, height=160, elem_id=f"{task}-preview")
+        inputs["ref_imgs"].change(lambda files: _paths(files), inputs["ref_imgs"], preview)
+        error_box("ref_imgs")
+    elif variant == "extension":
+        inputs["input_video"] = gr.Video(label="Input video", sources=["upload"], elem_id=f"{task}-input-video")
+        error_box("input_video")
+    else:
+        inputs["input_image"] = gr.Image(label="Portrait", type="filepath", elem_id=f"{task}-input-image")
+        error_box("input_image")
+        inputs["input_audio"] = gr.Audio(label="Speech", type="filepath", elem_id=f"{task}-input-audio")
+        audio_info = gr.Markdown("", elem_id=f"{task}-audio-info")
+        inputs["input_audio"].change(_audio_duration, inputs["input_audio"], audio_info)
+        error_box("input_audio")
 
 
 def _audio_duration(path) -> str:
