@@ -205,7 +205,8 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
     # ---------------------------------------------------------------------------------------------- inputs
     @classmethod
     def check_inputs(
-        cls, image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt=None, prompt_embeds=None,
+        cls, image, audio=None, audio_sample_rate=None, audio_embeds=None, prompt=None, negative_prompt=None,
+        prompt_embeds=None,
         negative_prompt_embeds=None, resolution: str = "480P", height=None, width=None, num_inference_steps=4,
         guidance_scale=1.0, audio_guidance_scale=1.0, max_audio_seconds=DEFAULT_MAX_SECONDS, output_type="np",
         output_audio="original", callback_on_step_end_tensor_inputs=None, resume_dir=None,
