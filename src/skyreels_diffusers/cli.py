@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 print(f"error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if is_main_process():
+                again = ("run the same command again to resume from --resume-dir"
+                         if values.get("resume_dir") else "nothing was written")
+                print(f"interrupted: {again}.", file=sys.stderr)
+            return 130
         finally:
             import torch.distributed as dist
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -338,6 +339,37 @@ def pipeline_kwargs(request: GenerationRequest, size: tuple[int | None, int | No
     return kwargs
 
 
+def check_output_writable(output: Path) -> None:
+    """Refuse, before any model work, an output whose folder cannot be created or written (a probe file is written
+    and removed)."""
+    import tempfile
+
+    if output.suffix.lower() != ".mp4":
+        raise _error("output", f"must end in .mp4, got {output}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".skyreels-v3-probe-"):
+            pass
+    except OSError as error:
+        raise _error("output", f"cannot write to {output.parent} ({error.strerror or error})") from None
+
+
+def write_or_keep(frames: np.ndarray, output: Path, **kwargs) -> Path:
+    """Write the mp4; if that still fails after a finished run, keep the frames in a temporary `.npy` file and say
+    where (a finished GPU run is never lost)."""
+    import tempfile
+
+    try:
+        return write_video(frames, output, **kwargs)
+    except OSError as error:
+        fd, kept = tempfile.mkstemp(prefix="skyreels-v3-frames-", suffix=".npy")
+        with os.fdopen(fd, "wb") as file:
+            np.save(file, frames)
+        raise _error("output", f"writing {output} failed ({error.strerror or error}); the {len(frames)} generated "
+                               f"frames are kept in {kept} (numpy.load it, or write it with "
+                               "skyreels_diffusers.pipelines.video_io.write_video)") from None
+
+
 def default_output_path(request: GenerationRequest) -> Path:
     return Path("result") / request.task / f"{request.seed}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.mp4"
 
@@ -439,8 +471,7 @@ def run(
     if not request.media:
         request = _validate_everywhere(request)
     output = Path(request.output) if request.output else default_output_path(request)
-    if output.suffix.lower() != ".mp4":
-        raise _error("output", f"must end in .mp4, got {output}")
+    check_output_writable(output)
     pipe = pipe or load_pipeline(request)
     if world > 1:  # tokens, VAE tiles (and with --shard-weights the weights) over the ranks; once per pipeline
         parallelize(pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend,
@@ -467,8 +498,8 @@ def run(
     if audio is None and request.media.get("speech") is not None:
         output_audio = request.output_audio or ("normalized" if request.reproduce_original else "original")
         audio, rate = muxed_audio(request.media["speech"], output_audio)
-    return write_video(np.asarray(out.frames[0]), output, fps=request.fps, audio=audio, audio_sample_rate=rate,
-                       crf=request.crf)
+    return write_or_keep(np.asarray(out.frames[0]), output, fps=request.fps, audio=audio, audio_sample_rate=rate,
+                         crf=request.crf)
 
 
 def request_fields() -> list[str]:
