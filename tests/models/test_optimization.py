@@ -67,7 +67,7 @@ def test_pipeline_quantization_config(tmp_path):
 
     tiny_pipeline("reference_to_video").save_pretrained(tmp_path / "p")
     config = PipelineQuantizationConfig(quant_mapping={"transformer": torchao_quantization_config("fp8_weight_only")})
-    pipe = SkyReelsV3ReferencePipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.bfloat16,
+    pipe = SkyReelsV3ReferencePipeline.from_pretrained(tmp_path / "p", dtype=torch.bfloat16,
                                                        quantization_config=config)
     assert "Float8" in type(pipe.transformer.blocks[0].attn2.to_v.weight).__name__
 

@@ -39,8 +39,9 @@ def features(frames: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- window arithmetic
-def test_worked_example_of_the_spec():
-    """10 s of audio: windows at 0/64/128/192, kept 69+64+64+76 = 273 frames, trimmed to 250."""
+def test_worked_example_of_plan_windows():
+    """The worked example of `plan_windows`' docstring, 10 s of audio: windows at 0/64/128/192, kept
+    69+64+64+76 = 273 frames, trimmed to 250."""
     plan = plan_windows(250)
     assert plan.video_length == 273
     assert plan.keyframes == [24, 42, 61, 80]
