@@ -50,7 +50,7 @@ def test_extension_chunk_arithmetic():
         assert abs(sum(plan) - 6 * duration) <= 7
 
 
-@pytest.mark.parametrize("duration", [1, 6])
+@pytest.mark.parametrize("duration", [1, pytest.param(6, marks=pytest.mark.slow)])
 def test_extension_frame_count_follows_the_chunk_plan(duration):
     _, out = call("single_shot_extension", duration=duration, num_inference_steps=1)
     assert out.frames.shape == (1, 4 * sum(chunk_latent_frames(duration)), 32, 48, 3)

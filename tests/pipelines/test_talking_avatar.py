@@ -64,7 +64,7 @@ def test_window_boundaries(frames, length, starts, kept):
     assert sum(kept) in (0, length)
 
 
-@pytest.mark.parametrize("frames", [40, 81, 145, 146])
+@pytest.mark.parametrize("frames", [40, *(pytest.param(n, marks=pytest.mark.slow) for n in (81, 145, 146))])
 def test_end_to_end_frame_counts_at_the_boundaries(frames):
     _, out = avatar(audio_embeds=features(frames))
     assert out.frames.shape == (1, frames, 32, 48, 3)
