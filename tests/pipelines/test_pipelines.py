@@ -17,6 +17,7 @@ from skyreels_diffusers.pipelines.tiny import tiny_components, tiny_pipeline
 from tests.helpers import random_image, random_video
 
 SMALL = dict(height=32, width=48, num_inference_steps=2)
+EXTENSION_TASKS = ("single_shot_extension", "shot_switching_extension")
 
 
 def gen(seed=0):
@@ -88,7 +89,9 @@ def test_bucket_tables_are_floored_to_16():
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
-@pytest.mark.parametrize("task", ["reference_to_video", "single_shot_extension", "shot_switching_extension"])
+@pytest.mark.parametrize(
+    "task", ["reference_to_video", *(pytest.param(t, marks=pytest.mark.slow) for t in EXTENSION_TASKS)]
+)
 def test_deterministic_with_generator(task):
     _, a = call(task)
     _, b = call(task)
