@@ -138,6 +138,7 @@ def test_colour_matching_moves_lab_statistics_to_the_reference():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_synthesised_speech_of_3_5_s_gives_88_frames_and_its_audio():
     wave = speech_wave(3.5)
     _, out = avatar(audio=wave, audio_sample_rate=16000)
