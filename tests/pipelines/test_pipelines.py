@@ -197,6 +197,7 @@ def test_denoising_loop_recomputed_step_by_step():
     torch.testing.assert_close(final, latents, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_extension_chunks_continue_from_generated_frames():
     """Chunk 2 is conditioned on chunk 1's last 25 frames: changing chunk 1 (via its noise) changes chunk 2."""
     pipe = tiny_pipeline("single_shot_extension")
@@ -228,6 +229,7 @@ def test_explicit_sigmas_follow_diffusers_semantics(task):
         call(task, output_type="latent", timesteps=[999, 500])  # UniPC takes no custom timesteps
 
 
+@pytest.mark.slow
 def test_reproduce_original_reseeds_every_extension_chunk():
     """The original drew every chunk's noise from a freshly seeded generator: with `reproduce_original` every chunk
     starts from the same noise, by default the chunks draw one stream in turn."""

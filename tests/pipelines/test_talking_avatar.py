@@ -148,6 +148,7 @@ def test_synthesised_speech_of_3_5_s_gives_88_frames_and_its_audio():
     assert normalized.audio_sample_rate == 16000 and not np.allclose(normalized.audio, wave)
 
 
+@pytest.mark.slow
 def test_deterministic_and_options_change_the_windows():
     embeds = features(146)
     _, a = avatar(audio_embeds=embeds)
@@ -160,6 +161,7 @@ def test_deterministic_and_options_change_the_windows():
         assert np.abs(a.frames[:, first:] - other.frames[:, first:]).max() > 0
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_video(tmp_path):
     embeds = features(209)  # three windows
     _, full = avatar(audio_embeds=embeds)
@@ -261,6 +263,7 @@ def test_latent_output_is_every_clips_final_latents():
     torch.testing.assert_close(out.frames[0], torch.cat(finals), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_custom_sigmas_and_timesteps_reach_every_clip():
     """The default schedule passed explicitly gives the same video; another schedule another video."""
     kwargs = dict(audio_embeds=features(40), num_inference_steps=3, output_type="pt")
