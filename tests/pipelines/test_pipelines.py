@@ -214,7 +214,10 @@ def test_extension_chunks_continue_from_generated_frames():
 
 
 # ---------------------------------------------------------------------------------------------- schedules, conventions
-@pytest.mark.parametrize("task", ["reference_to_video", "single_shot_extension", "shot_switching_extension"])
+@pytest.mark.parametrize(
+    "task",
+    ["reference_to_video", pytest.param("single_shot_extension", marks=pytest.mark.slow), "shot_switching_extension"],
+)
 def test_explicit_sigmas_follow_diffusers_semantics(task):
     """The original's unshifted sigmas passed as `sigmas=` give the default video exactly; other sigmas another."""
     from skyreels_diffusers.schedulers.scheduling_flow_unipc import original_flow_sigmas
@@ -253,7 +256,9 @@ def test_reproduce_original_reseeds_every_extension_chunk():
     torch.testing.assert_close(noises[False][0], noises[True][0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("task", ["single_shot_extension", "shot_switching_extension"])
+@pytest.mark.parametrize(
+    "task", [pytest.param("single_shot_extension", marks=pytest.mark.slow), "shot_switching_extension"]
+)
 def test_reproduce_original_truncates_and_resizes_with_nearest_neighbours(task):
     video = random_video(height=45, width=70)  # resized to the 32 x 48 output
     kwargs = dict(video=video, output_type="pt", num_inference_steps=1)

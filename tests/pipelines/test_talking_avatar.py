@@ -248,6 +248,7 @@ def test_audio_formats_decode_to_16k_mono(tmp_path, suffix):
     assert speech.source_rate == 44100 and speech.source.shape[1] == 2
 
 
+@pytest.mark.slow
 def test_latent_output_is_every_clips_final_latents():
     """`output_type="latent"`: the latents each clip ended with (keyframe clip, then the windows), in order."""
     finals = []
