@@ -4,7 +4,7 @@ FP8 (torchao, the same configs as `--quantize`), each compiled, summed over the 
 
     PYTHONPATH=src python bench/bench_linear.py --variants reference avatar --resolutions 480P 720P --json linear.json
 
-This splits the issue-5 FP8 target ("at least 1.5x faster than bf16 on the linear part") from attention and the
+This separates the FP8 target ("at least 1.5x faster than bf16 on the linear part") from attention and the
 elementwise work. Input shapes per block: self-attention q/k/v/o and cross-attention q/o and the FFN on the video
 tokens; cross-attention k/v on the 512 text tokens (and the 257 CLIP tokens, avatar); audio attention q/o on the
 tokens and k/v on the audio context (avatar). `--tiny --device cpu` checks the script.

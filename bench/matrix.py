@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The issue-5 mode matrix (variant x resolution x mode) assembled from the stored `bench_transformer.py` results.
+"""The mode matrix (variant x resolution x mode) assembled from the stored `bench_transformer.py` results.
 
     python bench/matrix.py                      # reads bench/results/*.json, prints a markdown table
     python bench/matrix.py --results DIR --json matrix.json

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-H100 measurements of issue 5, one device call per stage (each under 10 minutes):
+# One-H100 speed/memory measurements (docs/performance.md), one device call per stage (each under 10 minutes):
 #   bash bench/speed_suite.sh original720_extension  # original vs ours (eager, compiled), extension 720P
 #   bash bench/speed_suite.sh original720_avatar     # the same for the avatar at 720P
 #   bash bench/speed_suite.sh original480_extension  # the same for the extension at 480P

@@ -30,6 +30,7 @@ def run_script(script: str, *args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_bench_transformer_modes(tmp_path):
     out = tmp_path / "t.json"
     run_script("bench_transformer.py", "--tiny", "--device", "cpu", "--variants", "reference", "--resolutions",
@@ -41,6 +42,7 @@ def test_bench_transformer_modes(tmp_path):
     assert errors["baseline"] == 0 and errors["compile"] < 0.02 and 0 < errors["fp8_weight_only"] < 0.2
 
 
+@pytest.mark.slow
 def test_bench_gguf_settings(tmp_path):
     out = tmp_path / "g.json"
     run_script("bench_gguf.py", "--tiny", "--device", "cpu", "--cases", "reference:720P", "avatar:480P",
@@ -54,6 +56,7 @@ def test_bench_gguf_settings(tmp_path):
                and errors[(v, "gguf_q8_0")] < errors[(v, "gguf_q4_0_group")] < 0.2 for v in ("reference", "avatar"))
 
 
+@pytest.mark.slow
 def test_bench_pipeline_components(tmp_path):
     out = tmp_path / "p.json"
     run_script("bench_pipeline.py", "--tiny", "--device", "cpu", "--tasks", "reference_to_video", "--seconds", "1",
@@ -64,6 +67,7 @@ def test_bench_pipeline_components(tmp_path):
     assert 0 < row["outside_transformer_share"] < 1
 
 
+@pytest.mark.slow
 def test_bench_attention_kernels(tmp_path):
     out = tmp_path / "a.json"
     run_script("bench_attention.py", "--tiny", "--device", "cpu", "--kernels", "_native_math", "native",
@@ -100,6 +104,7 @@ def test_bench_linear_covers_every_block_linear(tmp_path):
     assert rows[0]["speedup_vs_bf16"] == 1.0 and math.isfinite(rows[1]["speedup_vs_bf16"])
 
 
+@pytest.mark.slow
 def test_bench_linear_fused_mode_times_the_fused_projections(tmp_path):
     out = tmp_path / "l.json"
     run_script("bench_linear.py", "--tiny", "--device", "cpu", "--variants", "avatar", "--resolutions", "480P",
@@ -112,6 +117,7 @@ def test_bench_linear_fused_mode_times_the_fused_projections(tmp_path):
     assert fused == (unfused - separate) | joined  # cross-attention queries stay separate
 
 
+@pytest.mark.slow
 def test_bench_parallel_single_process(tmp_path):
     run_script("bench_parallel.py", "--tiny", "--variants", "reference", "avatar", "--out", str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "parallel.jsonl").read_text().splitlines()]

@@ -41,6 +41,7 @@ def page(app_url):
         browser.close()
 
 
+@pytest.mark.slow
 def test_reference_to_video_plays_in_the_page(page, app_url, tmp_path):
     image = tmp_path / "face.png"
     random_image(120, 90, seed=1).save(image)
@@ -60,6 +61,7 @@ def test_reference_to_video_plays_in_the_page(page, app_url, tmp_path):
     assert len(written) == 1
 
 
+@pytest.mark.slow
 def test_five_reference_images_show_an_error_in_the_page(page, tmp_path):
     files = []
     for i in range(5):

@@ -65,6 +65,7 @@ def test_validation_errors_name_the_input(tmp_path, task, fields, field):
     assert error_field(str(error.value)) == field
 
 
+@pytest.mark.slow
 def test_cancel_stops_between_steps_and_writes_nothing(tmp_path):
     image = tmp_path / "a.png"
     random_image().save(image)

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
 
 
+@pytest.mark.slow
 def test_app_under_torchrun_generates(tmp_path):
     from gradio_client import Client
 

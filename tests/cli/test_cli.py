@@ -43,6 +43,7 @@ def test_reference_to_video_writes_playable_mp4(media, tmp_path, capsys):
     assert probe(out) == (25, 32, 48, 24.0)
 
 
+@pytest.mark.slow
 def test_tiny_default_size_is_small(media, tmp_path):
     out = tmp_path / "small.mp4"
     assert main(["generate", "--task", "reference_to_video", "--model", "tiny", "--ref-imgs", media["b"],
@@ -138,6 +139,7 @@ def test_model_folder_missing_a_component(media, tmp_path, capsys):
     assert not (tmp_path / "o.mp4").exists()
 
 
+@pytest.mark.slow
 def test_converted_folder_runs_through_the_cli(media, tmp_path):
     folder = tmp_path / "model"
     tiny_pipeline("shot_switching_extension").save_pretrained(folder)
@@ -154,6 +156,7 @@ def test_converted_folder_runs_through_the_cli(media, tmp_path):
     assert probe(out)[0] == 49
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, frames", [("reference_to_video", 25), ("shot_switching_extension", 49)])
 def test_tiny_without_inputs_uses_builtin_examples(tmp_path, task, frames):
     out = tmp_path / "o.mp4"
@@ -182,6 +185,7 @@ def write_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_talking_avatar_mp4_carries_audio_of_matching_length(tmp_path, capsys):
     face = tmp_path / "face.png"
     random_image(64, 48, seed=3).save(face)

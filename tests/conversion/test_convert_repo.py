@@ -43,6 +43,7 @@ def test_reference_repo_converts_and_matches_unconverted_components(tmp_path):
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_diffusion_pipeline_from_pretrained_resolves_our_class(tmp_path):
     build_reference_repo(tmp_path / "orig")
     convert_repo("reference_to_video", tmp_path / "orig", tmp_path / "conv")
@@ -57,6 +58,7 @@ def test_diffusion_pipeline_from_pretrained_resolves_our_class(tmp_path):
     assert result.stdout.split() == ["SkyReelsV3ReferencePipeline", "SkyReelsV3Transformer3DModel", "torch.float32"]
 
 
+@pytest.mark.slow
 def test_extension_repo_yields_two_pipelines(tmp_path):
     parts = build_extension_repo(tmp_path / "orig")
     single, shot = convert_repo("video_extension", tmp_path / "orig", tmp_path / "conv", dtype=torch.float32)

@@ -113,6 +113,7 @@ def test_avatar_config_audio_fields():
     assert config["audio_norm_input"] is True and config["audio_vae_scale"] == 4
 
 
+@pytest.mark.slow
 def test_script_converts_and_reports_errors(tmp_path):
     case = GoldenCase("r2v_fp32")
     original = case.write_original_folder(tmp_path / "o")

@@ -67,7 +67,7 @@ def test_pipeline_quantization_config(tmp_path):
 
     tiny_pipeline("reference_to_video").save_pretrained(tmp_path / "p")
     config = PipelineQuantizationConfig(quant_mapping={"transformer": torchao_quantization_config("fp8_weight_only")})
-    pipe = SkyReelsV3ReferencePipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.bfloat16,
+    pipe = SkyReelsV3ReferencePipeline.from_pretrained(tmp_path / "p", dtype=torch.bfloat16,
                                                        quantization_config=config)
     assert "Float8" in type(pipe.transformer.blocks[0].attn2.to_v.weight).__name__
 
@@ -79,7 +79,7 @@ def test_quantize_rejects_unknown_mode():
         apply_memory_mode(tiny_pipeline("reference_to_video"), "cloud", "cpu")
 
 
-@pytest.mark.parametrize("task", ["reference_to_video", "talking_avatar"])
+@pytest.mark.parametrize("task", ["reference_to_video", pytest.param("talking_avatar", marks=pytest.mark.slow)])
 def test_group_offload_streams_the_two_large_components(task):
     """`group` / `low_vram` put block-level offload hooks on the transformer blocks and on the text encoder's block
     stack (not on the whole UMT5 model, where diffusers would find no block list) and leave the small components
@@ -113,6 +113,7 @@ def test_group_offload_streams_the_two_large_components(task):
     torch.testing.assert_close(run(pipe), expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager():
     model = tiny_transformer("avatar")
     inputs = tiny_inputs(model, "avatar")
@@ -128,7 +129,7 @@ def test_compiled_blocks_match_eager():
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["first_block", "mag"])
+@pytest.mark.parametrize("kind", [pytest.param("first_block", marks=pytest.mark.slow), "mag"])
 def test_step_caching_through_diffusers_hooks(kind):
     """diffusers' cache hooks find the SkyReels-V3 blocks (registered block class) and the pipelines' cache
     contexts: enabling a cache runs and changes the result (steps reuse cached residuals)."""

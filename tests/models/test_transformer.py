@@ -43,7 +43,10 @@ def test_save_load_round_trip(variant, tmp_path):
     model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
     assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1  # sharded
     loaded = SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / "m").eval()
-    strip = lambda c: {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.items() if not k.startswith('_')}
+
+    def strip(c):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.items() if not k.startswith('_')}
+
     assert strip(loaded.config) == strip(model.config)
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()

@@ -41,6 +41,7 @@ def outputs(tmp_path_factory):
     return {name: torch.load(out / f"out_{name}.pt", weights_only=True) for name in ("single", 0, 1)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["reference", "extension", "shot_switching", "avatar", "pipeline"])
 def test_two_processes_equal_one(outputs, case):
     reference = outputs["single"][case]
@@ -51,6 +52,7 @@ def test_two_processes_equal_one(outputs, case):
         assert rel <= 1e-6, (case, rank, rel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["reference", "extension", "shot_switching", "avatar"])
 def test_usp_processor_swap_equals_one_process(outputs, case):
     """The xfuser path (`enable_usp`: `_cp_plan` hooks + `SkyReelsV3USPAttnProcessor`) with yunchang's Ulysses
@@ -64,12 +66,14 @@ def test_usp_processor_swap_equals_one_process(outputs, case):
         assert int(outputs[rank][f"usp.{case}.tokens_in_last_block"]) == full // 2
 
 
+@pytest.mark.slow
 def test_usp_uneven_token_count_is_a_clear_error(outputs):
     for rank in (0, 1):
         message = outputs[rank]["usp.uneven_error"]
         assert "45 tokens cannot be split evenly over 2" in message, message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["reference", "extension", "shot_switching", "avatar"])
 def test_each_rank_holds_half_of_the_tokens(outputs, case):
     full = int(outputs["single"][f"{case}.tokens_in_last_block"])
@@ -91,6 +95,7 @@ def torchrun(args, tmp_path, nproc=2):
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_torchrun_cli_matches_one_process(tmp_path):
     args = ["--task", "shot_switching_extension", "--model", "tiny", "--duration", "2", "--steps", "2",
             "--height", "32", "--width", "48", "--crf", "0"]
@@ -116,6 +121,7 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     assert difference.max() <= 2 and (difference > 0).mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_torchrun_cli_rejects_bad_degrees(tmp_path):
     result = torchrun(["--task", "reference_to_video", "--model", "tiny", "--ulysses-degree", "3",
                        "--output", str(tmp_path / "x.mp4")], tmp_path)

@@ -17,6 +17,7 @@ from skyreels_diffusers.pipelines.tasks import tiny_components, tiny_pipeline
 from tests.helpers import random_image, random_video
 
 SMALL = dict(height=32, width=48, num_inference_steps=2)
+EXTENSION_TASKS = ("single_shot_extension", "shot_switching_extension")
 
 
 def gen(seed=0):
@@ -50,7 +51,7 @@ def test_extension_chunk_arithmetic():
         assert abs(sum(plan) - 6 * duration) <= 7
 
 
-@pytest.mark.parametrize("duration", [1, 6])
+@pytest.mark.parametrize("duration", [1, pytest.param(6, marks=pytest.mark.slow)])
 def test_extension_frame_count_follows_the_chunk_plan(duration):
     _, out = call("single_shot_extension", duration=duration, num_inference_steps=1)
     assert out.frames.shape == (1, 4 * sum(chunk_latent_frames(duration)), 32, 48, 3)
@@ -88,7 +89,9 @@ def test_bucket_tables_are_floored_to_16():
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
-@pytest.mark.parametrize("task", ["reference_to_video", "single_shot_extension", "shot_switching_extension"])
+@pytest.mark.parametrize(
+    "task", ["reference_to_video", *(pytest.param(t, marks=pytest.mark.slow) for t in EXTENSION_TASKS)]
+)
 def test_deterministic_with_generator(task):
     _, a = call(task)
     _, b = call(task)
@@ -194,6 +197,7 @@ def test_denoising_loop_recomputed_step_by_step():
     torch.testing.assert_close(final, latents, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_extension_chunks_continue_from_generated_frames():
     """Chunk 2 is conditioned on chunk 1's last 25 frames: changing chunk 1 (via its noise) changes chunk 2."""
     pipe = tiny_pipeline("single_shot_extension")
@@ -210,7 +214,10 @@ def test_extension_chunks_continue_from_generated_frames():
 
 
 # ---------------------------------------------------------------------------------------------- schedules, conventions
-@pytest.mark.parametrize("task", ["reference_to_video", "single_shot_extension", "shot_switching_extension"])
+@pytest.mark.parametrize(
+    "task",
+    ["reference_to_video", pytest.param("single_shot_extension", marks=pytest.mark.slow), "shot_switching_extension"],
+)
 def test_explicit_sigmas_follow_diffusers_semantics(task):
     """The original's unshifted sigmas passed as `sigmas=` give the default video exactly; other sigmas another."""
     from skyreels_diffusers.schedulers.scheduling_flow_unipc import original_flow_sigmas
@@ -225,6 +232,7 @@ def test_explicit_sigmas_follow_diffusers_semantics(task):
         call(task, output_type="latent", timesteps=[999, 500])  # UniPC takes no custom timesteps
 
 
+@pytest.mark.slow
 def test_reproduce_original_reseeds_every_extension_chunk():
     """The original drew every chunk's noise from a freshly seeded generator: with `reproduce_original` every chunk
     starts from the same noise, by default the chunks draw one stream in turn."""
@@ -248,7 +256,9 @@ def test_reproduce_original_reseeds_every_extension_chunk():
     torch.testing.assert_close(noises[False][0], noises[True][0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("task", ["single_shot_extension", "shot_switching_extension"])
+@pytest.mark.parametrize(
+    "task", [pytest.param("single_shot_extension", marks=pytest.mark.slow), "shot_switching_extension"]
+)
 def test_reproduce_original_truncates_and_resizes_with_nearest_neighbours(task):
     video = random_video(height=45, width=70)  # resized to the 32 x 48 output
     kwargs = dict(video=video, output_type="pt", num_inference_steps=1)

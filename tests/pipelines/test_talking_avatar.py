@@ -40,8 +40,9 @@ def features(frames: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- window arithmetic
-def test_worked_example_of_the_spec():
-    """10 s of audio: windows at 0/64/128/192, kept 69+64+64+76 = 273 frames, trimmed to 250."""
+def test_worked_example_of_plan_windows():
+    """The worked example of `plan_windows`' docstring, 10 s of audio: windows at 0/64/128/192, kept
+    69+64+64+76 = 273 frames, trimmed to 250."""
     plan = plan_windows(250)
     assert plan.video_length == 273
     assert plan.keyframes == [24, 42, 61, 80]
@@ -64,7 +65,7 @@ def test_window_boundaries(frames, length, starts, kept):
     assert sum(kept) in (0, length)
 
 
-@pytest.mark.parametrize("frames", [40, 81, 145, 146])
+@pytest.mark.parametrize("frames", [40, *(pytest.param(n, marks=pytest.mark.slow) for n in (81, 145, 146))])
 def test_end_to_end_frame_counts_at_the_boundaries(frames):
     _, out = avatar(audio_embeds=features(frames))
     assert out.frames.shape == (1, frames, 32, 48, 3)
@@ -138,6 +139,7 @@ def test_colour_matching_moves_lab_statistics_to_the_reference():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_synthesised_speech_of_3_5_s_gives_88_frames_and_its_audio():
     wave = speech_wave(3.5)
     _, out = avatar(audio=wave, audio_sample_rate=16000)
@@ -147,6 +149,7 @@ def test_synthesised_speech_of_3_5_s_gives_88_frames_and_its_audio():
     assert normalized.audio_sample_rate == 16000 and not np.allclose(normalized.audio, wave)
 
 
+@pytest.mark.slow
 def test_deterministic_and_options_change_the_windows():
     embeds = features(146)
     _, a = avatar(audio_embeds=embeds)
@@ -159,6 +162,7 @@ def test_deterministic_and_options_change_the_windows():
         assert np.abs(a.frames[:, first:] - other.frames[:, first:]).max() > 0
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_video(tmp_path):
     embeds = features(209)  # three windows
     _, full = avatar(audio_embeds=embeds)
@@ -245,6 +249,7 @@ def test_audio_formats_decode_to_16k_mono(tmp_path, suffix):
     assert speech.source_rate == 44100 and speech.source.shape[1] == 2
 
 
+@pytest.mark.slow
 def test_latent_output_is_every_clips_final_latents():
     """`output_type="latent"`: the latents each clip ended with (keyframe clip, then the windows), in order."""
     finals = []
@@ -260,6 +265,7 @@ def test_latent_output_is_every_clips_final_latents():
     torch.testing.assert_close(out.frames[0], torch.cat(finals), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_custom_sigmas_and_timesteps_reach_every_clip():
     """The default schedule passed explicitly gives the same video; another schedule another video."""
     kwargs = dict(audio_embeds=features(40), num_inference_steps=3, output_type="pt")
