@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import SHAPES, add_run_arguments, device_name, sync, write_json  # noqa: E402
+
 
 KERNELS = ("_native_cudnn", "_native_flash", "_native_efficient", "sage")
 
@@ -75,7 +77,7 @@ def relative_error(out, q, k, v, queries: int) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     heads = slice(0, min(2, q.shape[2]))
-    qs, ks, vs = (x[:, :queries if x is q else None, heads].transpose(1, 2).float() for x in (q, k, v))
+    qs, ks, vs = (x[:, : queries if x is q else None, heads].transpose(1, 2).float() for x in (q, k, v))
     backend = SDPBackend.EFFICIENT_ATTENTION if q.is_cuda else SDPBackend.MATH
     with sdpa_kernel(backend):
         ref = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
@@ -100,8 +102,9 @@ def kernel_table(args) -> list[dict]:
 
     def cudnn(q, k, v):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.MATH):
-            return torch.nn.functional.scaled_dot_product_attention(
-                *(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(
+                1, 2
+            )
 
     rows, device = [], torch.device(args.device)
     for heads in args.heads:
@@ -112,8 +115,9 @@ def kernel_table(args) -> list[dict]:
                 q, k, v = make_qkv(tokens, heads, inputs, args.device)
                 errors[("cudnn", inputs)] = relative_error(cudnn(q, k, v), q, k, v, args.error_queries)
                 for mode in args.modes:
-                    errors[(mode, inputs)] = relative_error(attention_8bit_impl(q, k, v, **mode_options(mode)),
-                                                            q, k, v, args.error_queries)
+                    errors[(mode, inputs)] = relative_error(
+                        attention_8bit_impl(q, k, v, **mode_options(mode)), q, k, v, args.error_queries
+                    )
             q, k, v = make_qkv(tokens, heads, "gaussian", args.device)
             base_ms = time_ms(lambda: cudnn(q, k, v), args.repeats, device)  # noqa: B023
             entries = [("cudnn", None, base_ms, None)]
@@ -121,44 +125,69 @@ def kernel_table(args) -> list[dict]:
                 options = mode_options(mode)
                 configs = CONFIGS if args.configs else [None]
                 for config in configs:
-                    ms = time_ms(lambda c=config: attention_8bit_impl(q, k, v, config=c, **options),  # noqa: B023
-                                 args.repeats, device)
-                    pre_ms = time_ms(lambda: quantize_qkv(q, k, v, options["qk"], options["pv"]),  # noqa: B023
-                                     args.repeats, device)
+                    ms = time_ms(
+                        lambda c=config: attention_8bit_impl(q, k, v, config=c, **options),  # noqa: B023
+                        args.repeats,
+                        device,
+                    )
+                    pre_ms = time_ms(
+                        lambda: quantize_qkv(q, k, v, options["qk"], options["pv"]),  # noqa: B023
+                        args.repeats,
+                        device,
+                    )
                     entries.append((mode, config, ms, pre_ms))
             for kernel, config, ms, pre_ms in entries:
                 mode = kernel if config is None or kernel == "cudnn" else f"{kernel}{list(config)}"
-                rows.append(dict(
-                    tokens=tokens, heads=heads, kernel=mode, ms=round(ms, 2), tflops=round(flops / ms / 1e9, 1),
-                    vs_cudnn=round(base_ms / ms, 3), prepass_ms=None if pre_ms is None else round(pre_ms, 2),
-                    rel_error_gaussian=round(errors[(kernel, "gaussian")], 5),
-                    rel_error_outlier=round(errors[(kernel, "outlier")], 5),
-                    device=device_name(device), date=time.strftime("%Y-%m-%d")))
+                rows.append(
+                    dict(
+                        tokens=tokens,
+                        heads=heads,
+                        kernel=mode,
+                        ms=round(ms, 2),
+                        tflops=round(flops / ms / 1e9, 1),
+                        vs_cudnn=round(base_ms / ms, 3),
+                        prepass_ms=None if pre_ms is None else round(pre_ms, 2),
+                        rel_error_gaussian=round(errors[(kernel, "gaussian")], 5),
+                        rel_error_outlier=round(errors[(kernel, "outlier")], 5),
+                        device=device_name(device),
+                        date=time.strftime("%Y-%m-%d"),
+                    )
+                )
                 print(json.dumps(rows[-1]), flush=True)
     from skyreels_diffusers.kernels.attention_8bit import TUNING
 
     for key, timings in TUNING.items():
         print("tile configs timed at the first call", dict(key), {str(c): t for c, t in timings.items()})
-    print("\n| heads | tokens | kernel | ms | TFLOP/s | vs cuDNN | pre-pass ms | rel. err. Gaussian "
-          "| rel. err. outlier |")
+    print(
+        "\n| heads | tokens | kernel | ms | TFLOP/s | vs cuDNN | pre-pass ms | rel. err. Gaussian "
+        "| rel. err. outlier |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['heads']} | {r['tokens']} | {r['kernel']} | {r['ms']} | {r['tflops']} | {r['vs_cudnn']}x | "
-              f"{r['prepass_ms'] if r['prepass_ms'] is not None else '-'} | {r['rel_error_gaussian']:.4f} | "
-              f"{r['rel_error_outlier']:.4f} |")
+        print(
+            f"| {r['heads']} | {r['tokens']} | {r['kernel']} | {r['ms']} | {r['tflops']} | {r['vs_cudnn']}x | "
+            f"{r['prepass_ms'] if r['prepass_ms'] is not None else '-'} | {r['rel_error_gaussian']:.4f} | "
+            f"{r['rel_error_outlier']:.4f} |"
+        )
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=["reference_720P"],
-                        help="variant_resolution keys of bench_transformer.SHAPES")
+    parser.add_argument(
+        "--shapes", nargs="+", default=["reference_720P"], help="variant_resolution keys of bench_transformer.SHAPES"
+    )
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, nargs="+", default=None, help="8-bit kernel table at these lengths")
     parser.add_argument("--heads", type=int, nargs="+", default=[40], help="8-bit kernel table: head counts")
-    parser.add_argument("--modes", nargs="+", default=["int8_fp8", "int8_bf16"],
-                        choices=MODES, help="8-bit kernel table: Q·K_P·V[_exp16]")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["int8_fp8", "int8_bf16"],
+        choices=MODES,
+        help="8-bit kernel table: Q·K_P·V[_exp16]",
+    )
     parser.add_argument("--configs", action="store_true", help="8-bit kernel table: time every tile config")
     parser.add_argument("--error-queries", type=int, default=2048)
     add_run_arguments(parser)
@@ -173,14 +202,15 @@ def main(argv=None) -> int:
         frames, height, width = SHAPES[(variant, resolution)]
         tokens = 64 if args.tiny else frames * height * width // 4
         g = torch.Generator(device).manual_seed(0)
-        q, k, v = (torch.randn(1, tokens, 40, 128, device=device, dtype=torch.bfloat16, generator=g)
-                   for _ in range(3))
+        q, k, v = (torch.randn(1, tokens, 40, 128, device=device, dtype=torch.bfloat16, generator=g) for _ in range(3))
         reference = None
         for kernel in args.kernels:
             try:
                 out = attention(kernel, q, k, v)
             except Exception as error:  # a kernel that does not install or run here is recorded, not fatal
-                rows.append(dict(shape=shape, tokens=tokens, kernel=kernel, error=f"{type(error).__name__}: {error}"[:300]))
+                rows.append(
+                    dict(shape=shape, tokens=tokens, kernel=kernel, error=f"{type(error).__name__}: {error}"[:300])
+                )
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             times = []
@@ -195,10 +225,19 @@ def main(argv=None) -> int:
                 reference, reference_ms = out.float(), ms
             rel = ((out.float() - reference).norm() / reference.norm()).item()
             tflops = 4 * tokens * tokens * 40 * 128 / (ms / 1e3) / 1e12
-            rows.append(dict(shape=shape, tokens=tokens, kernel=kernel, ms=round(ms, 2), tflops=round(tflops, 1),
-                             vs_first=round(ms / reference_ms, 3), rel_diff_vs_first=round(rel, 5),
-                             device=device_name(device),
-                             date=time.strftime("%Y-%m-%d")))
+            rows.append(
+                dict(
+                    shape=shape,
+                    tokens=tokens,
+                    kernel=kernel,
+                    ms=round(ms, 2),
+                    tflops=round(tflops, 1),
+                    vs_first=round(ms / reference_ms, 3),
+                    rel_diff_vs_first=round(rel, 5),
+                    device=device_name(device),
+                    date=time.strftime("%Y-%m-%d"),
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
     write_json(args.json, rows)
     return 0

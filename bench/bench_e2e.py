@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import real_components, time_components
 from bench_transformer import add_run_arguments, device_name, sync, write_json
@@ -56,6 +57,7 @@ from skyreels_diffusers.generation_parallel import (
     precomputed_embeddings,
 )
 from skyreels_diffusers.pipelines.tasks import TASKS, tiny_components
+
 
 # case: (task, (height, width), seconds, default steps)
 CASES = {
@@ -200,8 +202,16 @@ def make_inputs(task: str, height: int, width: int, seconds: float, tiny: bool) 
     return {"video": rng.integers(0, 256, (40, height, width, 3), dtype=np.uint8), "duration": int(seconds)}
 
 
-def run_case(pipe, task: str, size: tuple[int, int], seconds: float, steps: int, device, tiny: bool,
-             frames_file: Path | None = None) -> dict:
+def run_case(
+    pipe,
+    task: str,
+    size: tuple[int, int],
+    seconds: float,
+    steps: int,
+    device,
+    tiny: bool,
+    frames_file: Path | None = None,
+) -> dict:
     """One whole run: encoders once, the pipeline, writing (rank 0); returns the timings (rank 0's clock)."""
     from skyreels_diffusers.pipelines.video_io import write_video
 
@@ -211,16 +221,32 @@ def run_case(pipe, task: str, size: tuple[int, int], seconds: float, steps: int,
     clock = Clock(pipe, device)
     avatar = task == "talking_avatar"
     embeddings = precomputed_embeddings(
-        pipe, task, device, prompt="a person walks through a market", negative_prompt=None, guidance_scale=1.0,
-        window_prompt="a person is talking" if avatar else None, portrait=inputs.get("image"),
-        speech=inputs.get("speech"), height=height, width=width)
+        pipe,
+        task,
+        device,
+        prompt="a person walks through a market",
+        negative_prompt=None,
+        guidance_scale=1.0,
+        window_prompt="a person is talking" if avatar else None,
+        portrait=inputs.get("image"),
+        speech=inputs.get("speech"),
+        height=height,
+        width=width,
+    )
     clock.mark("encoded")
-    common = {**pipeline_text_kwargs(embeddings), "height": height, "width": width, "num_inference_steps": steps,
-              "generator": torch.Generator().manual_seed(0), "output_type": "np"}
+    common = {
+        **pipeline_text_kwargs(embeddings),
+        "height": height,
+        "width": width,
+        "num_inference_steps": steps,
+        "generator": torch.Generator().manual_seed(0),
+        "output_type": "np",
+    }
     if avatar:
         speech = inputs.pop("speech")
-        out = pipe(image=inputs["image"], window_prompt=None, callback_on_window_end=lambda *a: clock.mark("window"),
-                   **common)
+        out = pipe(
+            image=inputs["image"], window_prompt=None, callback_on_window_end=lambda *a: clock.mark("window"), **common
+        )
         frames, (audio, rate) = out.frames[0], muxed_audio(speech, "original")
     else:
         frames, audio, rate = pipe(**inputs, **common).frames[0], None, None
@@ -230,8 +256,13 @@ def run_case(pipe, task: str, size: tuple[int, int], seconds: float, steps: int,
     writes = importlib.util.find_spec("av") is not None  # PyAV: absent on some GPU images
     if writes and (not dist.is_initialized() or dist.get_rank() == 0):
         with tempfile.TemporaryDirectory() as folder:
-            write_video(np.asarray(frames), Path(folder) / "out.mp4", fps=25 if avatar else 24, audio=audio,
-                        audio_sample_rate=rate)
+            write_video(
+                np.asarray(frames),
+                Path(folder) / "out.mp4",
+                fps=25 if avatar else 24,
+                audio=audio,
+                audio_sample_rate=rate,
+            )
     clock.mark("written")
     row = summarise(clock, vae_spent, task, steps, len(frames))
     if frames_file is not None and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -257,12 +288,18 @@ def compare_frames(frames: np.ndarray, path: Path) -> dict:
 def summarise(clock: Clock, vae_spent: dict, task: str, steps: int, frames: int) -> dict:
     marks, forwards = clock.marks, clock.forwards
     encoded, generated, written = marks["encoded"][0], marks["generated"][0], marks["written"][0]
-    row = {"frames": frames, "steps": steps, "encoders_s": encoded,
-           "before_first_step_s": marks["forward_start"][0] - encoded,
-           "step_s": forwards, "after_last_step_s": generated - marks["forward_end"][-1],
-           "vae_encode_compute_s": vae_spent.get("vae_encoder", 0.0),
-           "vae_decode_compute_s": vae_spent.get("vae_decoder", 0.0),
-           "write_s": written - generated, "total_s": written}
+    row = {
+        "frames": frames,
+        "steps": steps,
+        "encoders_s": encoded,
+        "before_first_step_s": marks["forward_start"][0] - encoded,
+        "step_s": forwards,
+        "after_last_step_s": generated - marks["forward_end"][-1],
+        "vae_encode_compute_s": vae_spent.get("vae_encoder", 0.0),
+        "vae_decode_compute_s": vae_spent.get("vae_decoder", 0.0),
+        "write_s": written - generated,
+        "total_s": written,
+    }
     if task == "talking_avatar":
         from skyreels_diffusers.pipelines.pipeline_skyreels_v3_talking_avatar import plan_windows
 
@@ -273,8 +310,10 @@ def summarise(clock: Clock, vae_spent: dict, task: str, steps: int, frames: int)
         if row["window_s"]:
             row["windows_200s"] = windows
             row["projected_200s_s"] = encoded + row["keyframe_s"] + windows * statistics.mean(row["window_s"])
-    return {k: [round(x, 3) for x in v] if isinstance(v, list) else round(v, 3) if isinstance(v, float) else v
-            for k, v in row.items()}
+    return {
+        k: [round(x, 3) for x in v] if isinstance(v, list) else round(v, 3) if isinstance(v, float) else v
+        for k, v in row.items()
+    }
 
 
 def project(row: dict, default_steps: int) -> None:
@@ -303,15 +342,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--presets", nargs="+", default=["default"], choices=PRESETS)
     parser.add_argument("--steps", type=int, default=None, help="steps per clip (default: the case's)")
-    parser.add_argument("--avatar-seconds", type=float, default=None,
-                        help="avatar audio seconds (default 4: keyframe clip + 2 windows)")
+    parser.add_argument(
+        "--avatar-seconds",
+        type=float,
+        default=None,
+        help="avatar audio seconds (default 4: keyframe clip + 2 windows)",
+    )
     parser.add_argument("--ulysses-degree", type=int, default=None, help="default: all processes")
     parser.add_argument("--ring-degree", type=int, default=1)
     parser.add_argument("--shard-weights", action="store_true", help="FSDP2 over the processes (needs torchrun)")
-    parser.add_argument("--vae-tiling", action="store_true",
-                        help="tiled VAE on one GPU too (the parallel VAE always tiles: same tiles, same output)")
-    parser.add_argument("--save-frames", default=None, metavar="DIR",
-                        help="save each run's frames (uint8 .npy) and compare with the 1-GPU file of the case there")
+    parser.add_argument(
+        "--vae-tiling",
+        action="store_true",
+        help="tiled VAE on one GPU too (the parallel VAE always tiles: same tiles, same output)",
+    )
+    parser.add_argument(
+        "--save-frames",
+        default=None,
+        metavar="DIR",
+        help="save each run's frames (uint8 .npy) and compare with the 1-GPU file of the case there",
+    )
     add_run_arguments(parser)
     return parser
 
@@ -328,9 +378,17 @@ def main(argv=None) -> int:
         size = TINY_SIZE if args.tiny else size
         steps = args.steps or default_steps
         for preset in args.presets:
-            head = {"case": case, "preset": preset, "gpus": world, "ulysses": ulysses, "ring": args.ring_degree,
-                    "shard_weights": args.shard_weights, "vae_tiling": args.vae_tiling or world > 1,
-                    "size": list(size), "seconds": seconds}
+            head = {
+                "case": case,
+                "preset": preset,
+                "gpus": world,
+                "ulysses": ulysses,
+                "ring": args.ring_degree,
+                "shard_weights": args.shard_weights,
+                "vae_tiling": args.vae_tiling or world > 1,
+                "size": list(size),
+                "seconds": seconds,
+            }
             pipe = None
             try:  # a case that cannot run here (every rank fails alike) is recorded, not fatal
                 start = time.perf_counter()
@@ -343,8 +401,11 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 target = frames_file(args, case, preset, world)
-                row = {**head, "build_s": round(built, 1),
-                       **run_case(pipe, task, size, seconds, steps, device, args.tiny, target)}
+                row = {
+                    **head,
+                    "build_s": round(built, 1),
+                    **run_case(pipe, task, size, seconds, steps, device, args.tiny, target),
+                }
                 project(row, default_steps)
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
@@ -353,8 +414,12 @@ def main(argv=None) -> int:
             peaks = [peak] * world
             if dist.is_initialized():
                 dist.all_gather_object(peaks, peak)
-            row.update(peak_gib_per_rank=[round(p, 2) for p in peaks], device=device_name(device),
-                       torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+            row.update(
+                peak_gib_per_rank=[round(p, 2) for p in peaks],
+                device=device_name(device),
+                torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d"),
+            )
             if rank == 0:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -371,17 +436,21 @@ def main(argv=None) -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| case | preset | GPUs | shard | total s | encoders s | before steps s | steps s | after steps s | "
-          "write s | projected s | peak GiB |")
+    print(
+        "\n| case | preset | GPUs | shard | total s | encoders s | before steps s | steps s | after steps s | "
+        "write s | projected s | peak GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['case']} | {r['preset']} | {r['gpus']} | {r['shard_weights']} | failed: {r['error'][:90]} |")
             continue
         projected = r.get("projected_200s_s", r.get("projected_total_s", "-"))
-        print(f"| {r['case']} | {r['preset']} | {r['gpus']} | {r['shard_weights']} | {r['total_s']} | "
-              f"{r['encoders_s']} | {r['before_first_step_s']} | {sum(r['step_s']):.2f} ({len(r['step_s'])}) | "
-              f"{r['after_last_step_s']} | {r['write_s']} | {projected} | {max(r['peak_gib_per_rank'])} |")
+        print(
+            f"| {r['case']} | {r['preset']} | {r['gpus']} | {r['shard_weights']} | {r['total_s']} | "
+            f"{r['encoders_s']} | {r['before_first_step_s']} | {sum(r['step_s']):.2f} ({len(r['step_s'])}) | "
+            f"{r['after_last_step_s']} | {r['write_s']} | {projected} | {max(r['peak_gib_per_rank'])} |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,17 +38,27 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
-from bench_transformer import SHAPES, add_run_arguments, build_model, make_inputs, sync, write_json
+from bench_transformer import SHAPES, add_run_arguments, build_model, make_inputs, sync, write_json  # noqa: E402
 
-from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
-from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
-from skyreels_diffusers.optimization import quantize_transformer
+from skyreels_diffusers.models import SkyReelsV3Transformer3DModel  # noqa: E402
+from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS  # noqa: E402
+from skyreels_diffusers.optimization import quantize_transformer  # noqa: E402
 
-WEIGHTS = ("bf16", "fp8_weight_only", "fp8_low_vram", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k", "gguf_q4_0_group",
-           "gguf_q8_0_compile")
+
+WEIGHTS = (
+    "bf16",
+    "fp8_weight_only",
+    "fp8_low_vram",
+    "gguf_q8_0",
+    "gguf_q4_0",
+    "gguf_q4_k",
+    "gguf_q4_0_group",
+    "gguf_q8_0_compile",
+)
 FULL_LAYERS = 40
 
 
@@ -58,8 +68,11 @@ def gguf_file(model, variant: str, qtype_name: str, folder: Path) -> Path:
 
     path = folder / f"{variant}-{qtype_name}.gguf"
     if not path.exists():
-        state = wan_native_state(model) if variant == "avatar" else {
-            k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state = (
+            wan_native_state(model)
+            if variant == "avatar"
+            else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        )
         write_community_gguf(path, {k: v.float().cpu() for k, v in state.items()}, getattr(T, qtype_name.upper()))
     return path
 
@@ -73,7 +86,8 @@ def prepare(weights: str, base, variant: str, cfg: dict, device: torch.device, f
         qtype = "_".join(weights.split("_")[1:3])
         path = gguf_file(base, variant, qtype, folder)
         model = SkyReelsV3Transformer3DModel.from_single_file(
-            path, variant=variant, config=cfg, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16))
+            path, variant=variant, config=cfg, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+        )
     else:
         model = build_model(cfg, torch.device("cpu"))
         model.load_state_dict(base.state_dict())
@@ -84,8 +98,14 @@ def prepare(weights: str, base, variant: str, cfg: dict, device: torch.device, f
     if group:
         model.to("cpu")
         stream = device.type == "cuda"
-        model.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
-                                   num_blocks_per_group=1, use_stream=stream, record_stream=stream)
+        model.enable_group_offload(
+            device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=stream,
+            record_stream=stream,
+        )
     else:
         model.to(device)
     if weights.endswith("compile"):
@@ -136,8 +156,14 @@ def run_case(variant: str, resolution: str, args, device, folder: Path, rows: li
             load_s = time.perf_counter() - t0
             ms, peak, out, warmup_s = measure(model, inputs, device, args.warmup, args.repeats)
         except Exception as error:  # noqa: BLE001 - a setting that cannot run here is reported, not fatal
-            rows.append({"variant": variant, "resolution": resolution, "weights": weights,
-                         "error": f"{type(error).__name__}: {str(error)[:300]}"})
+            rows.append(
+                {
+                    "variant": variant,
+                    "resolution": resolution,
+                    "weights": weights,
+                    "error": f"{type(error).__name__}: {str(error)[:300]}",
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             model = None
             gc.collect()
@@ -147,14 +173,23 @@ def run_case(variant: str, resolution: str, args, device, folder: Path, rows: li
         per_block = block_gib(model)
         grouped = weights in ("fp8_low_vram", "gguf_q4_0_group")
         extra_layers = FULL_LAYERS - args.layers
-        rows.append({
-            "variant": variant, "resolution": resolution, "weights": weights, "layers": args.layers,
-            "latent": [frames, height, width], "ms_per_forward": round(ms, 1), "peak_gib": round(peak, 2),
-            "block_weights_gib": round(per_block, 3), "load_s": round(load_s, 1), "warmup_s": round(warmup_s, 1),
-            "rel_error_vs_bf16": round(float((out - reference).norm() / reference.norm()), 5),
-            "ms_40_layers": round(ms * FULL_LAYERS / args.layers, 0),
-            "peak_gib_40_layers": round(peak if grouped else peak + extra_layers * per_block, 2),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "resolution": resolution,
+                "weights": weights,
+                "layers": args.layers,
+                "latent": [frames, height, width],
+                "ms_per_forward": round(ms, 1),
+                "peak_gib": round(peak, 2),
+                "block_weights_gib": round(per_block, 3),
+                "load_s": round(load_s, 1),
+                "warmup_s": round(warmup_s, 1),
+                "rel_error_vs_bf16": round(float((out - reference).norm() / reference.norm()), 5),
+                "ms_40_layers": round(ms * FULL_LAYERS / args.layers, 0),
+                "peak_gib_40_layers": round(peak if grouped else peak + extra_layers * per_block, 2),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         write_json(args.json, {"rows": rows})
         del model, out
@@ -165,8 +200,12 @@ def run_case(variant: str, resolution: str, args, device, folder: Path, rows: li
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["reference:720P"],
-                        help="variant:resolution pairs (reference / avatar; the resolutions of bench_transformer)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["reference:720P"],
+        help="variant:resolution pairs (reference / avatar; the resolutions of bench_transformer)",
+    )
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (times are scaled to 40)")
     parser.add_argument("--weights", nargs="+", default=list(WEIGHTS), choices=WEIGHTS)
     parser.add_argument("--warmup", type=int, default=1)
@@ -188,22 +227,33 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for variant, resolution in cases:
             run_case(variant, resolution, args, device, Path(folder), rows)
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    print("\n| case | weights | ms/forward (40 layers) | vs bf16 | vs fp8 low-VRAM | peak GiB (40 layers) | rel. error |")
+    env = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
+    print(
+        "\n| case | weights | ms/forward (40 layers) | vs bf16 | vs fp8 low-VRAM | peak GiB (40 layers) | rel. error |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "ms_per_forward" not in r:
             print(f"| {r['variant']} {r['resolution']} | {r['weights']} | {r.get('error') or r.get('skipped')} |")
             continue
-        same = [x for x in rows if x.get("variant") == r["variant"] and x.get("resolution") == r["resolution"]
-                and "ms_per_forward" in x]
+        same = [
+            x
+            for x in rows
+            if x.get("variant") == r["variant"] and x.get("resolution") == r["resolution"] and "ms_per_forward" in x
+        ]
         base = next((x["ms_per_forward"] for x in same if x["weights"] == "bf16"), None)
         low = next((x["ms_per_forward"] for x in same if x["weights"] == "fp8_low_vram"), None)
-        print(f"| {r['variant']} {r['resolution']} | {r['weights']} | {r['ms_40_layers']:.0f} | "
-              f"{(r['ms_per_forward'] / base) if base else float('nan'):.2f}x | "
-              f"{(r['ms_per_forward'] / low) if low else float('nan'):.2f}x | {r['peak_gib_40_layers']:.1f} | "
-              f"{r['rel_error_vs_bf16']:.4f} |")
+        print(
+            f"| {r['variant']} {r['resolution']} | {r['weights']} | {r['ms_40_layers']:.0f} | "
+            f"{(r['ms_per_forward'] / base) if base else float('nan'):.2f}x | "
+            f"{(r['ms_per_forward'] / low) if low else float('nan'):.2f}x | {r['peak_gib_40_layers']:.1f} | "
+            f"{r['rel_error_vs_bf16']:.4f} |"
+        )
     write_json(args.json, {"env": env, "rows": rows})
     return 0
 

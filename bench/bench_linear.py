@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import (
     RESOLUTION_CHOICES,
@@ -37,12 +38,16 @@ from bench_transformer import (
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
 from skyreels_diffusers.optimization import quantize_transformer
 
+
 MODES = ("bf16", "fp8_weight_only", "fp8_dynamic", "bf16_fused", "fp8_dynamic_fused")
 # `*_fused`: after `fuse_qkv_projections()`: one q/k/v matmul per self-attention (its input quantised once under
 # FP8) and one k/v matmul per cross-attention, in place of the separate ones. Fused linear -> the ones it replaces
 # (a self-attention has `to_qkv`, a cross-attention `to_kv` and, with CLIP context, `to_added_kv`).
-FUSED_LINEARS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
-                 "to_added_kv": ("add_k_proj", "add_v_proj")}
+FUSED_LINEARS = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "to_kv": ("to_k", "to_v"),
+    "to_added_kv": ("add_k_proj", "add_v_proj"),
+}
 
 
 def used_linears(block: torch.nn.Module, rows: dict) -> dict:
@@ -54,8 +59,14 @@ def used_linears(block: torch.nn.Module, rows: dict) -> dict:
         attn = modules.get(parent)
         fused = None
         if getattr(attn, "fused_projections", False):
-            fused = next((f for f, parts in FUSED_LINEARS.items()
-                          if leaf in parts and isinstance(getattr(attn, f, None), torch.nn.Linear)), None)
+            fused = next(
+                (
+                    f
+                    for f, parts in FUSED_LINEARS.items()
+                    if leaf in parts and isinstance(getattr(attn, f, None), torch.nn.Linear)
+                ),
+                None,
+            )
         used[f"{parent}.{fused}" if fused else name] = count
     return used
 
@@ -100,10 +111,8 @@ def time_linears(block, rows: dict, device, repeats: int) -> tuple[float, dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["reference", "avatar"],
-                        choices=VARIANT_CHOICES)
-    parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"],
-                        choices=RESOLUTION_CHOICES)
+    parser.add_argument("--variants", nargs="+", default=["reference", "avatar"], choices=VARIANT_CHOICES)
+    parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"], choices=RESOLUTION_CHOICES)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeats", type=int, default=10)
     add_run_arguments(parser)
@@ -140,12 +149,18 @@ def main(argv=None) -> int:
                 ms, per = time_linears(quantized.blocks[0], used, device, args.repeats)
                 layers = TRANSFORMER_CONFIGS[variant]["num_layers"]
                 baseline = baseline or ms  # the first mode given (bf16 by default)
-                row = dict(variant=variant, resolution=resolution, tokens=tokens, mode=mode,
-                           ms_per_forward=round(ms * layers, 1), speedup_vs_bf16=round(baseline / ms, 3),
-                           tflops=round(flops / (ms / 1e3) / 1e12, 1),
-                           per_linear_ms={k: round(v, 3) for k, v in per.items()},
-                           device=device_name(device),
-                           date=time.strftime("%Y-%m-%d"))
+                row = dict(
+                    variant=variant,
+                    resolution=resolution,
+                    tokens=tokens,
+                    mode=mode,
+                    ms_per_forward=round(ms * layers, 1),
+                    speedup_vs_bf16=round(baseline / ms, 3),
+                    tflops=round(flops / (ms / 1e3) / 1e12, 1),
+                    per_linear_ms={k: round(v, 3) for k, v in per.items()},
+                    device=device_name(device),
+                    date=time.strftime("%Y-%m-%d"),
+                )
                 rows_out.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "per_linear_ms"}), flush=True)
                 del quantized

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import SHAPES, TINY_SHAPE, build_model, device_name, make_inputs, sync  # noqa: E402
 
@@ -87,24 +88,40 @@ def main(argv=None) -> int:
             if rank == 0:
                 reference_file = out / f"{key}_1gpu.pt"
                 tokens = frames * height * width // 4
-                row = dict(variant=variant, resolution=resolution, tokens=tokens, gpus=world,
-                           backend=args.parallel_backend if world > 1 else "-", ulysses=args.ulysses_degree,
-                           ring=args.ring_degree, even_split=tokens % world == 0, compile=args.compile,
-                           ms=[round(t, 1) for t in times], median_ms=round(median, 1),
-                           peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda"
-                           else None,
-                           device=device_name(device),
-                           date=time.strftime("%Y-%m-%d"))
+                row = dict(
+                    variant=variant,
+                    resolution=resolution,
+                    tokens=tokens,
+                    gpus=world,
+                    backend=args.parallel_backend if world > 1 else "-",
+                    ulysses=args.ulysses_degree,
+                    ring=args.ring_degree,
+                    even_split=tokens % world == 0,
+                    compile=args.compile,
+                    ms=[round(t, 1) for t in times],
+                    median_ms=round(median, 1),
+                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
+                    device=device_name(device),
+                    date=time.strftime("%Y-%m-%d"),
+                )
                 if world == 1:
                     torch.save(output.float().cpu(), reference_file)
                 elif reference_file.is_file():
                     reference = torch.load(reference_file, weights_only=True)
                     diff = (output.float().cpu() - reference).abs()
-                    row.update(max_abs_diff=round(diff.max().item(), 5),
-                               rel_diff=round((diff.norm() / reference.norm()).item(), 6))
+                    row.update(
+                        max_abs_diff=round(diff.max().item(), 5),
+                        rel_diff=round((diff.norm() / reference.norm()).item(), 6),
+                    )
                     rows = [json.loads(line) for line in (out / "parallel.jsonl").read_text().splitlines()]
-                    baseline = [r for r in rows if r["gpus"] == 1 and r["variant"] == variant
-                                and r["resolution"] == resolution and r["compile"] == args.compile]
+                    baseline = [
+                        r
+                        for r in rows
+                        if r["gpus"] == 1
+                        and r["variant"] == variant
+                        and r["resolution"] == resolution
+                        and r["compile"] == args.compile
+                    ]
                     if baseline:
                         speedup = baseline[-1]["median_ms"] / median
                         row.update(speedup=round(speedup, 3), efficiency=round(speedup / world, 3))

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import add_run_arguments, device_name, sync, write_json
 
@@ -30,6 +31,7 @@ from skyreels_diffusers.models.configs import TRANSFORMER_CONFIGS
 from skyreels_diffusers.optimization import apply_memory_mode
 from skyreels_diffusers.pipelines.tasks import TASKS, tiny_components
 from skyreels_diffusers.pipelines.tiny import avatar_feature_extractor, tiny_tokenizer
+
 
 SIZES = {"480P": (480, 848), "540P": (544, 960), "720P": (720, 1280)}
 AVATAR_SIZES = {"480P": (480, 832), "540P": (544, 960), "720P": (720, 1280)}
@@ -57,17 +59,37 @@ def real_components(task: str, device, main_encoders: bool = True, transformer: 
         try:
             components = {
                 "tokenizer": tiny_tokenizer(),  # ids < 259: any real-vocab embedding row works
-                "text_encoder": UMT5EncoderModel(UMT5Config(
-                    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                    relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                    feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval() if main_encoders else None,
+                "text_encoder": UMT5EncoderModel(
+                    UMT5Config(
+                        vocab_size=256384,
+                        d_model=4096,
+                        d_kv=64,
+                        d_ff=10240,
+                        num_layers=24,
+                        num_heads=64,
+                        relative_attention_num_buckets=32,
+                        relative_attention_max_distance=128,
+                        feed_forward_proj="gated-gelu",
+                        dropout_rate=0.0,
+                    )
+                ).eval()
+                if main_encoders
+                else None,
             }
             if transformer:
                 components["transformer"] = SkyReelsV3Transformer3DModel(**TRANSFORMER_CONFIGS[variant]).eval()
             if task == "talking_avatar":
-                components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
-                    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                    image_size=224, patch_size=14, hidden_act="gelu")).eval()
+                components["image_encoder"] = CLIPVisionModel(
+                    CLIPVisionConfig(
+                        hidden_size=1280,
+                        intermediate_size=5120,
+                        num_hidden_layers=32,
+                        num_attention_heads=16,
+                        image_size=224,
+                        patch_size=14,
+                        hidden_act="gelu",
+                    )
+                ).eval()
         finally:
             torch.set_default_dtype(previous)
         components["vae"] = AutoencoderKLWan().eval()
@@ -87,8 +109,9 @@ def time_components(pipe, device) -> dict:
     """Accumulate seconds spent in each component's forward (device-synchronised forward hooks; the VAE through its
     encoder and decoder modules, which its encode/decode call chunk by chunk)."""
     spent = defaultdict(float)
-    modules = {name: getattr(pipe, name, None) for name in ("text_encoder", "image_encoder", "audio_encoder",
-                                                              "transformer")}
+    modules = {
+        name: getattr(pipe, name, None) for name in ("text_encoder", "image_encoder", "audio_encoder", "transformer")
+    }
     modules.update(vae_encoder=pipe.vae.encoder, vae_decoder=pipe.vae.decoder)
     if modules.get("audio_encoder") is not None:  # the pipeline runs wav2vec2's parts, not its forward
         modules["audio_encoder"] = modules["audio_encoder"].encoder
@@ -135,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--resolution", default="480P", choices=sorted(SIZES))
-    parser.add_argument("--modes", nargs="+", default=["resident"], choices=["resident", "offload", "group",
-                                                                             "low_vram"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["resident"], choices=["resident", "offload", "group", "low_vram"]
+    )
     parser.add_argument("--seconds", type=int, default=None, help="duration (default: 5, shot switching 2, avatar 3)")
     parser.add_argument("--steps", type=int, default=None)
     add_run_arguments(parser)
@@ -172,13 +196,20 @@ def main(argv=None) -> int:
             sync(device)
             total = time.perf_counter() - start
             transformer = spent.get("transformer", 0.0)
-            row = dict(task=task, mode=mode, resolution=args.resolution, size=[height, width], seconds=seconds,
-                       frames=int(frames), total_s=round(total, 2),
-                       component_s={k: round(v, 2) for k, v in spent.items()},
-                       outside_transformer_share=round(1 - transformer / total, 4) if total else None,
-                       peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else 0.0,
-                       device=device_name(device),
-                       date=time.strftime("%Y-%m-%d"))
+            row = dict(
+                task=task,
+                mode=mode,
+                resolution=args.resolution,
+                size=[height, width],
+                seconds=seconds,
+                frames=int(frames),
+                total_s=round(total, 2),
+                component_s={k: round(v, 2) for k, v in spent.items()},
+                outside_transformer_share=round(1 - transformer / total, 4) if total else None,
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else 0.0,
+                device=device_name(device),
+                date=time.strftime("%Y-%m-%d"),
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_json(args.json, rows)

@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
 from skyreels_diffusers.optimization import quantize_transformer
+
 
 # latent (frames, height, width) of one forward
 SHAPES = {
@@ -55,8 +57,20 @@ VARIANT_CHOICES = sorted({variant for variant, _ in SHAPES})
 RESOLUTION_CHOICES = sorted({resolution for _, resolution in SHAPES})
 TINY_SHAPE = (5, 8, 12)
 ATTENTION_TFLOPS, GEMM_TFLOPS = 583.0, 750.0  # cuDNN SDPA / bf16 GEMM rates measured on one H100 (2026-11-27)
-MODES = ("original", "baseline", "default", "cudnn", "compile", "compile_fused", "fp8_weight_only", "fp8_dynamic",
-         "group", "low_vram", "attn8", "fast")
+MODES = (
+    "original",
+    "baseline",
+    "default",
+    "cudnn",
+    "compile",
+    "compile_fused",
+    "fp8_weight_only",
+    "fp8_dynamic",
+    "group",
+    "low_vram",
+    "attn8",
+    "fast",
+)
 
 
 def check_shapes(variants: list[str], resolutions: list[str]) -> None:
@@ -109,11 +123,18 @@ def make_inputs(variant: str, frames: int, height: int, width: int, cfg: dict, d
         inputs["timestep"] = torch.tensor([[0] * condition + [888] * (frames - condition)], device=device)
     if variant == "avatar":
         inputs["timestep"] = torch.tensor([956.58], device=device)
-        inputs["encoder_hidden_states_image"] = torch.randn(1, 257, cfg["image_dim"], device=device, generator=g,
-                                                            dtype=torch.bfloat16)
+        inputs["encoder_hidden_states_image"] = torch.randn(
+            1, 257, cfg["image_dim"], device=device, generator=g, dtype=torch.bfloat16
+        )
         inputs["audio_embeds"] = torch.randn(
-            1, cfg["audio_vae_scale"] * (frames - 1) + 1, cfg["audio_window"], cfg["audio_in_layers"],
-            cfg["audio_in_dim"], device=device, generator=g, dtype=torch.bfloat16,
+            1,
+            cfg["audio_vae_scale"] * (frames - 1) + 1,
+            cfg["audio_window"],
+            cfg["audio_in_layers"],
+            cfg["audio_in_dim"],
+            device=device,
+            generator=g,
+            dtype=torch.bfloat16,
         )
     return inputs
 
@@ -152,8 +173,14 @@ def prepare(mode: str, cfg: dict, device: torch.device, weights: dict | None = N
         model.to("cpu")
         torch.cuda.empty_cache() if device.type == "cuda" else None
         stream = device.type == "cuda"
-        model.enable_group_offload(device, offload_device=torch.device("cpu"), offload_type="block_level",
-                                   num_blocks_per_group=1, use_stream=stream, record_stream=stream)
+        model.enable_group_offload(
+            device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=stream,
+            record_stream=stream,
+        )
     return model
 
 
@@ -206,16 +233,18 @@ def write_json(path: str | None, data) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["reference", "extension", "avatar"],
-                        choices=VARIANT_CHOICES)
-    parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"],
-                        choices=RESOLUTION_CHOICES)
+    parser.add_argument("--variants", nargs="+", default=["reference", "extension", "avatar"], choices=VARIANT_CHOICES)
+    parser.add_argument("--resolutions", nargs="+", default=["480P", "720P"], choices=RESOLUTION_CHOICES)
     parser.add_argument("--modes", nargs="+", default=["baseline"], choices=MODES)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     add_run_arguments(parser)
-    parser.add_argument("--original", default=None, metavar="PATH",
-                        help="a SkyReels-V3 checkout: time its transformer first, on the same weights")
+    parser.add_argument(
+        "--original",
+        default=None,
+        metavar="PATH",
+        help="a SkyReels-V3 checkout: time its transformer first, on the same weights",
+    )
     return parser
 
 
@@ -250,14 +279,21 @@ def main(argv=None) -> int:
                         from original_adapter import our_state_dict
 
                         model = OriginalModel(modules, variant, cfg, device)
-                        weights = {k: v.detach().to("cpu", copy=True) for k, v in
-                                   our_state_dict(model.model, variant).items()}
+                        weights = {
+                            k: v.detach().to("cpu", copy=True) for k, v in our_state_dict(model.model, variant).items()
+                        }
                     else:
                         model = prepare(mode, cfg, device, weights)
                     times, peak, out, warmup_s = time_forward(model, inputs, args.warmup, args.repeats, device)
                 except Exception as error:  # a mode that cannot run here is reported, not fatal
-                    rows.append(dict(variant=variant, resolution=resolution, mode=mode,
-                                     error=f"{type(error).__name__}: {str(error)[:300]}"))
+                    rows.append(
+                        dict(
+                            variant=variant,
+                            resolution=resolution,
+                            mode=mode,
+                            error=f"{type(error).__name__}: {str(error)[:300]}",
+                        )
+                    )
                     print(json.dumps(rows[-1]), flush=True)
                     save()
                     model = None
@@ -268,10 +304,17 @@ def main(argv=None) -> int:
                     reference = out
                 median = sorted(times)[len(times) // 2]
                 row = dict(
-                    variant=variant, resolution=resolution, mode=mode, latent=[frames, height, width],
-                    tokens=frames * (height // 2) * (width // 2), ms=[round(t, 1) for t in times],
-                    median_ms=round(median, 1), floor_ms=round(floor, 1), ratio_to_floor=round(median / floor, 3),
-                    peak_gib=round(peak, 2), warmup_s=round(warmup_s, 1),
+                    variant=variant,
+                    resolution=resolution,
+                    mode=mode,
+                    latent=[frames, height, width],
+                    tokens=frames * (height // 2) * (width // 2),
+                    ms=[round(t, 1) for t in times],
+                    median_ms=round(median, 1),
+                    floor_ms=round(floor, 1),
+                    ratio_to_floor=round(median / floor, 3),
+                    peak_gib=round(peak, 2),
+                    warmup_s=round(warmup_s, 1),
                     rel_error=round(((out - reference).norm() / reference.norm()).item(), 5),
                 )
                 rows.append(row)
@@ -282,10 +325,14 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache() if device.type == "cuda" else None
             del inputs, reference
 
-    env = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               torch=torch.__version__, cuda=torch.version.cuda,
-               cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
-               python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    env = dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
+        python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d"),
+    )
     print("\n| variant | res | mode | ms/forward | vs baseline | floor ms | ratio to floor | peak GiB | rel. error |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = {}
@@ -295,9 +342,11 @@ def main(argv=None) -> int:
             continue
         key = (r["variant"], r["resolution"])
         base.setdefault(key, r["median_ms"])
-        print(f"| {r['variant']} | {r['resolution']} | {r['mode']} | {r['median_ms']:.0f} | "
-              f"{base[key] / r['median_ms']:.2f}x | {r['floor_ms']:.0f} | {r['ratio_to_floor']:.2f} | "
-              f"{r['peak_gib']:.1f} | {r['rel_error']:.4f} |")
+        print(
+            f"| {r['variant']} | {r['resolution']} | {r['mode']} | {r['median_ms']:.0f} | "
+            f"{base[key] / r['median_ms']:.2f}x | {r['floor_ms']:.0f} | {r['ratio_to_floor']:.2f} | "
+            f"{r['peak_gib']:.1f} | {r['rel_error']:.4f} |"
+        )
     print(json.dumps(env))
     write_json(args.json, {"env": env, "rows": rows})
     return 0

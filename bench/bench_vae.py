@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import SIZES  # noqa: E402
 from bench_transformer import add_run_arguments, sync, write_json  # noqa: E402
@@ -44,8 +45,12 @@ def main(argv=None) -> int:
                 vae.enable_tiling()
             else:
                 size = int(tiling)
-                vae.enable_tiling(tile_sample_min_height=size, tile_sample_min_width=size,
-                                  tile_sample_stride_height=size - 64, tile_sample_stride_width=size - 64)
+                vae.enable_tiling(
+                    tile_sample_min_height=size,
+                    tile_sample_min_width=size,
+                    tile_sample_stride_height=size - 64,
+                    tile_sample_stride_width=size - 64,
+                )
             sync(device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -54,10 +59,17 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 vae.decode(latents).sample
             sync(device)
-            rows.append(dict(resolution=resolution, size=[height, width], latent_frames=args.frames, tiling=tiling,
-                             s=round(time.perf_counter() - start, 2),
-                             peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda"
-                             else None, date=time.strftime("%Y-%m-%d")))
+            rows.append(
+                dict(
+                    resolution=resolution,
+                    size=[height, width],
+                    latent_frames=args.frames,
+                    tiling=tiling,
+                    s=round(time.perf_counter() - start, 2),
+                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                    date=time.strftime("%Y-%m-%d"),
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
     write_json(args.json, rows)
     return 0

@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+
 MODE_COLUMNS = ("baseline", "compile", "fp8_weight_only", "fp8_dynamic", "group", "low_vram", "original")
 VARIANTS = ("reference", "extension", "avatar")
 RESOLUTIONS = ("480P", "720P")

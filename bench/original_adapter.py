@@ -30,15 +30,29 @@ def _stub(name: str, **attributes) -> types.ModuleType:
     return module
 
 
-def sdpa_flash_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None,
-                         causal=False, window_size=(-1, -1), deterministic=False, dtype=torch.bfloat16, version=None):
+def sdpa_flash_attention(
+    q,
+    k,
+    v,
+    q_lens=None,
+    k_lens=None,
+    dropout_p=0.0,
+    softmax_scale=None,
+    q_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    deterministic=False,
+    dtype=torch.bfloat16,
+    version=None,
+):
     """FlashAttention's call on `[B, L, H, D]` tensors through SDPA (the original ignores the lengths as well)."""
     half = (torch.float16, torch.bfloat16)
     if q.dtype not in half:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     q, k = q.to(v.dtype), k.to(v.dtype)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-                                         scale=softmax_scale)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=softmax_scale
+    )
     return out.transpose(1, 2)
 
 
@@ -48,9 +62,12 @@ def import_original(root: str | Path) -> dict[str, types.ModuleType]:
     package = root / "skyreels_v3"
     if not (package / "modules" / "transformer.py").is_file():
         raise FileNotFoundError(f"{root} is not a SkyReels-V3 checkout (no skyreels_v3/modules/transformer.py)")
-    for name, path in (("skyreels_v3", package), ("skyreels_v3.modules", package / "modules"),
-                       ("skyreels_v3.utils", package / "utils"),
-                       ("skyreels_v3.modules.reference_to_video", package / "modules" / "reference_to_video")):
+    for name, path in (
+        ("skyreels_v3", package),
+        ("skyreels_v3.modules", package / "modules"),
+        ("skyreels_v3.utils", package / "utils"),
+        ("skyreels_v3.modules.reference_to_video", package / "modules" / "reference_to_video"),
+    ):
         _stub(name, __path__=[str(path)])
 
     def no_sequence_parallel(*args, **kwargs):
@@ -64,7 +81,9 @@ def import_original(root: str | Path) -> dict[str, types.ModuleType]:
     except ImportError:
         _stub("kornia")
     attention = importlib.import_module("skyreels_v3.modules.attention")
-    if not getattr(attention, "FLASH_ATTN_2_AVAILABLE", False) and not getattr(attention, "FLASH_ATTN_3_AVAILABLE", False):
+    if not getattr(attention, "FLASH_ATTN_2_AVAILABLE", False) and not getattr(
+        attention, "FLASH_ATTN_3_AVAILABLE", False
+    ):
         attention.flash_attention = sdpa_flash_attention
     modules = {
         "extension": importlib.import_module("skyreels_v3.modules.transformer"),
@@ -81,29 +100,59 @@ def import_original(root: str | Path) -> dict[str, types.ModuleType]:
 def original_config(variant: str, ours: dict) -> dict:
     """Our config -> the original constructor's arguments."""
     if variant == "reference":
-        keys = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-                "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps")
+        keys = (
+            "patch_size",
+            "num_attention_heads",
+            "attention_head_dim",
+            "in_channels",
+            "out_channels",
+            "text_dim",
+            "freq_dim",
+            "ffn_dim",
+            "num_layers",
+            "cross_attn_norm",
+            "qk_norm",
+            "eps",
+        )
         return {**{k: ours[k] for k in keys}, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
     config = dict(
-        model_type="i2v" if variant == "avatar" else "t2v", patch_size=tuple(ours["patch_size"]), text_len=512,
-        in_dim=ours["in_channels"], dim=ours["num_attention_heads"] * ours["attention_head_dim"],
-        ffn_dim=ours["ffn_dim"], freq_dim=ours["freq_dim"], text_dim=ours["text_dim"], out_dim=ours["out_channels"],
-        num_heads=ours["num_attention_heads"], num_layers=ours["num_layers"], window_size=(-1, -1), qk_norm=True,
-        cross_attn_norm=ours["cross_attn_norm"], eps=ours["eps"],
+        model_type="i2v" if variant == "avatar" else "t2v",
+        patch_size=tuple(ours["patch_size"]),
+        text_len=512,
+        in_dim=ours["in_channels"],
+        dim=ours["num_attention_heads"] * ours["attention_head_dim"],
+        ffn_dim=ours["ffn_dim"],
+        freq_dim=ours["freq_dim"],
+        text_dim=ours["text_dim"],
+        out_dim=ours["out_channels"],
+        num_heads=ours["num_attention_heads"],
+        num_layers=ours["num_layers"],
+        window_size=(-1, -1),
+        qk_norm=True,
+        cross_attn_norm=ours["cross_attn_norm"],
+        eps=ours["eps"],
     )
     if variant == "avatar":
-        config.update(audio_window=ours["audio_window"], intermediate_dim=ours["audio_intermediate_dim"],
-                      output_dim=ours["audio_dim"], context_tokens=ours["audio_context_tokens"],
-                      vae_scale=ours["audio_vae_scale"], norm_input_visual=ours["audio_norm_input"],
-                      norm_output_audio=ours["audio_norm_output"])
+        config.update(
+            audio_window=ours["audio_window"],
+            intermediate_dim=ours["audio_intermediate_dim"],
+            output_dim=ours["audio_dim"],
+            context_tokens=ours["audio_context_tokens"],
+            vae_scale=ours["audio_vae_scale"],
+            norm_input_visual=ours["audio_norm_input"],
+            norm_output_audio=ours["audio_norm_output"],
+        )
     return config
 
 
 def build_original(modules: dict, variant: str, ours: dict, device, dtype=torch.bfloat16, seed: int = 0):
     """The original model with random weights on `device`, in the dtype its pipeline runs it."""
     torch.manual_seed(seed)
-    cls = {"extension": modules["extension"].WanModel, "avatar": modules["avatar"].WanModel,
-           "reference": modules["reference"].SkyReelsA2WanI2v3DModel}[variant]
+    cls = {
+        "extension": modules["extension"].WanModel,
+        "avatar": modules["avatar"].WanModel,
+        "reference": modules["reference"].SkyReelsA2WanI2v3DModel,
+    }[variant]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -128,8 +177,9 @@ def call_original(model, variant: str, inputs: dict) -> torch.Tensor:
     x, t, context = inputs["hidden_states"], inputs["timestep"], inputs["encoder_hidden_states"]
     if variant == "reference":
         dtype = next(model.parameters()).dtype
-        return model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=context.to(dtype),
-                     return_dict=False)[0]
+        return model(
+            hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=context.to(dtype), return_dict=False
+        )[0]
     if variant == "extension":
         cuda = x.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext():
@@ -138,7 +188,14 @@ def call_original(model, variant: str, inputs: dict) -> torch.Tensor:
     frames, height, width = latents.shape[2:]
     seq_len = frames * (height // 2) * (width // 2)
     dtype = context.dtype
-    out = model([latents[0]], t=t.float(), context=[context[0]], seq_len=seq_len,
-                clip_fea=inputs["encoder_hidden_states_image"].to(dtype), y=y.to(dtype),
-                audio=inputs["audio_embeds"].to(dtype), ref_target_masks=torch.ones(3, height, width, device=x.device))
+    out = model(
+        [latents[0]],
+        t=t.float(),
+        context=[context[0]],
+        seq_len=seq_len,
+        clip_fea=inputs["encoder_hidden_states_image"].to(dtype),
+        y=y.to(dtype),
+        audio=inputs["audio_embeds"].to(dtype),
+        ref_target_masks=torch.ones(3, height, width, device=x.device),
+    )
     return out

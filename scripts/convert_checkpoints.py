@@ -25,6 +25,7 @@ import torch
 
 from skyreels_diffusers.pipelines.tasks import REPOS, TASKS
 
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -58,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             written = [args.dst]
         else:
-            written = convert_repo(args.task, args.src, args.dst, dtype=DTYPES[args.dtype],
-                                   max_shard_size=args.max_shard_size, push_to_hub=args.push_to_hub)
+            written = convert_repo(
+                args.task,
+                args.src,
+                args.dst,
+                dtype=DTYPES[args.dtype],
+                max_shard_size=args.max_shard_size,
+                push_to_hub=args.push_to_hub,
+            )
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

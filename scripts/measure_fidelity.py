@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skyreels_diffusers.pipelines.video_io import load_image, to_uint8
 from tests.pipelines.test_golden_pipelines import PIPELINES, PipelineCase, pipeline
+
 
 CASES = {
     "reference_to_video": ("SkyReelsV3ReferencePipeline", "reference"),
@@ -34,9 +36,15 @@ STOCK_SIGMAS = np.linspace(1.0, 1 / 1000, 9)[:-1]  # diffusers 0.42.1's unshifte
 
 def run_case(name: str, pipe, case: PipelineCase, **kwargs) -> tuple[torch.Tensor, np.ndarray]:
     spec, latents = case.meta["spec"], []
-    common = dict(prompt_embeds=case.tensors["prompt_embeds"], resolution=spec["resolution"], num_inference_steps=8,
-                  generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="np",
-                  callback_on_step_end=lambda p, i, t, d: latents.append(d["latents"]) or {}, **kwargs)
+    common = dict(
+        prompt_embeds=case.tensors["prompt_embeds"],
+        resolution=spec["resolution"],
+        num_inference_steps=8,
+        generator=torch.Generator("cpu").manual_seed(spec["seed"]),
+        output_type="np",
+        callback_on_step_end=lambda p, i, t, d: latents.append(d["latents"]) or {},
+        **kwargs,
+    )
     if name == "reference_to_video":
         refs = [load_image(PIPELINES / "inputs" / r) for r in spec["refs"]]
         frames = pipe(ref_images=refs, num_frames=case.meta["info"]["num_frames"], **common).frames[0]
@@ -73,8 +81,9 @@ def main() -> None:
         original = run_case(name, pipe, case, reproduce_original=True)
         results[name] = {
             "defaults": compare(original, run_case(name, pipe, case)),
-            "stock_diffusers_sigmas": compare(original, run_case(name, pipe, case, reproduce_original=True,
-                                                                 sigmas=STOCK_SIGMAS)),
+            "stock_diffusers_sigmas": compare(
+                original, run_case(name, pipe, case, reproduce_original=True, sigmas=STOCK_SIGMAS)
+            ),
         }
         print(name, json.dumps(results[name], indent=1), flush=True)
     if args.json:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # golden case -> converter variant
@@ -45,8 +46,6 @@ class GoldenCase:
         return folder
 
 
-
-
 def tiny_transformer(variant: str, seed: int = 0, **overrides):
     from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
     from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS
@@ -70,7 +69,11 @@ def tiny_inputs(model, variant: str, frames: int = 3, height: int = 8, width: in
         inputs["timestep"] = torch.tensor([956.58])
         inputs["encoder_hidden_states_image"] = torch.randn(1, 257, cfg.image_dim, generator=g)
         inputs["audio_embeds"] = torch.randn(
-            1, cfg.audio_vae_scale * (frames - 1) + 1, cfg.audio_window, cfg.audio_in_layers, cfg.audio_in_dim,
+            1,
+            cfg.audio_vae_scale * (frames - 1) + 1,
+            cfg.audio_window,
+            cfg.audio_in_layers,
+            cfg.audio_in_dim,
             generator=g,
         )
     return inputs

@@ -20,21 +20,43 @@ import pytest
 
 from tests.parallel.test_context_parallel import free_port
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_script(script: str, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_bench_transformer_modes(tmp_path):
     out = tmp_path / "t.json"
-    run_script("bench_transformer.py", "--tiny", "--device", "cpu", "--variants", "reference", "--resolutions",
-               "480P", "--modes", "baseline", "compile", "fp8_weight_only", "--json", str(out))
+    run_script(
+        "bench_transformer.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--variants",
+        "reference",
+        "--resolutions",
+        "480P",
+        "--modes",
+        "baseline",
+        "compile",
+        "fp8_weight_only",
+        "--json",
+        str(out),
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["baseline", "compile", "fp8_weight_only"]
     assert all(r["tokens"] == 5 * 8 * 12 // 4 and r["median_ms"] > 0 for r in rows)
@@ -45,22 +67,53 @@ def test_bench_transformer_modes(tmp_path):
 @pytest.mark.slow
 def test_bench_gguf_settings(tmp_path):
     out = tmp_path / "g.json"
-    run_script("bench_gguf.py", "--tiny", "--device", "cpu", "--cases", "reference:720P", "avatar:480P",
-               "--layers", "1", "--repeats", "1", "--weights", "bf16", "gguf_q8_0", "gguf_q4_0_group",
-               "--json", str(out))
+    run_script(
+        "bench_gguf.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--cases",
+        "reference:720P",
+        "avatar:480P",
+        "--layers",
+        "1",
+        "--repeats",
+        "1",
+        "--weights",
+        "bf16",
+        "gguf_q8_0",
+        "gguf_q4_0_group",
+        "--json",
+        str(out),
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["variant"], r["weights"]) for r in rows] == [
-        (v, w) for v in ("reference", "avatar") for w in ("bf16", "gguf_q8_0", "gguf_q4_0_group")]
+        (v, w) for v in ("reference", "avatar") for w in ("bf16", "gguf_q8_0", "gguf_q4_0_group")
+    ]
     errors = {(r["variant"], r["weights"]): r["rel_error_vs_bf16"] for r in rows}
-    assert all(errors[(v, "bf16")] == 0 and 0 < errors[(v, "gguf_q8_0")] < 0.02
-               and errors[(v, "gguf_q8_0")] < errors[(v, "gguf_q4_0_group")] < 0.2 for v in ("reference", "avatar"))
+    assert all(
+        errors[(v, "bf16")] == 0
+        and 0 < errors[(v, "gguf_q8_0")] < 0.02
+        and errors[(v, "gguf_q8_0")] < errors[(v, "gguf_q4_0_group")] < 0.2
+        for v in ("reference", "avatar")
+    )
 
 
 @pytest.mark.slow
 def test_bench_pipeline_components(tmp_path):
     out = tmp_path / "p.json"
-    run_script("bench_pipeline.py", "--tiny", "--device", "cpu", "--tasks", "reference_to_video", "--seconds", "1",
-               "--json", str(out))
+    run_script(
+        "bench_pipeline.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--tasks",
+        "reference_to_video",
+        "--seconds",
+        "1",
+        "--json",
+        str(out),
+    )
     (row,) = json.loads(out.read_text())
     assert row["frames"] == 25 and row["mode"] == "resident"
     assert {"text_encoder", "vae_encoder", "transformer", "vae_decoder"} <= set(row["component_s"])
@@ -70,8 +123,20 @@ def test_bench_pipeline_components(tmp_path):
 @pytest.mark.slow
 def test_bench_attention_kernels(tmp_path):
     out = tmp_path / "a.json"
-    run_script("bench_attention.py", "--tiny", "--device", "cpu", "--kernels", "_native_math", "native",
-               "_native_efficient", "--repeats", "1", "--json", str(out))
+    run_script(
+        "bench_attention.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--kernels",
+        "_native_math",
+        "native",
+        "_native_efficient",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     rows = {r["kernel"]: r for r in json.loads(out.read_text())}
     assert rows["_native_math"]["rel_diff_vs_first"] == 0
     assert 0 <= rows["native"]["rel_diff_vs_first"] < 1e-2  # SDPA's CPU choice vs the math kernel, both bf16
@@ -84,8 +149,21 @@ def test_bench_attention_8bit_table(tmp_path, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     out = tmp_path / "k.json"
-    run_script("bench_attention.py", "--device", "cpu", "--tokens", "130", "--heads", "1", "--repeats", "1",
-               "--error-queries", "32", "--json", str(out))
+    run_script(
+        "bench_attention.py",
+        "--device",
+        "cpu",
+        "--tokens",
+        "130",
+        "--heads",
+        "1",
+        "--repeats",
+        "1",
+        "--error-queries",
+        "32",
+        "--json",
+        str(out),
+    )
     rows = json.loads(out.read_text())
     assert [r["kernel"] for r in rows] == ["cudnn", "int8_fp8", "int8_bf16"]
     assert all(r["tokens"] == 130 and r["heads"] == 1 and r["ms"] > 0 for r in rows)
@@ -95,8 +173,23 @@ def test_bench_attention_8bit_table(tmp_path, monkeypatch):
 
 def test_bench_linear_covers_every_block_linear(tmp_path):
     out = tmp_path / "l.json"
-    run_script("bench_linear.py", "--tiny", "--device", "cpu", "--variants", "avatar", "--resolutions", "480P",
-               "--modes", "bf16", "fp8_weight_only", "--repeats", "1", "--json", str(out))
+    run_script(
+        "bench_linear.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--variants",
+        "avatar",
+        "--resolutions",
+        "480P",
+        "--modes",
+        "bf16",
+        "fp8_weight_only",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["bf16", "fp8_weight_only"]
     names = set(rows[0]["per_linear_ms"])
@@ -107,11 +200,35 @@ def test_bench_linear_covers_every_block_linear(tmp_path):
 @pytest.mark.slow
 def test_bench_linear_fused_mode_times_the_fused_projections(tmp_path):
     out = tmp_path / "l.json"
-    run_script("bench_linear.py", "--tiny", "--device", "cpu", "--variants", "avatar", "--resolutions", "480P",
-               "--modes", "bf16", "bf16_fused", "--repeats", "1", "--json", str(out))
+    run_script(
+        "bench_linear.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--variants",
+        "avatar",
+        "--resolutions",
+        "480P",
+        "--modes",
+        "bf16",
+        "bf16_fused",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     unfused, fused = (set(r["per_linear_ms"]) for r in json.loads(out.read_text()))
-    separate = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v", "attn2.add_k_proj",
-                "attn2.add_v_proj", "attn_audio.to_k", "attn_audio.to_v"}
+    separate = {
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.add_k_proj",
+        "attn2.add_v_proj",
+        "attn_audio.to_k",
+        "attn_audio.to_v",
+    }
     joined = {"attn1.to_qkv", "attn2.to_kv", "attn2.to_added_kv", "attn_audio.to_kv"}
     assert separate <= unfused and not joined & unfused
     assert fused == (unfused - separate) | joined  # cross-attention queries stay separate
@@ -150,8 +267,15 @@ def test_speed_suite_stages_pass_their_scripts_parsers(tmp_path):
     assert {"fused", "fp8", "lowvram540", "pipeline480_extension", "modes720_avatar"} <= set(stages)
     env = {**os.environ, "SPEED_SUITE_DRY_RUN": "1", "OUT": str(tmp_path)}
     for stage in stages:
-        done = subprocess.run(["bash", "bench/speed_suite.sh", stage], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=60, check=False)
+        done = subprocess.run(
+            ["bash", "bench/speed_suite.sh", stage],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert done.returncode == 0, (stage, done.stderr)
         commands = [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
         assert commands, stage
@@ -163,8 +287,15 @@ def test_speed_suite_stages_pass_their_scripts_parsers(tmp_path):
                 load_bench_script("bench_transformer.py").check_shapes(args.variants, args.resolutions)
             assert str(tmp_path) in (args.json or ""), command  # results land in the device's output folder
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
-    done = subprocess.run(["bash", "bench/speed_suite.sh", "no_such_stage"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    done = subprocess.run(
+        ["bash", "bench/speed_suite.sh", "no_such_stage"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2 and "unknown stage" in done.stderr
 
 
@@ -176,12 +307,15 @@ def test_matrix_takes_each_ratio_from_its_own_run(tmp_path):
     def row(variant, mode, ms):
         return {"variant": variant, "resolution": "480P", "mode": mode, "median_ms": ms, "peak_gib": 1.0}
 
-    (tmp_path / "2026-01-01_a.json").write_text(json.dumps(
-        {"env": {}, "rows": [row("avatar", "baseline", 400.0), row("avatar", "compile", 320.0)]}))
-    (tmp_path / "2026-01-02_b.json").write_text(json.dumps(
-        {"env": {}, "rows": [row("avatar", "compile", 100.0), row("avatar", "group", 500.0)]}))
-    (tmp_path / "2026-01-03_c.json").write_text(json.dumps(
-        {"env": {}, "rows": [row("avatar", "default", 1000.0), row("avatar", "low_vram", 1250.0)]}))
+    (tmp_path / "2026-01-01_a.json").write_text(
+        json.dumps({"env": {}, "rows": [row("avatar", "baseline", 400.0), row("avatar", "compile", 320.0)]})
+    )
+    (tmp_path / "2026-01-02_b.json").write_text(
+        json.dumps({"env": {}, "rows": [row("avatar", "compile", 100.0), row("avatar", "group", 500.0)]})
+    )
+    (tmp_path / "2026-01-03_c.json").write_text(
+        json.dumps({"env": {}, "rows": [row("avatar", "default", 1000.0), row("avatar", "low_vram", 1250.0)]})
+    )
     (tmp_path / "2026-01-04_pipeline.json").write_text(json.dumps([{"task": "talking_avatar", "total_s": 1.0}]))
     cells = matrix.collect(tmp_path)
     assert cells[("avatar", "480P", "compile")]["ms"] == 320.0
@@ -204,8 +338,19 @@ def test_bench_e2e_stages_and_projections(tmp_path):
     """bench_e2e.py on the tiny configs, one process: every stage is timed, steps are counted per clip, and the
     avatar's 200-s projection uses the windows the pipeline plans for 200 s."""
     out = tmp_path / "e2e.json"
-    run_script("bench_e2e.py", "--tiny", "--device", "cpu", "--cases", "reference_720p", "avatar_480p",
-               "--steps", "1", "--json", str(out))
+    run_script(
+        "bench_e2e.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--cases",
+        "reference_720p",
+        "avatar_480p",
+        "--steps",
+        "1",
+        "--json",
+        str(out),
+    )
     reference, avatar = json.loads(out.read_text())
     assert (reference["case"], reference["gpus"], avatar["case"]) == ("reference_720p", 1, "avatar_480p")
     assert reference["frames"] == 5 and len(reference["step_s"]) == 1
@@ -224,14 +369,53 @@ def test_bench_e2e_two_processes_with_sharded_weights(tmp_path):
     the comparison of its frames with the one-process run's."""
     out = tmp_path / "e2e2.json"
     frames = tmp_path / "frames"
-    run_script("bench_e2e.py", "--tiny", "--device", "cpu", "--cases", "reference_720p", "--steps", "1",
-               "--save-frames", str(frames), "--json", str(tmp_path / "e2e1.json"))
+    run_script(
+        "bench_e2e.py",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--cases",
+        "reference_720p",
+        "--steps",
+        "1",
+        "--save-frames",
+        str(frames),
+        "--json",
+        str(tmp_path / "e2e1.json"),
+    )
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "bench" / "bench_e2e.py"),
-                           "--tiny", "--device", "cpu", "--cases", "reference_720p", "--steps", "1",
-                           "--shard-weights", "--save-frames", str(frames), "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "bench" / "bench_e2e.py"),
+            "--tiny",
+            "--device",
+            "cpu",
+            "--cases",
+            "reference_720p",
+            "--steps",
+            "1",
+            "--shard-weights",
+            "--save-frames",
+            str(frames),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert (row["gpus"], row["ulysses"], row["shard_weights"], row["frames"]) == (2, 2, True, 5)

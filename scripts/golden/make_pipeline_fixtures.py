@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 ORIGINAL_COMMIT = "28c771e8456341be6a213e3d1133ed1fd19bf75d"
 THREADS = 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+
 TORCHAO_KERNEL_PREFIX = "Failed to load "
 DIFFUSERS_TORCHAO_TENSORS = "Unable to import `torchao` Tensor objects"
 

@@ -18,15 +18,23 @@ import uuid
 from pathlib import Path
 
 from .generation import DEFAULT_PROMPT, GenerationRequest, run
-from .pipelines.tasks import TASKS
 from .parallel.context_parallel import broadcast_from_main
+from .pipelines.tasks import TASKS
+
 
 TASK_LABELS = {name: spec.label for name, spec in TASKS.items()}
 # request field -> the input that shows its errors (the CLI flag names the field)
 FIELD_OF_FLAG = {
-    "--ref-imgs": "ref_imgs", "--input-video": "input_video", "--input-image": "input_image",
-    "--input-audio": "input_audio", "--prompt": "prompt", "--duration": "duration", "--resolution": "resolution",
-    "--seed": "seed", "--steps": "steps", "--height": "resolution",
+    "--ref-imgs": "ref_imgs",
+    "--input-video": "input_video",
+    "--input-image": "input_image",
+    "--input-audio": "input_audio",
+    "--prompt": "prompt",
+    "--duration": "duration",
+    "--resolution": "resolution",
+    "--seed": "seed",
+    "--steps": "steps",
+    "--height": "resolution",
 }
 RESOLUTION_CHOICES = ["default", "480P", "540P", "720P"]
 
@@ -76,24 +84,51 @@ def cli_command(request: GenerationRequest) -> str:
     note = ""
     if len(prompt) > MAX_SHOWN_PROMPT:
         prompt = prompt[:MAX_SHOWN_PROMPT]
-        note = (f"\n# --prompt shortened here to its first {MAX_SHOWN_PROMPT} of {len(request.prompt)} characters; "
-                "the job used the whole prompt")
-    args = ["skyreels-v3", "generate", "--task", request.task, "--model", request.model, "--prompt", prompt,
-            "--duration", str(request.duration), "--seed", str(request.seed), "--steps", str(request.steps)]
+        note = (
+            f"\n# --prompt shortened here to its first {MAX_SHOWN_PROMPT} of {len(request.prompt)} characters; "
+            "the job used the whole prompt"
+        )
+    args = [
+        "skyreels-v3",
+        "generate",
+        "--task",
+        request.task,
+        "--model",
+        request.model,
+        "--prompt",
+        prompt,
+        "--duration",
+        str(request.duration),
+        "--seed",
+        str(request.seed),
+        "--steps",
+        str(request.steps),
+    ]
     if request.resolution:
         args += ["--resolution", request.resolution]
     if request.ref_imgs:
         args += ["--ref-imgs", *request.ref_imgs]
-    for flag, value in (("--input-video", request.input_video), ("--input-image", request.input_image),
-                        ("--input-audio", request.input_audio)):
+    for flag, value in (
+        ("--input-video", request.input_video),
+        ("--input-image", request.input_image),
+        ("--input-audio", request.input_audio),
+    ):
         if value:
             args += [flag, value]
     for flag, on in (("--offload", request.offload), ("--low-vram", request.low_vram)):
         if on:
             args.append(flag)
     if request.ulysses_degree > 1:
-        args = ["torchrun", "--nproc_per_node", str(request.ulysses_degree), "-m", "skyreels_diffusers.cli",
-                *args[1:], "--ulysses-degree", str(request.ulysses_degree)]
+        args = [
+            "torchrun",
+            "--nproc_per_node",
+            str(request.ulysses_degree),
+            "-m",
+            "skyreels_diffusers.cli",
+            *args[1:],
+            "--ulysses-degree",
+            str(request.ulysses_degree),
+        ]
     return " ".join(shlex.quote(a) for a in args + ["--output", request.output]) + note
 
 
@@ -181,9 +216,12 @@ class JobRunner:
         """A rank > 0's share of a job started on rank 0."""
         self.worker_cancel.clear()
         try:
-            run(request, pipe=self.pipeline(request),
+            run(
+                request,
+                pipe=self.pipeline(request),
                 callback_on_step_end=self._step_callback(request.steps, None, self.worker_cancel),
-                should_stop=self.worker_cancel.is_set)
+                should_stop=self.worker_cancel.is_set,
+            )
         except Cancelled:
             pass
 
@@ -222,8 +260,13 @@ class JobRunner:
                 progress(window / max(total, 1), desc=f"window {window}/{total}")
 
         try:
-            result = run(request, pipe=pipe, callback_on_step_end=on_step, callback_on_window_end=on_window,
-                         should_stop=event.is_set)
+            result = run(
+                request,
+                pipe=pipe,
+                callback_on_step_end=on_step,
+                callback_on_window_end=on_window,
+                should_stop=event.is_set,
+            )
         except Cancelled:
             raise
         except Exception:
@@ -235,8 +278,9 @@ class JobRunner:
         return result
 
 
-def submit_job(runner: JobRunner, task: str, form: dict, model: str, output_root: Path, job: str,
-               progress=None, **server) -> tuple[str | None, str, dict[str, str]]:
+def submit_job(
+    runner: JobRunner, task: str, form: dict, model: str, output_root: Path, job: str, progress=None, **server
+) -> tuple[str | None, str, dict[str, str]]:
     """One press of Generate: (output path or None, the equivalent command, {input name: message}).
 
     Messages never show the server's temporary paths, and the job's upload copies are deleted afterwards."""
@@ -278,8 +322,10 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
 
     # Gradio's own cache (served results) is swept hourly; upload copies are deleted after each job (submit_job)
     with gr.Blocks(title="SkyReels-V3", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# SkyReels-V3\nModel: `{model}`" + (" (tiny RANDOM weights: the video is noise)"
-                                                          if model == "tiny" else ""))
+        gr.Markdown(
+            f"# SkyReels-V3\nModel: `{model}`"
+            + (" (tiny RANDOM weights: the video is noise)" if model == "tiny" else "")
+        )
         for task, label in TASK_LABELS.items():
             with gr.Tab(label, elem_id=f"tab-{task}"):
                 inputs, errors = {}, {}
@@ -291,14 +337,21 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 inputs["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id=f"{task}-prompt")
                 error_box("prompt")
                 with gr.Row():
-                    inputs["resolution"] = gr.Dropdown(RESOLUTION_CHOICES, value="default", label="Resolution",
-                                                       elem_id=f"{task}-resolution")
+                    inputs["resolution"] = gr.Dropdown(
+                        RESOLUTION_CHOICES, value="default", label="Resolution", elem_id=f"{task}-resolution"
+                    )
                     default_duration = TASKS[task].default_duration
-                    inputs["duration"] = gr.Number(value=default_duration, precision=0, label="Duration (s)",
-                                                   visible=default_duration > 0, elem_id=f"{task}-duration")
+                    inputs["duration"] = gr.Number(
+                        value=default_duration,
+                        precision=0,
+                        label="Duration (s)",
+                        visible=default_duration > 0,
+                        elem_id=f"{task}-duration",
+                    )
                     inputs["seed"] = gr.Number(value=42, precision=0, label="Seed", elem_id=f"{task}-seed")
-                    inputs["steps"] = gr.Number(value=TASKS[task].default_steps, precision=0,
-                                                label="Steps", elem_id=f"{task}-steps")
+                    inputs["steps"] = gr.Number(
+                        value=TASKS[task].default_steps, precision=0, label="Steps", elem_id=f"{task}-steps"
+                    )
                 for name in ("resolution", "duration", "seed", "steps"):
                     error_box(name)
                 error_box("general")
@@ -312,13 +365,15 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 names = list(inputs)
                 error_names = list(errors)
 
-                def submit(request, *values, _task=task, _names=names, _error_names=error_names,
-                           progress=gr.Progress()):
+                def submit(
+                    request, *values, _task=task, _names=names, _error_names=error_names, progress=gr.Progress()
+                ):
                     form = dict(zip(_names, values))
                     job = getattr(request, "session_hash", None) or "default"
-                    path, shown, messages = submit_job(runner, _task, form, model, output_root, job, progress,
-                                                       **server)
-                    blank = {name: "" for name in _error_names}
+                    path, shown, messages = submit_job(
+                        runner, _task, form, model, output_root, job, progress, **server
+                    )
+                    blank = dict.fromkeys(_error_names, "")
                     for field_name, message in messages.items():
                         blank[field_name if field_name in blank else "general"] = message
                     return (path, path, shown, *[blank[n] for n in _error_names])
@@ -331,9 +386,14 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 submit.__annotations__ = {"request": gr.Request}
                 cancel_job.__annotations__ = {"request": gr.Request}
 
-                generate.click(submit, [inputs[n] for n in names],
-                               [video, download, command, *[errors[n] for n in error_names]],
-                               concurrency_limit=1, concurrency_id="gpu", api_name=f"generate_{task}")
+                generate.click(
+                    submit,
+                    [inputs[n] for n in names],
+                    [video, download, command, *[errors[n] for n in error_names]],
+                    concurrency_limit=1,
+                    concurrency_id="gpu",
+                    api_name=f"generate_{task}",
+                )
                 cancel.click(cancel_job, None, None, queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
@@ -343,8 +403,9 @@ def _media_inputs(gr, task: str, inputs: dict, error_box) -> None:
     """The upload widgets of a task's tab (its variant's inputs), each with its error box."""
     variant = TASKS[task].variant
     if variant == "reference":
-        inputs["ref_imgs"] = gr.File(label="Reference images (1-4)", file_count="multiple", file_types=["image"],
-                                     elem_id=f"{task}-ref-imgs")
+        inputs["ref_imgs"] = gr.File(
+            label="Reference images (1-4)", file_count="multiple", file_types=["image"], elem_id=f"{task}-ref-imgs"
+        )
         preview = gr.Gallery(label="Preview", columns=4, height=160, elem_id=f"{task}-preview")
         inputs["ref_imgs"].change(lambda files: _paths(files), inputs["ref_imgs"], preview)
         error_box("ref_imgs")
@@ -385,8 +446,14 @@ def serve_workers(runner: JobRunner) -> None:
             pass  # rank 0 shows the error
 
 
-def launch(model: str = "tiny", host: str = "127.0.0.1", port: int = 7860, output_dir: str = "result/app",
-           ulysses_degree: int = 1, **server) -> None:
+def launch(
+    model: str = "tiny",
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    output_dir: str = "result/app",
+    ulysses_degree: int = 1,
+    **server,
+) -> None:
     """Serve the app; under torchrun with `ulysses_degree` > 1 rank 0 serves and every rank computes."""
     from .parallel import init_distributed
 
@@ -399,8 +466,9 @@ def launch(model: str = "tiny", host: str = "127.0.0.1", port: int = 7860, outpu
         return
     demo = build_app(model=model, output_dir=output_dir, runner=runner, ulysses_degree=ulysses_degree, **server)
     try:
-        demo.launch(server_name=host, server_port=port, show_error=False,
-                    allowed_paths=[str(Path(output_dir).resolve())])
+        demo.launch(
+            server_name=host, server_port=port, show_error=False, allowed_paths=[str(Path(output_dir).resolve())]
+        )
     finally:
         if world > 1:
             broadcast_from_main(None)

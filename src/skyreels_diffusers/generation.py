@@ -32,11 +32,21 @@ MODEL_FPS = 24
 PARALLEL_BACKENDS = ("diffusers", "xfuser")
 #: pipeline argument -> the command-line flag (without "--") that sets it
 ARGUMENT_FLAGS = {
-    "ref_images": "ref-imgs", "video": "input-video", "image": "input-image", "audio": "input-audio",
-    "audio_embeds": "input-audio", "num_inference_steps": "steps", "num_frames": "duration",
-    "guidance_scale": "guidance-scale", "negative_prompt": "negative-prompt", "resize_mode": "resize-mode",
-    "fps": "keep-source-fps", "max_audio_seconds": "max-audio-seconds", "output_audio": "output-audio",
-    "resume_dir": "resume-dir", "window_prompt": "window-prompt",
+    "ref_images": "ref-imgs",
+    "video": "input-video",
+    "image": "input-image",
+    "audio": "input-audio",
+    "audio_embeds": "input-audio",
+    "num_inference_steps": "steps",
+    "num_frames": "duration",
+    "guidance_scale": "guidance-scale",
+    "negative_prompt": "negative-prompt",
+    "resize_mode": "resize-mode",
+    "fps": "keep-source-fps",
+    "max_audio_seconds": "max-audio-seconds",
+    "output_audio": "output-audio",
+    "resume_dir": "resume-dir",
+    "window_prompt": "window-prompt",
 }
 
 
@@ -110,7 +120,7 @@ def flag_error(error: ValueError) -> ValueError:
     if argument is None:
         return error
     if match:
-        message = message[match.end():] if message[match.end():match.end() + 1].islower() else message
+        message = message[match.end() :] if message[match.end() : match.end() + 1].islower() else message
     return _error(ARGUMENT_FLAGS.get(argument, argument), message)
 
 
@@ -169,8 +179,11 @@ def _check_run_options(request: GenerationRequest) -> None:
         raise _error("parallel_backend", f"must be one of {PARALLEL_BACKENDS}, got {request.parallel_backend!r}")
     if request.parallel_backend == "xfuser":
         if request.ulysses_degree * request.ring_degree == 1:
-            raise _error("parallel_backend", "xfuser shards over several processes: run under torchrun with "
-                                             "--ulysses-degree and/or --ring-degree > 1")
+            raise _error(
+                "parallel_backend",
+                "xfuser shards over several processes: run under torchrun with "
+                "--ulysses-degree and/or --ring-degree > 1",
+            )
         from .parallel.xfuser import import_xfuser
 
         try:
@@ -226,13 +239,18 @@ def _validate_shard_weights(request: GenerationRequest) -> None:
     if not request.shard_weights:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise _error("shard_weights", "shards the transformer over processes: run under torchrun with 2 or more "
-                                      "processes (--nproc_per_node)")
-    others = [name for name in ("offload", "low_vram", "group_offload", "sequential_offload") if getattr(request, name)]
+        raise _error(
+            "shard_weights",
+            "shards the transformer over processes: run under torchrun with 2 or more processes (--nproc_per_node)",
+        )
+    others = [
+        name for name in ("offload", "low_vram", "group_offload", "sequential_offload") if getattr(request, name)
+    ]
     if others or request.quantize is not None:
         used = [f"--{name.replace('_', '-')}" for name in others] + (["--quantize"] if request.quantize else [])
-        raise _error("shard_weights", f"cannot be combined with {', '.join(used)} (FSDP2 shards resident bf16 "
-                                      "weights)")
+        raise _error(
+            "shard_weights", f"cannot be combined with {', '.join(used)} (FSDP2 shards resident bf16 weights)"
+        )
 
 
 def _load_video(request: GenerationRequest) -> tuple[dict, float]:
@@ -240,8 +258,9 @@ def _load_video(request: GenerationRequest) -> tuple[dict, float]:
         raise _error("input_video", "is required for the extension tasks")
     # only the tail is used (the condition frames; the whole video with --return-input-video)
     tail = max(NUM_CONDITION_FRAMES, *SHOT_NUM_CONDITION_FRAMES_MAP.values())
-    frames, source_fps = load_video_tail(request.input_video, None if request.return_input_video else tail,
-                                         name="input_video")
+    frames, source_fps = load_video_tail(
+        request.input_video, None if request.return_input_video else tail, name="input_video"
+    )
     fps = float(request.spec.fps)
     if request.keep_source_fps:
         if not source_fps or round(source_fps) % 4:
@@ -258,8 +277,11 @@ def _check_model_folder(folder: Path, spec: TaskSpec) -> None:
         raise _error("model", f"{folder} has no model_index.json (convert the original weights first)")
     entries = json.loads(index.read_text())
     if entries.get("_class_name") != spec.pipeline_class.__name__:
-        raise _error("model", f"{folder} holds a {entries.get('_class_name')!r} pipeline, not the "
-                              f"{spec.pipeline_class.__name__} of --task {spec.name}")
+        raise _error(
+            "model",
+            f"{folder} holds a {entries.get('_class_name')!r} pipeline, not the "
+            f"{spec.pipeline_class.__name__} of --task {spec.name}",
+        )
     import inspect
 
     for name in inspect.signature(spec.pipeline_class.__init__).parameters:
@@ -296,8 +318,11 @@ def load_transformer_file(request: GenerationRequest):
 
         kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
     return SkyReelsV3Transformer3DModel.from_single_file(
-        request.transformer, variant=request.spec.variant, config=Path(request.model) / "transformer",
-        torch_dtype=torch.bfloat16, **kwargs,
+        request.transformer,
+        variant=request.spec.variant,
+        config=Path(request.model) / "transformer",
+        torch_dtype=torch.bfloat16,
+        **kwargs,
     )
 
 
@@ -330,9 +355,15 @@ def pipeline_kwargs(request: GenerationRequest, size: tuple[int | None, int | No
     """The task pipeline's keyword arguments for a validated request."""
     height, width = size
     kwargs = dict(
-        prompt=request.prompt, negative_prompt=request.negative_prompt, height=height, width=width,
-        resolution=request.resolution or "720P", num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale, output_type="np", reproduce_original=request.reproduce_original,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        height=height,
+        width=width,
+        resolution=request.resolution or "720P",
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        output_type="np",
+        reproduce_original=request.reproduce_original,
     )
     kwargs.update(request.spec.call_kwargs(request))
     kwargs.update(extra)
@@ -365,9 +396,12 @@ def write_or_keep(frames: np.ndarray, output: Path, **kwargs) -> Path:
         fd, kept = tempfile.mkstemp(prefix="skyreels-v3-frames-", suffix=".npy")
         with os.fdopen(fd, "wb") as file:
             np.save(file, frames)
-        raise _error("output", f"writing {output} failed ({error.strerror or error}); the {len(frames)} generated "
-                               f"frames are kept in {kept} (numpy.load it, or write it with "
-                               "skyreels_diffusers.pipelines.video_io.write_video)") from None
+        raise _error(
+            "output",
+            f"writing {output} failed ({error.strerror or error}); the {len(frames)} generated "
+            f"frames are kept in {kept} (numpy.load it, or write it with "
+            "skyreels_diffusers.pipelines.video_io.write_video)",
+        ) from None
 
 
 def default_output_path(request: GenerationRequest) -> Path:
@@ -390,15 +424,28 @@ def load_pipeline(request: GenerationRequest):
             given["transformer"] = load_transformer_file(request)
         # strict: the folder's pipeline class, every file and every weight checked (wav2vec2 in float32, as in the
         # original; the VAE in float32)
-        pipe = load_pipeline_folder(request.model, request.spec.pipeline_class, {
-            "default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32}, **given)
+        pipe = load_pipeline_folder(
+            request.model,
+            request.spec.pipeline_class,
+            {"default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32},
+            **given,
+        )
     from .optimization import apply_memory_mode, enable_fast_path, quantize_transformer
 
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if request.quantize is not None:
         quantize_transformer(pipe.transformer, request.quantize, compute_dtype=pipe.transformer.dtype)
-    mode = ("low_vram" if request.low_vram else "group" if request.group_offload else
-            "sequential" if request.sequential_offload else "offload" if request.offload else "resident")
+    mode = (
+        "low_vram"
+        if request.low_vram
+        else "group"
+        if request.group_offload
+        else "sequential"
+        if request.sequential_offload
+        else "offload"
+        if request.offload
+        else "resident"
+    )
     if request.shard_weights:  # the transformer goes to the GPU as shards (generation_parallel.parallelize)
         from .generation_parallel import place_all_but_transformer
 
@@ -406,8 +453,12 @@ def load_pipeline(request: GenerationRequest):
     else:
         apply_memory_mode(pipe, mode, device)
     # xfuser's attention is a graph break (`torch.compiler.disable`): its blocks compile in pieces
-    enable_fast_path(pipe, compile=request.compile, attention_backend=request.attention_backend,
-                     fullgraph=request.parallel_backend != "xfuser")
+    enable_fast_path(
+        pipe,
+        compile=request.compile,
+        attention_backend=request.attention_backend,
+        fullgraph=request.parallel_backend != "xfuser",
+    )
     return pipe
 
 
@@ -474,21 +525,35 @@ def run(
     check_output_writable(output)
     pipe = pipe or load_pipeline(request)
     if world > 1:  # tokens, VAE tiles (and with --shard-weights the weights) over the ranks; once per pipeline
-        parallelize(pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend,
-                    request.shard_weights, device)
+        parallelize(
+            pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend, request.shard_weights, device
+        )
         pipe.set_progress_bar_config(disable=not is_main_process())
-    extra = {"callback_on_step_end": callback_on_step_end,
-             "generator": torch.Generator(device="cpu").manual_seed(request.seed)}
+    extra = {
+        "callback_on_step_end": callback_on_step_end,
+        "generator": torch.Generator(device="cpu").manual_seed(request.seed),
+    }
     if request.task == "talking_avatar":
         extra.update(callback_on_window_end=callback_on_window_end, write_resume=is_main_process())
     size = output_size(request)
     if world > 1:  # encoders once: rank 0 encodes, every rank receives the embeddings
-        extra.update(pipeline_text_kwargs(precomputed_embeddings(
-            pipe, request.task, device, prompt=request.prompt, negative_prompt=request.negative_prompt,
-            guidance_scale=request.guidance_scale, height=size[0], width=size[1],
-            window_prompt=pipeline_kwargs(request, size).get("window_prompt"), portrait=request.media.get("image"),
-            speech=request.media.get("speech"),
-        )))
+        extra.update(
+            pipeline_text_kwargs(
+                precomputed_embeddings(
+                    pipe,
+                    request.task,
+                    device,
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    guidance_scale=request.guidance_scale,
+                    height=size[0],
+                    width=size[1],
+                    window_prompt=pipeline_kwargs(request, size).get("window_prompt"),
+                    portrait=request.media.get("image"),
+                    speech=request.media.get("speech"),
+                )
+            )
+        )
         if "audio_embeds" in extra:  # precomputed: the features and the window prompt's embeddings
             extra.update(audio=None, window_prompt=None)
     out = pipe(**pipeline_kwargs(request, size, **extra))
@@ -498,8 +563,9 @@ def run(
     if audio is None and request.media.get("speech") is not None:
         output_audio = request.output_audio or ("normalized" if request.reproduce_original else "original")
         audio, rate = muxed_audio(request.media["speech"], output_audio)
-    return write_or_keep(np.asarray(out.frames[0]), output, fps=request.fps, audio=audio, audio_sample_rate=rate,
-                         crf=request.crf)
+    return write_or_keep(
+        np.asarray(out.frames[0]), output, fps=request.fps, audio=audio, audio_sample_rate=rate, crf=request.crf
+    )
 
 
 def request_fields() -> list[str]:

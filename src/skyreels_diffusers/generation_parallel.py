@@ -38,12 +38,20 @@ def drop_main_only_encoders(pipe) -> None:
 
 def encoder_kwargs_to_skip(world: int, rank: int) -> dict:
     """`from_pretrained` arguments that keep rank > 0 from loading the main-only encoders at all."""
-    return {name: None for name in MAIN_ONLY_ENCODERS} if world > 1 and rank > 0 else {}
+    return dict.fromkeys(MAIN_ONLY_ENCODERS) if world > 1 and rank > 0 else {}
 
 
 def task_embeddings(
-    pipe, task: str, prompt: str, negative_prompt: str | None, guidance_scale: float, *,
-    window_prompt: str | None = None, portrait=None, speech=None, height: int | None = None,
+    pipe,
+    task: str,
+    prompt: str,
+    negative_prompt: str | None,
+    guidance_scale: float,
+    *,
+    window_prompt: str | None = None,
+    portrait=None,
+    speech=None,
+    height: int | None = None,
     width: int | None = None,
 ) -> dict:
     """The pipeline keyword arguments that replace its own encoder calls (computed here, on this rank):
@@ -73,8 +81,12 @@ def pipeline_text_kwargs(embeddings: dict) -> dict:
 
 
 def parallelize(
-    pipe, ulysses_degree: int = 1, ring_degree: int = 1, parallel_backend: str = "diffusers",
-    shard_weights: bool = False, device: torch.device | None = None,
+    pipe,
+    ulysses_degree: int = 1,
+    ring_degree: int = 1,
+    parallel_backend: str = "diffusers",
+    shard_weights: bool = False,
+    device: torch.device | None = None,
 ) -> None:
     """Under torchrun: split the transformer's tokens (context parallelism, unless already done: a reused
     pipeline), share the VAE's tiles over the ranks, and with `shard_weights` shard the transformer's blocks (FSDP2,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+
 MODEL_INDEX = "model_index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -43,8 +44,13 @@ def read_model_index(folder: str | os.PathLike, pipeline_class: type | None = No
     if not isinstance(index, dict) or "_class_name" not in index:
         raise _fail(folder, None, MODEL_INDEX, "has no `_class_name`")
     if pipeline_class is not None and index["_class_name"] != pipeline_class.__name__:
-        raise _fail(folder, None, MODEL_INDEX, f"holds a {index['_class_name']}, but this task needs a "
-                                               f"{pipeline_class.__name__} (pick the folder converted for this task)")
+        raise _fail(
+            folder,
+            None,
+            MODEL_INDEX,
+            f"holds a {index['_class_name']}, but this task needs a "
+            f"{pipeline_class.__name__} (pick the folder converted for this task)",
+        )
     return index
 
 
@@ -58,8 +64,10 @@ def check_safetensors(path: Path) -> list[str]:
             raise ValueError(f"{path.name}: {size} bytes, too short for a safetensors file (truncated?)")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > size - 8:
-            raise ValueError(f"{path.name}: header of {header_len} bytes in a {size}-byte file (truncated or not "
-                             "a safetensors file)")
+            raise ValueError(
+                f"{path.name}: header of {header_len} bytes in a {size}-byte file (truncated or not "
+                "a safetensors file)"
+            )
         try:
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -120,26 +128,41 @@ def load_component(folder: Path, name: str, cls: type, torch_dtype: torch.dtype 
     check_weight_files(folder, name)
     from transformers import PreTrainedModel
 
-    dtype = {} if torch_dtype is None else {"dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype": torch_dtype}
+    dtype = (
+        {} if torch_dtype is None else {"dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype": torch_dtype}
+    )
     try:
         model, info = cls.from_pretrained(folder, subfolder=name, output_loading_info=True, **dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise _fail(folder, name, f"{name}/", f"cannot be loaded as {cls.__name__} ({error})") from None
     problems = []
-    for key, label in (("missing_keys", "missing weights"), ("unexpected_keys", "unexpected weights"),
-                       ("mismatched_keys", "weights of the wrong shape"), ("error_msgs", "load errors")):
+    for key, label in (
+        ("missing_keys", "missing weights"),
+        ("unexpected_keys", "unexpected weights"),
+        ("mismatched_keys", "weights of the wrong shape"),
+        ("error_msgs", "load errors"),
+    ):
         values = sorted(str(v) for v in (info.get(key) or ()))
         if values:
             shown = ", ".join(values[:5]) + (f" and {len(values) - 5} more" if len(values) > 5 else "")
             problems.append(f"{len(values)} {label} ({shown})")
     if problems:
-        raise _fail(folder, name, f"{name}/", "; ".join(problems) + " — the checkpoint does not match its "
-                                                                    f"{cls.__name__} config (damaged or incomplete)")
+        raise _fail(
+            folder,
+            name,
+            f"{name}/",
+            "; ".join(problems) + " — the checkpoint does not match its "
+            f"{cls.__name__} config (damaged or incomplete)",
+        )
     return model
 
 
-def load_pipeline_folder(folder: str | os.PathLike, pipeline_class: type,
-                         torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None, **given):
+def load_pipeline_folder(
+    folder: str | os.PathLike,
+    pipeline_class: type,
+    torch_dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+    **given,
+):
     """Build `pipeline_class` from a converted folder, strictly.
 
     Refuses, before any weight is read, a folder whose `model_index.json` names another pipeline class, then loads

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
+
 QUANTIZATION_MODES = ("fp8_weight_only", "fp8_dynamic", "fp8_storage")
 # `--fast` (opt-in, lossy): 8-bit self-attention (INT8 Q·K, FP8 P·V; Triton) + FP8 linears + compiled blocks
 FAST_PRESET = {"attention_backend": "triton_8bit", "quantize": "fp8_dynamic", "compile": True}
 MEMORY_MODES = ("resident", "offload", "sequential", "group", "low_vram")
 # Low-VRAM VAE tiles: up to 540P (544 x 960) a 5-s video decodes whole (12.2 GiB peak, measured; diffusers' 256-px
 # tiles cut that to 3.8 GiB but took 1.7x as long, 2.7x inside the pipeline); 720P decodes in 960-px tiles.
-LOW_VRAM_VAE_TILES = dict(tile_sample_min_height=960, tile_sample_min_width=960, tile_sample_stride_height=896,
-                          tile_sample_stride_width=896)
+LOW_VRAM_VAE_TILES = dict(
+    tile_sample_min_height=960, tile_sample_min_width=960, tile_sample_stride_height=896, tile_sample_stride_width=896
+)
 # Linear layers outside the blocks stay in the compute dtype: embedders see raw inputs and `proj_out` writes the
 # prediction, where FP8 rounding costs the most accuracy for the least memory.
 NOT_QUANTIZED = ("patch_embedding", "condition_embedder", "audio_proj", "proj_out")
@@ -64,7 +66,8 @@ def quantize_transformer(transformer, mode: str, compute_dtype: torch.dtype = to
         raise ValueError(f"quantization mode must be one of {QUANTIZATION_MODES}, got {mode!r}")
     if mode == "fp8_storage":
         transformer.enable_layerwise_casting(
-            storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype,
+            storage_dtype=torch.float8_e4m3fn,
+            compute_dtype=compute_dtype,
             skip_modules_pattern=tuple(transformer._skip_layerwise_casting_patterns) + NOT_QUANTIZED,
         )
         return
@@ -128,8 +131,13 @@ def stream_large_components(pipe, device: torch.device, use_stream: bool = True)
             component.to(device)
     for module in streamed.values():
         apply_group_offloading(
-            module, onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
-            num_blocks_per_group=1, use_stream=use_stream, record_stream=use_stream,
+            module,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=use_stream,
+            record_stream=use_stream,
         )
 
 

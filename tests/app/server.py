@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,13 +24,34 @@ def start_app(folder: Path, nproc: int = 1) -> tuple[subprocess.Popen, str]:
     """Launch the tiny app writing under `folder/results`; returns the process and its URL once it answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    command = ["-m", "skyreels_diffusers.cli", "app", "--model", "tiny", "--port", str(port),
-               "--output-dir", str(folder / "results")]
+    command = [
+        "-m",
+        "skyreels_diffusers.cli",
+        "app",
+        "--model",
+        "tiny",
+        "--port",
+        str(port),
+        "--output-dir",
+        str(folder / "results"),
+    ]
     if nproc > 1:
-        command = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-                   "--master_port", str(free_port()), *command, "--ulysses-degree", str(nproc)]
-    process = subprocess.Popen([sys.executable, *command], cwd=folder, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
+        command = [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            *command,
+            "--ulysses-degree",
+            str(nproc),
+        ]
+    process = subprocess.Popen(
+        [sys.executable, *command], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}/"
     for _ in range(240):
         try:

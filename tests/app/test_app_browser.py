@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
     pytest.skip("Chromium is not installed (apt-get install chromium); .ci/run installs it", allow_module_level=True)
@@ -17,8 +18,17 @@ playwright = pytest.importorskip("playwright.sync_api", reason="playwright is no
 from tests.app.server import start_app  # noqa: E402
 from tests.helpers import random_image  # noqa: E402
 
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +65,10 @@ def test_reference_to_video_plays_in_the_page(page, app_url, tmp_path):
         return {ready: v.readyState, duration: v.duration, width: v.videoWidth, height: v.videoHeight};
     }""")
     assert state["ready"] >= 1 and abs(state["duration"] - 25 / 24) < 0.1 and state["width"] > 0
-    assert "skyreels-v3 generate --task reference_to_video --model tiny" in \
-        page.locator("#reference_to_video-command").inner_text()
+    assert (
+        "skyreels-v3 generate --task reference_to_video --model tiny"
+        in page.locator("#reference_to_video-command").inner_text()
+    )
     written = list((app_url[1] / "results" / "reference_to_video").glob("*.mp4"))
     assert len(written) == 1
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
 
 from skyreels_diffusers.app import (
@@ -113,8 +114,9 @@ def test_errors_do_not_show_server_paths_and_uploads_are_deleted(tmp_path, uploa
     broken.write_bytes(b"not an image")
     mine = tmp_path / "kept.png"  # a path given on the server side, outside the upload folder: never deleted
     random_image().save(mine)
-    path, _shown, messages = submit_job(JobRunner(), "reference_to_video", form(ref_imgs=[str(broken), str(mine)]),
-                                       "tiny", tmp_path / "out", "S")
+    path, _shown, messages = submit_job(
+        JobRunner(), "reference_to_video", form(ref_imgs=[str(broken), str(mine)]), "tiny", tmp_path / "out", "S"
+    )
     assert path is None and list(messages) == ["ref_imgs"]
     assert "broken.png" in messages["ref_imgs"] and str(uploads) not in messages["ref_imgs"]
     assert "/tmp" not in messages["ref_imgs"] and str(tmp_path) not in messages["ref_imgs"], messages
@@ -124,10 +126,13 @@ def test_errors_do_not_show_server_paths_and_uploads_are_deleted(tmp_path, uploa
 def test_scrub_paths_keeps_file_names(uploads):
     import tempfile
 
-    message = (f"`input_video`: {uploads}/ab12/clip.mp4 is not a readable video (Invalid data found when processing "
-               f"input: '{tempfile.gettempdir()}/other/x.mp4')")
-    assert scrub_paths(message) == ("`input_video`: clip.mp4 is not a readable video (Invalid data found when "
-                                    "processing input: 'x.mp4')")
+    message = (
+        f"`input_video`: {uploads}/ab12/clip.mp4 is not a readable video (Invalid data found when processing "
+        f"input: '{tempfile.gettempdir()}/other/x.mp4')"
+    )
+    assert scrub_paths(message) == (
+        "`input_video`: clip.mp4 is not a readable video (Invalid data found when processing input: 'x.mp4')"
+    )
 
 
 def test_a_huge_prompt_is_not_echoed_whole(tmp_path):
@@ -175,8 +180,9 @@ def test_gradio_hands_each_handler_the_visitors_session(tmp_path):
 @pytest.mark.slow
 def test_the_equivalent_command_names_uploads_by_their_file_names(tmp_path, uploads):
     image = _upload_image(uploads, "face.png")
-    path, shown, messages = submit_job(JobRunner(), "reference_to_video", form(ref_imgs=[str(image)], steps=1),
-                                       "tiny", tmp_path / "out", "S")
+    path, shown, messages = submit_job(
+        JobRunner(), "reference_to_video", form(ref_imgs=[str(image)], steps=1), "tiny", tmp_path / "out", "S"
+    )
     assert messages == {} and Path(path).is_file()
     assert "--ref-imgs face.png" in shown and str(uploads) not in shown
     assert str(tmp_path / "out") in shown  # the output path is the server's real one (not a temporary copy)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
 
 from skyreels_diffusers.app import Cancelled, JobRunner, build_request, cli_command, error_field  # noqa: E402
@@ -24,15 +25,29 @@ def test_form_becomes_the_cli_request_and_command(tmp_path):
     random_image().save(image)
     request = build_request("reference_to_video", form(ref_imgs=[str(image)], resolution="480P"), "tiny", tmp_path)
     assert (request.task, request.model, request.prompt, request.duration, request.seed, request.steps) == (
-        "reference_to_video", "tiny", "a cat", 1, 7, 2)
+        "reference_to_video",
+        "tiny",
+        "a cat",
+        1,
+        7,
+        2,
+    )
     assert request.resolution == "480P" and request.ref_imgs == [str(image)]
     assert Path(request.output).parent == tmp_path / "reference_to_video"
     other = build_request("reference_to_video", form(ref_imgs=[str(image)]), "tiny", tmp_path)
     assert other.output != request.output  # never overwritten
     args = build_parser().parse_args(shlex.split(cli_command(request))[1:])
-    assert (args.task, args.model, args.prompt, args.duration, args.seed, args.steps, args.resolution,
-            args.ref_imgs, args.output) == ("reference_to_video", "tiny", "a cat", 1, 7, 2, "480P", [str(image)],
-                                            request.output)
+    assert (
+        args.task,
+        args.model,
+        args.prompt,
+        args.duration,
+        args.seed,
+        args.steps,
+        args.resolution,
+        args.ref_imgs,
+        args.output,
+    ) == ("reference_to_video", "tiny", "a cat", 1, 7, 2, "480P", [str(image)], request.output)
 
 
 @pytest.mark.parametrize(
@@ -54,8 +69,8 @@ def test_validation_errors_name_the_input(tmp_path, task, fields, field):
 
         fields["input_video"] = str(write_video(random_video(), tmp_path / "v.mp4", fps=24))
     if task == "talking_avatar":
-        import soundfile
         import numpy as np
+        import soundfile
 
         soundfile.write(tmp_path / "s.wav", 0.3 * np.sin(np.arange(16000) / 10.0), 16000)
         fields["input_audio"] = str(tmp_path / "s.wav")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
 
 

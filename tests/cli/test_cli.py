@@ -35,9 +35,30 @@ def media(tmp_path):
 
 def test_reference_to_video_writes_playable_mp4(media, tmp_path, capsys):
     out = tmp_path / "r2v.mp4"
-    code = main(["generate", "--task", "reference_to_video", "--model", "tiny", "--ref-imgs", media["a"], media["b"],
-                 "--prompt", "a girl and a dog", "--duration", "1", "--height", "32", "--width", "48",
-                 "--steps", "2", "--output", str(out)])
+    code = main(
+        [
+            "generate",
+            "--task",
+            "reference_to_video",
+            "--model",
+            "tiny",
+            "--ref-imgs",
+            media["a"],
+            media["b"],
+            "--prompt",
+            "a girl and a dog",
+            "--duration",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--steps",
+            "2",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)  # the written path is printed last
     assert probe(out) == (25, 32, 48, 24.0)
@@ -46,27 +67,80 @@ def test_reference_to_video_writes_playable_mp4(media, tmp_path, capsys):
 @pytest.mark.slow
 def test_tiny_default_size_is_small(media, tmp_path):
     out = tmp_path / "small.mp4"
-    assert main(["generate", "--task", "reference_to_video", "--model", "tiny", "--ref-imgs", media["b"],
-                 "--duration", "1", "--steps", "1", "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--task",
+                "reference_to_video",
+                "--model",
+                "tiny",
+                "--ref-imgs",
+                media["b"],
+                "--duration",
+                "1",
+                "--steps",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     frames, height, width, fps = probe(out)
     assert max(height, width) <= 256 and height % 16 == 0 and width % 16 == 0 and frames == 25
 
 
-@pytest.mark.parametrize("task, duration, frames", [("single_shot_extension", 1, 36), ("shot_switching_extension", 2, 49)])
+@pytest.mark.parametrize(
+    "task, duration, frames", [("single_shot_extension", 1, 36), ("shot_switching_extension", 2, 49)]
+)
 def test_extension_tasks_write_mp4(media, tmp_path, task, duration, frames):
     out = tmp_path / f"{task}.mp4"
-    code = main(["generate", "--task", task, "--model", "tiny", "--input-video", media["video"],
-                 "--duration", str(duration), "--steps", "1", "--height", "32", "--width", "48",
-                 "--output", str(out)])
+    code = main(
+        [
+            "generate",
+            "--task",
+            task,
+            "--model",
+            "tiny",
+            "--input-video",
+            media["video"],
+            "--duration",
+            str(duration),
+            "--steps",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0
     assert probe(out) == (frames, 32, 48, 24.0)
 
 
 def test_snake_case_and_comma_separated_spellings():
-    args = build_parser().parse_args(["generate", "--task_type", "reference_to_video", "--model_id", "tiny",
-                                      "--ref_imgs", "a.png,b.png", "--input_video", "v.mp4"])
+    args = build_parser().parse_args(
+        [
+            "generate",
+            "--task_type",
+            "reference_to_video",
+            "--model_id",
+            "tiny",
+            "--ref_imgs",
+            "a.png,b.png",
+            "--input_video",
+            "v.mp4",
+        ]
+    )
     assert (args.task, args.model, args.ref_imgs, args.input_video) == (
-        "reference_to_video", "tiny", ["a.png,b.png"], "v.mp4")
+        "reference_to_video",
+        "tiny",
+        ["a.png,b.png"],
+        "v.mp4",
+    )
 
 
 @pytest.mark.parametrize(
@@ -131,8 +205,19 @@ def test_model_folder_missing_a_component(media, tmp_path, capsys):
     import shutil
 
     shutil.rmtree(folder / "vae")
-    code = main(["generate", "--task", "reference_to_video", "--model", str(folder), "--ref-imgs", media["a"],
-                 "--output", str(tmp_path / "o.mp4")])
+    code = main(
+        [
+            "generate",
+            "--task",
+            "reference_to_video",
+            "--model",
+            str(folder),
+            "--ref-imgs",
+            media["a"],
+            "--output",
+            str(tmp_path / "o.mp4"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "--model" in err and "'vae'" in err
@@ -146,10 +231,32 @@ def test_converted_folder_runs_through_the_cli(media, tmp_path):
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "SkyReelsV3ShotSwitchingPipeline"
     out = tmp_path / "o.mp4"
     result = subprocess.run(
-        [sys.executable, "-m", "skyreels_diffusers.cli", "generate", "--task", "shot_switching_extension",
-         "--model", str(folder), "--input-video", media["video"], "--duration", "2", "--steps", "1",
-         "--height", "32", "--width", "48", "--output", str(out), "--device", "cpu"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "skyreels_diffusers.cli",
+            "generate",
+            "--task",
+            "shot_switching_extension",
+            "--model",
+            str(folder),
+            "--input-video",
+            media["video"],
+            "--duration",
+            "2",
+            "--steps",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--output",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(out)
@@ -161,14 +268,31 @@ def test_converted_folder_runs_through_the_cli(media, tmp_path):
 def test_tiny_without_inputs_uses_builtin_examples(tmp_path, task, frames):
     out = tmp_path / "o.mp4"
     duration = "1" if task == "reference_to_video" else "2"
-    assert main(["generate", "--task", task, "--model", "tiny", "--duration", duration, "--steps", "1",
-                 "--output", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--task",
+                task,
+                "--model",
+                "tiny",
+                "--duration",
+                duration,
+                "--steps",
+                "1",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     n, height, width, fps = probe(out)
     assert n == frames and max(height, width) <= 256 and fps == 24.0
 
 
-@pytest.mark.parametrize("task, argument", [("reference_to_video", "--ref-imgs"),
-                                            ("single_shot_extension", "--input-video")])
+@pytest.mark.parametrize(
+    "task, argument", [("reference_to_video", "--ref-imgs"), ("single_shot_extension", "--input-video")]
+)
 def test_real_model_without_inputs_is_an_error(tmp_path, capsys, task, argument):
     folder = tmp_path / "model"
     tiny_pipeline(task).save_pretrained(folder)
@@ -181,7 +305,9 @@ def write_wav(path: Path, seconds: float, rate: int = 22050) -> Path:
     import soundfile
 
     t = np.arange(int(seconds * rate)) / rate
-    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 200 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32), rate)
+    soundfile.write(
+        path, (0.3 * np.sin(2 * np.pi * 200 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32), rate
+    )
     return path
 
 
@@ -191,8 +317,25 @@ def test_talking_avatar_mp4_carries_audio_of_matching_length(tmp_path, capsys):
     random_image(64, 48, seed=3).save(face)
     speech = write_wav(tmp_path / "speech.wav", 3.5)
     out = tmp_path / "avatar.mp4"
-    code = main(["generate", "--task", "talking_avatar", "--model", "tiny", "--input-image", str(face),
-                 "--input-audio", str(speech), "--height", "32", "--width", "48", "--output", str(out)])
+    code = main(
+        [
+            "generate",
+            "--task",
+            "talking_avatar",
+            "--model",
+            "tiny",
+            "--input-image",
+            str(face),
+            "--input-audio",
+            str(speech),
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0 and capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     with av.open(str(out)) as container:
         video, audio = container.streams.video[0], container.streams.audio[0]
@@ -221,8 +364,16 @@ def test_talking_avatar_bad_input(tmp_path, capsys, monkeypatch, extra, argument
     face = tmp_path / "face.png"
     random_image(64, 48).save(face)
     paths = {"face": face, "speech": write_wav(tmp_path / "s.wav", 2.0), "short": write_wav(tmp_path / "t.wav", 0.2)}
-    argv = ["generate", "--task", "talking_avatar", "--model", "tiny", "--output", str(tmp_path / "o.mp4"),
-            *[e.format(**paths) for e in extra]]
+    argv = [
+        "generate",
+        "--task",
+        "talking_avatar",
+        "--model",
+        "tiny",
+        "--output",
+        str(tmp_path / "o.mp4"),
+        *[e.format(**paths) for e in extra],
+    ]
     assert main(argv) == 2
     assert argument in capsys.readouterr().err
     assert not (tmp_path / "o.mp4").exists()

@@ -14,6 +14,7 @@ from skyreels_diffusers.pipelines.video_io import write_video
 from tests.conversion.community_files import T, wan_native_state, write_community_gguf
 from tests.helpers import random_video
 
+
 TASK = "single_shot_extension"
 
 
@@ -29,14 +30,29 @@ def folder_and_files(tmp_path):
     decoded = write_community_gguf(tmp_path / "t-Q8_0.gguf", wan, T.Q8_0)
     save_file({k: v.contiguous() for k, v in wan.items()}, str(tmp_path / "t.safetensors"))
     video = write_video(random_video(frames=30, height=64, width=96), tmp_path / "in.mp4", fps=24)
-    return {"folder": folder, "gguf": tmp_path / "t-Q8_0.gguf", "single": tmp_path / "t.safetensors",
-            "decoded": decoded, "wan": wan, "video": str(video)}
+    return {
+        "folder": folder,
+        "gguf": tmp_path / "t-Q8_0.gguf",
+        "single": tmp_path / "t.safetensors",
+        "decoded": decoded,
+        "wan": wan,
+        "video": str(video),
+    }
 
 
 def _request(files, transformer, **extra) -> GenerationRequest:
-    return GenerationRequest(task=TASK, model=str(files["folder"]), transformer=str(transformer),
-                             input_video=files["video"], duration=1, steps=1, height=32, width=48, device="cpu",
-                             **extra)
+    return GenerationRequest(
+        task=TASK,
+        model=str(files["folder"]),
+        transformer=str(transformer),
+        input_video=files["video"],
+        duration=1,
+        steps=1,
+        height=32,
+        width=48,
+        device="cpu",
+        **extra,
+    )
 
 
 def test_gguf_transformer_replaces_the_folders(folder_and_files):
@@ -46,8 +62,9 @@ def test_gguf_transformer_replaces_the_folders(folder_and_files):
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
     weight = dequantize_gguf_tensor(pipe.transformer.blocks[0].attn1.to_q.weight).float()
-    torch.testing.assert_close(weight, folder_and_files["decoded"]["blocks.0.self_attn.q.weight"],
-                               rtol=1e-3, atol=1e-3)  # dequantised in fp16 (GGUF scales are fp16)
+    torch.testing.assert_close(
+        weight, folder_and_files["decoded"]["blocks.0.self_attn.q.weight"], rtol=1e-3, atol=1e-3
+    )  # dequantised in fp16 (GGUF scales are fp16)
 
 
 def test_single_file_transformer_replaces_the_folders(folder_and_files):
@@ -59,18 +76,43 @@ def test_single_file_transformer_replaces_the_folders(folder_and_files):
 @pytest.mark.slow
 def test_gguf_transformer_generates_through_the_cli(folder_and_files, tmp_path):
     out = tmp_path / "o.mp4"
-    code = main(["generate", "--task", TASK, "--model", str(folder_and_files["folder"]), "--transformer",
-                 str(folder_and_files["gguf"]), "--input-video", folder_and_files["video"], "--duration", "1",
-                 "--steps", "1", "--height", "32", "--width", "48", "--device", "cpu", "--output", str(out)])
+    code = main(
+        [
+            "generate",
+            "--task",
+            TASK,
+            "--model",
+            str(folder_and_files["folder"]),
+            "--transformer",
+            str(folder_and_files["gguf"]),
+            "--input-video",
+            folder_and_files["video"],
+            "--duration",
+            "1",
+            "--steps",
+            "1",
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ]
+    )
     assert code == 0 and out.stat().st_size > 0
 
 
-@pytest.mark.parametrize("change, argument", [
-    ({"model": "tiny"}, "--transformer"),
-    ({"transformer": "nowhere.gguf"}, "--transformer"),
-    ({"transformer": "weights.txt"}, "--transformer"),
-    ({"quantize": "fp8_weight_only"}, "--quantize"),
-])
+@pytest.mark.parametrize(
+    "change, argument",
+    [
+        ({"model": "tiny"}, "--transformer"),
+        ({"transformer": "nowhere.gguf"}, "--transformer"),
+        ({"transformer": "weights.txt"}, "--transformer"),
+        ({"quantize": "fp8_weight_only"}, "--quantize"),
+    ],
+)
 def test_bad_transformer_arguments_fail_before_loading(folder_and_files, tmp_path, change, argument):
     request = _request(folder_and_files, folder_and_files["gguf"])
     if change.get("transformer") == "weights.txt":

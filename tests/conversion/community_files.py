@@ -18,12 +18,19 @@ import gguf
 import numpy as np
 import torch
 
+
 T = gguf.GGMLQuantizationType
 K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 
 _OURS_TO_WAN = [
-    (r"condition_embedder\.text_embedder\.linear_([12])\.(.*)", lambda m: f"text_embedding.{2 * int(m[1]) - 2}.{m[2]}"),
-    (r"condition_embedder\.time_embedder\.linear_([12])\.(.*)", lambda m: f"time_embedding.{2 * int(m[1]) - 2}.{m[2]}"),
+    (
+        r"condition_embedder\.text_embedder\.linear_([12])\.(.*)",
+        lambda m: f"text_embedding.{2 * int(m[1]) - 2}.{m[2]}",
+    ),
+    (
+        r"condition_embedder\.time_embedder\.linear_([12])\.(.*)",
+        lambda m: f"time_embedding.{2 * int(m[1]) - 2}.{m[2]}",
+    ),
     (r"condition_embedder\.time_proj\.(.*)", r"time_projection.1.\1"),
     (r"blocks\.(\d+)\.scale_shift_table", r"blocks.\1.modulation"),
     (r"blocks\.(\d+)\.attn1\.to_(q|k|v)\.(.*)", r"blocks.\1.self_attn.\2.\3"),
@@ -103,8 +110,9 @@ def community_qtype(key: str, shape: tuple[int, ...], qtype):
     return qtype
 
 
-def write_community_gguf(path: Path, state: dict[str, torch.Tensor], qtype, architecture: str = "wan",
-                         seed: int = 0) -> dict[str, torch.Tensor]:
+def write_community_gguf(
+    path: Path, state: dict[str, torch.Tensor], qtype, architecture: str = "wan", seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Write `state` as a community-layout GGUF file; returns what each tensor decodes to (float32)."""
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(path), arch=architecture)
@@ -118,7 +126,8 @@ def write_community_gguf(path: Path, state: dict[str, torch.Tensor], qtype, arch
         else:
             raw = gguf.quants.quantize(data, kind)
         decoded[key] = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, kind), dtype=np.float32)).reshape(
-            data.shape)
+            data.shape
+        )
         writer.add_tensor(key, raw, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

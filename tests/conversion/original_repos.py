@@ -19,13 +19,16 @@ from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS
 from skyreels_diffusers.pipelines.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 from tests.helpers import GoldenCase
 
+
 # transformers UMT5EncoderModel -> Wan-native T5 (`models_t5_umt5-xxl-enc-bf16.pth`)
 _T5_TO_ORIGINAL = [
     (r"shared\.weight", r"token_embedding.weight"),
     (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"blocks.\1.norm1.weight"),
     (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight", r"blocks.\1.attn.\2.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
-     r"blocks.\1.pos_embedding.embedding.weight"),
+    (
+        r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
+        r"blocks.\1.pos_embedding.embedding.weight",
+    ),
     (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"blocks.\1.norm2.weight"),
     (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.weight", r"blocks.\1.ffn.gate.0.weight"),
     (r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.weight", r"blocks.\1.ffn.fc1.weight"),
@@ -34,18 +37,29 @@ _T5_TO_ORIGINAL = [
 ]
 
 # diffusers AutoencoderKLWan -> Wan2.1 `WanVAE_` (residual blocks: 0 norm, 2 conv, 3 norm, 6 conv)
-_RES = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
-        "conv2": "residual.6", "conv_shortcut": "shortcut"}
+_RES = {
+    "norm1.gamma": "residual.0.gamma",
+    "conv1": "residual.2",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2": "residual.6",
+    "conv_shortcut": "shortcut",
+}
 
 
 def _vae_key_to_original(key: str) -> str:
-    fixed = {"quant_conv": "conv1", "post_quant_conv": "conv2", "encoder.conv_in": "encoder.conv1",
-             "decoder.conv_in": "decoder.conv1", "encoder.norm_out.gamma": "encoder.head.0.gamma",
-             "decoder.norm_out.gamma": "decoder.head.0.gamma", "encoder.conv_out": "encoder.head.2",
-             "decoder.conv_out": "decoder.head.2"}
+    fixed = {
+        "quant_conv": "conv1",
+        "post_quant_conv": "conv2",
+        "encoder.conv_in": "encoder.conv1",
+        "decoder.conv_in": "decoder.conv1",
+        "encoder.norm_out.gamma": "encoder.head.0.gamma",
+        "decoder.norm_out.gamma": "decoder.head.0.gamma",
+        "encoder.conv_out": "encoder.head.2",
+        "decoder.conv_out": "decoder.head.2",
+    }
     for ours, theirs in fixed.items():
         if key.startswith(ours + ".") or key == ours:
-            return theirs + key[len(ours):]
+            return theirs + key[len(ours) :]
     m = re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(norm1\.gamma|conv1|norm2\.gamma|conv2)(.*)", key)
     if m:
         return f"{m[1]}.middle.{2 * int(m[2])}.{_RES[m[3]]}{m[4]}"
@@ -58,8 +72,9 @@ def _vae_key_to_original(key: str) -> str:
     m = re.fullmatch(r"encoder\.down_blocks\.(\d+)\.(resample|time_conv)(.*)", key)
     if m:
         return f"encoder.downsamples.{m[1]}.{m[2]}{m[3]}"
-    m = re.fullmatch(r"decoder\.up_blocks\.(\d)\.resnets\.(\d)\.(norm1\.gamma|conv1|norm2\.gamma|conv2|conv_shortcut)(.*)",
-                     key)
+    m = re.fullmatch(
+        r"decoder\.up_blocks\.(\d)\.resnets\.(\d)\.(norm1\.gamma|conv1|norm2\.gamma|conv2|conv_shortcut)(.*)", key
+    )
     if m:
         return f"decoder.upsamples.{4 * int(m[1]) + int(m[2])}.{_RES[m[3]]}{m[4]}"
     m = re.fullmatch(r"decoder\.up_blocks\.(\d)\.upsamplers\.0\.(.*)", key)
@@ -71,8 +86,9 @@ def _vae_key_to_original(key: str) -> str:
 def wan_layout_vae(seed: int = 0) -> AutoencoderKLWan:
     """A tiny VAE with the Wan2.1 block structure (width 4 instead of 96)."""
     torch.manual_seed(seed)
-    return AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                            temperal_downsample=[False, True, True]).eval()
+    return AutoencoderKLWan(
+        base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True]
+    ).eval()
 
 
 def _rename(state: dict, rules) -> dict:
@@ -106,27 +122,47 @@ def build_extension_repo(folder: Path) -> dict:
 def build_reference_repo(folder: Path) -> dict:
     """Reference2Video layout (diffusers): model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/."""
     folder.mkdir(parents=True)
-    parts = {"tokenizer": tiny_tokenizer(), "text_encoder": tiny_text_encoder(seed=1), "vae": tiny_vae(seed=2),
-             "transformer": tiny_transformer("reference", seed=3)}
+    parts = {
+        "tokenizer": tiny_tokenizer(),
+        "text_encoder": tiny_text_encoder(seed=1),
+        "vae": tiny_vae(seed=2),
+        "transformer": tiny_transformer("reference", seed=3),
+    }
     parts["tokenizer"].save_pretrained(folder / "tokenizer")
     parts["text_encoder"].save_pretrained(folder / "text_encoder")
     parts["vae"].save_pretrained(folder / "vae")
     (folder / "transformer").mkdir()
-    config = {"_class_name": "SkyReelsA2WanI2v3DModel", "_diffusers_version": "0.34.0",
-              **TINY_TRANSFORMER_CONFIGS["reference"], "image_dim": None, "added_kv_proj_dim": None,
-              "rope_max_seq_len": 1024}
+    config = {
+        "_class_name": "SkyReelsA2WanI2v3DModel",
+        "_diffusers_version": "0.34.0",
+        **TINY_TRANSFORMER_CONFIGS["reference"],
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": 1024,
+    }
     config["patch_size"] = list(config["patch_size"])
     (folder / "transformer" / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in parts["transformer"].state_dict().items()},
-              str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in parts["transformer"].state_dict().items()},
+        str(folder / "transformer" / "diffusion_pytorch_model.safetensors"),
+    )
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "WanSkyReelsA2WanT2VPipeline", "_diffusers_version": "0.34.0",
-        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"]}))
+        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+    )
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanSkyReelsA2WanT2VPipeline",
+                "_diffusers_version": "0.34.0",
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "UMT5EncoderModel"],
+                "tokenizer": ["transformers", "T5TokenizerFast"],
+                "transformer": ["diffusers", "WanTransformer3DModel"],
+                "vae": ["diffusers", "AutoencoderKLWan"],
+            }
+        )
+    )
     return parts
 
 
@@ -146,21 +182,32 @@ def open_clip_visual_state(hidden: int = 160, layers: int = 2, patch: int = 14, 
         "visual.patch_embedding.weight": rnd(hidden, 3, patch, patch),
         "visual.cls_embedding": rnd(1, 1, hidden, scale=0.5),
         "visual.pos_embedding": rnd(1, tokens, hidden, scale=0.5),
-        "visual.pre_norm.weight": 1 + rnd(hidden), "visual.pre_norm.bias": rnd(hidden),
-        "visual.post_norm.weight": 1 + rnd(hidden), "visual.post_norm.bias": rnd(hidden),
+        "visual.pre_norm.weight": 1 + rnd(hidden),
+        "visual.pre_norm.bias": rnd(hidden),
+        "visual.post_norm.weight": 1 + rnd(hidden),
+        "visual.post_norm.bias": rnd(hidden),
         "visual.head": rnd(hidden, 32),
-        "textual.token_embedding.weight": rnd(10, 8), "log_scale": torch.tensor(4.6),
+        "textual.token_embedding.weight": rnd(10, 8),
+        "log_scale": torch.tensor(4.6),
     }
     for i in range(layers):
         p = f"visual.transformer.{i}."
-        state.update({
-            p + "norm1.weight": 1 + rnd(hidden), p + "norm1.bias": rnd(hidden),
-            p + "norm2.weight": 1 + rnd(hidden), p + "norm2.bias": rnd(hidden),
-            p + "attn.to_qkv.weight": rnd(3 * hidden, hidden, scale=hidden**-0.5), p + "attn.to_qkv.bias": rnd(3 * hidden),
-            p + "attn.proj.weight": rnd(hidden, hidden, scale=hidden**-0.5), p + "attn.proj.bias": rnd(hidden),
-            p + "mlp.0.weight": rnd(4 * hidden, hidden, scale=hidden**-0.5), p + "mlp.0.bias": rnd(4 * hidden),
-            p + "mlp.2.weight": rnd(hidden, 4 * hidden, scale=(4 * hidden) ** -0.5), p + "mlp.2.bias": rnd(hidden),
-        })
+        state.update(
+            {
+                p + "norm1.weight": 1 + rnd(hidden),
+                p + "norm1.bias": rnd(hidden),
+                p + "norm2.weight": 1 + rnd(hidden),
+                p + "norm2.bias": rnd(hidden),
+                p + "attn.to_qkv.weight": rnd(3 * hidden, hidden, scale=hidden**-0.5),
+                p + "attn.to_qkv.bias": rnd(3 * hidden),
+                p + "attn.proj.weight": rnd(hidden, hidden, scale=hidden**-0.5),
+                p + "attn.proj.bias": rnd(hidden),
+                p + "mlp.0.weight": rnd(4 * hidden, hidden, scale=hidden**-0.5),
+                p + "mlp.0.bias": rnd(4 * hidden),
+                p + "mlp.2.weight": rnd(hidden, 4 * hidden, scale=(4 * hidden) ** -0.5),
+                p + "mlp.2.bias": rnd(hidden),
+            }
+        )
     return state
 
 
@@ -184,8 +231,9 @@ def open_clip_penultimate(state: dict, pixels: torch.Tensor, head_dim: int = 80)
         attn = torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5, dim=-1) @ v
         x = x + F.linear(attn.transpose(1, 2).flatten(2), w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
         y = F.layer_norm(x, (hidden,), w[p + "norm2.weight"], w[p + "norm2.bias"], 1e-5)
-        x = x + F.linear(F.gelu(F.linear(y, w[p + "mlp.0.weight"], w[p + "mlp.0.bias"])), w[p + "mlp.2.weight"],
-                         w[p + "mlp.2.bias"])
+        x = x + F.linear(
+            F.gelu(F.linear(y, w[p + "mlp.0.weight"], w[p + "mlp.0.bias"])), w[p + "mlp.2.weight"], w[p + "mlp.2.bias"]
+        )
     return x
 
 

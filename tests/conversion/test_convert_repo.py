@@ -22,6 +22,7 @@ from skyreels_diffusers.pipelines.tasks import TASKS
 from tests.conversion.original_repos import build_extension_repo, build_reference_repo, remove
 from tests.helpers import random_image, random_video
 
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(height=32, width=48, num_inference_steps=2)
 
@@ -31,7 +32,10 @@ def test_reference_repo_converts_and_matches_unconverted_components(tmp_path):
     [folder] = convert_repo("reference_to_video", tmp_path / "orig", tmp_path / "conv", dtype=torch.float32)
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "SkyReelsV3ReferencePipeline"
-    assert index["transformer"] == ["skyreels_diffusers.models.transformer_skyreels_v3", "SkyReelsV3Transformer3DModel"]
+    assert index["transformer"] == [
+        "skyreels_diffusers.models.transformer_skyreels_v3",
+        "SkyReelsV3Transformer3DModel",
+    ]
     assert (folder / "README.md").is_file()
 
     loaded = SkyReelsV3ReferencePipeline.from_pretrained(folder)
@@ -76,7 +80,8 @@ def test_extension_repo_yields_two_pipelines(tmp_path):
     # output equals the unconverted components' (transformer straight from the original folder)
     convert_transformer(tmp_path / "orig" / "shot_transformer", tmp_path / "t", "extension")
     reference = SkyReelsV3ShotSwitchingPipeline(
-        **parts, transformer=SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / "t"),
+        **parts,
+        transformer=SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / "t"),
         scheduler=TASKS["single_shot_extension"].make_scheduler(),
     )
     shot_pipe = SkyReelsV3ShotSwitchingPipeline.from_pretrained(shot)
@@ -125,8 +130,17 @@ def test_script_repo_command_and_push_to_hub(tmp_path, monkeypatch):
         import convert_checkpoints
     finally:
         sys.path.pop(0)
-    code = convert_checkpoints.main(["repo", "--task", "reference_to_video", str(tmp_path / "orig"),
-                                     str(tmp_path / "conv"), "--push-to-hub", "me/skyreels-r2v"])
+    code = convert_checkpoints.main(
+        [
+            "repo",
+            "--task",
+            "reference_to_video",
+            str(tmp_path / "orig"),
+            str(tmp_path / "conv"),
+            "--push-to-hub",
+            "me/skyreels-r2v",
+        ]
+    )
     assert code == 0
     assert calls == [("create", "me/skyreels-r2v"), ("upload", "me/skyreels-r2v", "conv", None)]
     config = json.loads((tmp_path / "conv" / "transformer" / "config.json").read_text())

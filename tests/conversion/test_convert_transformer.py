@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from skyreels_diffusers.conversion import convert_config, convert_transformer, map_keys, WAN_NATIVE_KEY_MAP
+from skyreels_diffusers.conversion import WAN_NATIVE_KEY_MAP, convert_config, convert_transformer, map_keys
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from tests.helpers import GoldenCase
+
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,9 +92,23 @@ def test_pth_input_loaded_with_weights_only(tmp_path):
 def test_config_reads_fields_the_original_ignores():
     """`text_dim`, `patch_size`, `cross_attn_norm` come from config.json (the original's from_config forces defaults)."""
     config = convert_config(
-        {"model_type": "t2v", "dim": 64, "num_heads": 2, "text_dim": 32, "patch_size": [1, 2, 2], "in_dim": 16,
-         "out_dim": 16, "ffn_dim": 128, "num_layers": 2, "cross_attn_norm": False, "qk_norm": True,
-         "window_size": [-1, -1], "eps": 1e-6, "freq_dim": 256, "text_len": 8},
+        {
+            "model_type": "t2v",
+            "dim": 64,
+            "num_heads": 2,
+            "text_dim": 32,
+            "patch_size": [1, 2, 2],
+            "in_dim": 16,
+            "out_dim": 16,
+            "ffn_dim": 128,
+            "num_layers": 2,
+            "cross_attn_norm": False,
+            "qk_norm": True,
+            "window_size": [-1, -1],
+            "eps": 1e-6,
+            "freq_dim": 256,
+            "text_len": 8,
+        },
         "extension",
     )
     assert config["text_dim"] == 32 and config["attention_head_dim"] == 32 and config["cross_attn_norm"] is False
@@ -119,9 +134,19 @@ def test_script_converts_and_reports_errors(tmp_path):
     original = case.write_original_folder(tmp_path / "o")
     script = ROOT / "scripts" / "convert_checkpoints.py"
     ok = subprocess.run(
-        [sys.executable, str(script), "transformer", "--variant", "reference", str(original), str(tmp_path / "c"),
-         "--dtype", "bf16"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(script),
+            "transformer",
+            "--variant",
+            "reference",
+            str(original),
+            str(tmp_path / "c"),
+            "--dtype",
+            "bf16",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0, ok.stderr
     saved = load_file(str(tmp_path / "c" / "diffusion_pytorch_model.safetensors"))
@@ -129,6 +154,7 @@ def test_script_converts_and_reports_errors(tmp_path):
     SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / "c")  # strict load succeeds
     bad = subprocess.run(
         [sys.executable, str(script), "transformer", "--variant", "extension", str(original), str(tmp_path / "d")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 1 and "error:" in bad.stderr

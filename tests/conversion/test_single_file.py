@@ -17,12 +17,24 @@ from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from tests.conversion.community_files import T, wan_native_state, write_community_gguf
 from tests.helpers import GoldenCase, tiny_inputs
 
+
 GOLDEN_VAE = Path("/work/shared/golden/pipelines/vae")
 FP32 = GGUFQuantizationConfig(compute_dtype=torch.float32)
 # a width-256 extension model (2 heads x 128, as in every real size): every linear fits 256-wide K-quant blocks
-WIDE = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 128, "in_channels": 16,
-        "out_channels": 16, "text_dim": 256, "freq_dim": 256, "ffn_dim": 512, "num_layers": 1,
-        "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6}
+WIDE = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 256,
+    "freq_dim": 256,
+    "ffn_dim": 512,
+    "num_layers": 1,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+}
 
 
 def _forward(model, inputs):
@@ -48,8 +60,9 @@ def test_single_file_equals_the_converted_folder(name, tmp_path):
     original = case.write_original_folder(tmp_path / "o")
     convert_transformer(original, tmp_path / "c", case.variant, dtype=torch.float32)
     expected = SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / "c", torch_dtype=torch.float32).state_dict()
-    model = SkyReelsV3Transformer3DModel.from_single_file(original / "model.safetensors", config=original,
-                                                          torch_dtype=torch.float32)
+    model = SkyReelsV3Transformer3DModel.from_single_file(
+        original / "model.safetensors", config=original, torch_dtype=torch.float32
+    )
     got = model.state_dict()
     assert got.keys() == expected.keys()
     for key in expected:
@@ -62,16 +75,22 @@ def test_shards_pth_and_comfy_prefix(tmp_path):
     keys = sorted(state)
     prefixed = {f"model.diffusion_model.{k}": v.float() for k, v in state.items()}
     half = len(keys) // 2
-    save_file({f"model.diffusion_model.{k}": prefixed[f"model.diffusion_model.{k}"] for k in keys[:half]},
-              str(tmp_path / "a.safetensors"))
-    save_file({f"model.diffusion_model.{k}": prefixed[f"model.diffusion_model.{k}"] for k in keys[half:]},
-              str(tmp_path / "b.safetensors"))
+    save_file(
+        {f"model.diffusion_model.{k}": prefixed[f"model.diffusion_model.{k}"] for k in keys[:half]},
+        str(tmp_path / "a.safetensors"),
+    )
+    save_file(
+        {f"model.diffusion_model.{k}": prefixed[f"model.diffusion_model.{k}"] for k in keys[half:]},
+        str(tmp_path / "b.safetensors"),
+    )
     torch.save(prefixed, tmp_path / "whole.pth")
     config = case.meta["model_config"]
-    shards = SkyReelsV3Transformer3DModel.from_single_file([tmp_path / "a.safetensors", tmp_path / "b.safetensors"],
-                                                           config=config, torch_dtype=torch.float32)
-    pth = SkyReelsV3Transformer3DModel.from_single_file(tmp_path / "whole.pth", config=config,
-                                                        torch_dtype=torch.float32)
+    shards = SkyReelsV3Transformer3DModel.from_single_file(
+        [tmp_path / "a.safetensors", tmp_path / "b.safetensors"], config=config, torch_dtype=torch.float32
+    )
+    pth = SkyReelsV3Transformer3DModel.from_single_file(
+        tmp_path / "whole.pth", config=config, torch_dtype=torch.float32
+    )
     for key, value in shards.state_dict().items():
         assert torch.equal(value, pth.state_dict()[key]), key
 
@@ -82,7 +101,8 @@ def test_config_inferred_from_shapes(wide):
     for field, value in WIDE.items():
         got = loaded.config[field]
         assert (list(got) if isinstance(got, (list, tuple)) else got) == (
-            list(value) if isinstance(value, tuple) else value), field
+            list(value) if isinstance(value, tuple) else value
+        ), field
 
 
 @pytest.mark.parametrize("change", ["missing", "extra", "shape"])
@@ -99,8 +119,11 @@ def test_single_file_is_strict_and_names_the_file(change, tmp_path):
     error = ValueError if change == "shape" else KeyError
     with pytest.raises(error, match="bad.safetensors") as info:
         SkyReelsV3Transformer3DModel.from_single_file(tmp_path / "bad.safetensors", config=case.meta["model_config"])
-    assert {"missing": "blocks.1.ffn.net.2.weight", "extra": "blocks.0.extra.weight",
-            "shape": "blocks.0.ffn.net.2.weight"}[change] in str(info.value)
+    assert {
+        "missing": "blocks.1.ffn.net.2.weight",
+        "extra": "blocks.0.extra.weight",
+        "shape": "blocks.0.ffn.net.2.weight",
+    }[change] in str(info.value)
 
 
 def test_checkpoint_of_another_model_is_rejected_naming_the_file(tmp_path):
@@ -111,16 +134,23 @@ def test_checkpoint_of_another_model_is_rejected_naming_the_file(tmp_path):
 
 # quant type -> bound on the output error of the file against the float model (real quantisation; None: K-quant
 # files hold random blocks, compared only against their own decoded weights)
-GGUF_TYPES = {T.Q8_0: 0.01, T.Q5_0: 0.06, T.Q4_0: 0.12, T.BF16: 0.005, T.F16: 0.001,
-              T.Q4_K: None, T.Q5_K: None, T.Q6_K: None}
+GGUF_TYPES = {
+    T.Q8_0: 0.01,
+    T.Q5_0: 0.06,
+    T.Q4_0: 0.12,
+    T.BF16: 0.005,
+    T.F16: 0.001,
+    T.Q4_K: None,
+    T.Q5_K: None,
+    T.Q6_K: None,
+}
 
 
 @pytest.mark.parametrize("qtype", list(GGUF_TYPES), ids=lambda t: t.name)
 def test_gguf_stays_quantised_and_matches_its_dequantised_weights(qtype, wide, tmp_path):
     model, wan, inputs = wide
     decoded = write_community_gguf(tmp_path / f"m-{qtype.name}.gguf", wan, qtype)
-    loaded = SkyReelsV3Transformer3DModel.from_single_file(tmp_path / f"m-{qtype.name}.gguf",
-                                                           quantization_config=FP32)
+    loaded = SkyReelsV3Transformer3DModel.from_single_file(tmp_path / f"m-{qtype.name}.gguf", quantization_config=FP32)
     linears = [m for m in loaded.modules() if isinstance(m, GGUFLinear)]
     if qtype == T.F16:  # plain torch dtype: ordinary linears
         assert not linears
@@ -139,8 +169,9 @@ def test_gguf_avatar_loads_with_its_fused_kv_split(tmp_path):
     state = load_file(str(case.dir / "weights.safetensors"))
     decoded = write_community_gguf(tmp_path / "avatar.gguf", state, T.Q8_0)
     config = case.meta["model_config"]
-    loaded = SkyReelsV3Transformer3DModel.from_single_file(tmp_path / "avatar.gguf", config=config,
-                                                           quantization_config=FP32)
+    loaded = SkyReelsV3Transformer3DModel.from_single_file(
+        tmp_path / "avatar.gguf", config=config, quantization_config=FP32
+    )
     reference = SkyReelsV3Transformer3DModel.from_single_file(decoded, config=config, torch_dtype=torch.float32)
     assert sum(isinstance(m, GGUFLinear) for m in loaded.modules()) > 0
     expected = reference.state_dict()
@@ -161,8 +192,9 @@ def test_bad_gguf_files_give_clear_errors(wide, tmp_path):
     write_community_gguf(tmp_path / "flux.gguf", wan, T.Q8_0, architecture="flux")
     with pytest.raises(ValueError, match=r"flux\.gguf.*'flux'"):
         SkyReelsV3Transformer3DModel.from_single_file(tmp_path / "flux.gguf", quantization_config=FP32)
-    write_community_gguf(tmp_path / "missing.gguf", {k: v for k, v in wan.items() if k != "blocks.0.cross_attn.o.weight"},
-                         T.Q8_0)
+    write_community_gguf(
+        tmp_path / "missing.gguf", {k: v for k, v in wan.items() if k != "blocks.0.cross_attn.o.weight"}, T.Q8_0
+    )
     with pytest.raises(KeyError, match=r"missing\.gguf.*blocks\.0\.attn2\.to_out\.0\.weight"):
         SkyReelsV3Transformer3DModel.from_single_file(tmp_path / "missing.gguf", quantization_config=FP32)
     with pytest.raises(ValueError, match="quantization_config"):

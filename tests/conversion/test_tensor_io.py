@@ -57,8 +57,10 @@ def test_safetensors_header_only_and_truncation_named(tmp_path):
 
 def test_streamed_shards_hold_every_tensor_once_within_the_size(tmp_path):
     state = {k: v.clone().contiguous() for k, v in _state().items()}
-    planned = [PlannedTensor(k, tuple(v.shape), torch.float32 if v.is_floating_point() else v.dtype,
-                             lambda v=v: v) for k, v in state.items()]
+    planned = [
+        PlannedTensor(k, tuple(v.shape), torch.float32 if v.is_floating_point() else v.dtype, lambda v=v: v)
+        for k, v in state.items()
+    ]
     write_safetensors_shards(tmp_path, planned, "model", max_shard_size=64)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))

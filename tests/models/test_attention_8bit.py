@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+
 # Triton picks the interpreter when a kernel is defined, so this must be set before the kernel module is imported
 # (only this module imports it on a CPU machine).
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,6 +23,7 @@ from skyreels_diffusers.models.attention_8bit_backend import (  # noqa: E402
     check_8bit_backend_available,
     cross_attention_backend,
 )
+
 
 # Stated error bounds (||out - ref|| / ||ref|| against float32 attention, 200 tokens, 2 heads): INT8 Q·K with bf16
 # P·V measured about 1.2% here, with FP8 P·V about 3.7% on Gaussian and 2% on the outlier inputs; on the H200 the
@@ -62,15 +64,21 @@ def test_kernel_within_bound_of_fp32_attention(qk, pv, outlier):
     # running block maximum there and the row maximum here, hence not bit for bit)
     assert rel(out, kernel.reference_attention_8bit(q, k, v, qk=qk, pv=pv)) < 0.03
     # and the quantisation is what costs the accuracy: bf16 SDPA is far closer
-    assert rel(torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))
-                                                                ).transpose(1, 2), ref) < 0.01
+    assert (
+        rel(
+            torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2),
+            ref,
+        )
+        < 0.01
+    )
 
 
 def test_kernel_head_dim_64_and_softmax_scale():
     q, k, v = make_qkv(tokens=130, heads=1, dim=64, seed=1)
     out = kernel.attention_8bit_impl(q, k, v, scale=0.2, pv="bf16")
-    ref = torch.nn.functional.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)),
-                                                           scale=0.2).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(x.float().transpose(1, 2) for x in (q, k, v)), scale=0.2
+    ).transpose(1, 2)
     assert rel(out, ref) < BOUNDS[("int8", "bf16")]
 
 
@@ -168,9 +176,11 @@ def test_transformer_with_8bit_backend_eager_and_compiled():
     cfg = {**TINY_TRANSFORMER_CONFIGS["reference"], "attention_head_dim": 64, "num_layers": 1}
     model = SkyReelsV3Transformer3DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, cfg["in_channels"], 5, 8, 12, generator=g).bfloat16(),
-                  encoder_hidden_states=torch.randn(1, 16, cfg["text_dim"], generator=g).bfloat16(),
-                  timestep=torch.tensor([937]))
+    inputs = dict(
+        hidden_states=torch.randn(1, cfg["in_channels"], 5, 8, 12, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, 16, cfg["text_dim"], generator=g).bfloat16(),
+        timestep=torch.tensor([937]),
+    )
     model.set_attention_backend("native")
     with torch.no_grad():
         ref = model(**inputs).sample.float()
@@ -193,10 +203,16 @@ def test_fast_preset_fills_in_and_checks_before_loading(monkeypatch, capsys):
 
     request = generation.validate(generation.GenerationRequest(task="reference_to_video", model="tiny", fast=True))
     assert {name: getattr(request, name) for name in FAST_PRESET} == {
-        "attention_backend": "triton_8bit", "quantize": "fp8_dynamic", "compile": True}
+        "attention_backend": "triton_8bit",
+        "quantize": "fp8_dynamic",
+        "compile": True,
+    }
     with pytest.raises(ValueError, match="--fast: --fast sets --quantize fp8_dynamic"):
-        generation.validate(generation.GenerationRequest(task="reference_to_video", model="tiny", fast=True,
-                                                         quantize="fp8_weight_only"))
+        generation.validate(
+            generation.GenerationRequest(
+                task="reference_to_video", model="tiny", fast=True, quantize="fp8_weight_only"
+            )
+        )
     if torch.cuda.is_available():
         return
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU machine outside the interpreter: refused before loading

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from skyreels_diffusers.conversion import convert_transformer
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
-
 from tests.helpers import FIXTURES, GoldenCase
 
 

@@ -67,8 +67,9 @@ def test_pipeline_quantization_config(tmp_path):
 
     tiny_pipeline("reference_to_video").save_pretrained(tmp_path / "p")
     config = PipelineQuantizationConfig(quant_mapping={"transformer": torchao_quantization_config("fp8_weight_only")})
-    pipe = SkyReelsV3ReferencePipeline.from_pretrained(tmp_path / "p", dtype=torch.bfloat16,
-                                                       quantization_config=config)
+    pipe = SkyReelsV3ReferencePipeline.from_pretrained(
+        tmp_path / "p", dtype=torch.bfloat16, quantization_config=config
+    )
     assert "Float8" in type(pipe.transformer.blocks[0].attn2.to_v.weight).__name__
 
 
@@ -90,14 +91,24 @@ def test_group_offload_streams_the_two_large_components(task):
 
     def run(pipe):
         pipe.set_progress_bar_config(disable=True)
-        kwargs = dict(prompt="a cat", height=32, width=32, num_inference_steps=2, output_type="pt",
-                      generator=torch.Generator().manual_seed(0))
+        kwargs = dict(
+            prompt="a cat",
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+        )
         if task == "talking_avatar":
             import numpy as np
 
             t = np.arange(16000) / 16000
-            return pipe(image=random_image(32, 32), audio=(0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
-                        audio_sample_rate=16000, **kwargs).frames
+            return pipe(
+                image=random_image(32, 32),
+                audio=(0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32),
+                audio_sample_rate=16000,
+                **kwargs,
+            ).frames
         return pipe(ref_images=[random_image(32, 32)], num_frames=5, **kwargs).frames
 
     expected = run(tiny_pipeline(task))
@@ -106,8 +117,12 @@ def test_group_offload_streams_the_two_large_components(task):
     streamed = streamed_modules(pipe)
     assert streamed["text_encoder"] is pipe.text_encoder.encoder
     assert _is_group_offload_enabled(pipe.transformer) and _is_group_offload_enabled(pipe.text_encoder.encoder)
-    hooked = [n for n, m in pipe.transformer.named_modules() if getattr(m, "_diffusers_hook", None) is not None
-              and m._diffusers_hook.get_hook("group_offloading") is not None]
+    hooked = [
+        n
+        for n, m in pipe.transformer.named_modules()
+        if getattr(m, "_diffusers_hook", None) is not None
+        and m._diffusers_hook.get_hook("group_offloading") is not None
+    ]
     assert "blocks.0" in hooked and len([n for n in hooked if n.startswith("blocks.")]) == len(pipe.transformer.blocks)
     assert not _is_group_offload_enabled(pipe.vae)
     torch.testing.assert_close(run(pipe), expected, rtol=0, atol=0)
@@ -139,11 +154,21 @@ def test_step_caching_through_diffusers_hooks(kind):
 
     pipe = tiny_pipeline("reference_to_video")
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(ref_images=[random_image()], prompt="a", num_frames=5, height=32, width=48, num_inference_steps=8,
-                  output_type="latent")
+    kwargs = dict(
+        ref_images=[random_image()],
+        prompt="a",
+        num_frames=5,
+        height=32,
+        width=48,
+        num_inference_steps=8,
+        output_type="latent",
+    )
     plain = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
-    config = (FirstBlockCacheConfig(threshold=0.2) if kind == "first_block"
-              else MagCacheConfig(threshold=0.5, num_inference_steps=8, mag_ratios=[1.0] * 8))
+    config = (
+        FirstBlockCacheConfig(threshold=0.2)
+        if kind == "first_block"
+        else MagCacheConfig(threshold=0.5, num_inference_steps=8, mag_ratios=[1.0] * 8)
+    )
     pipe.transformer.enable_cache(config)
     cached = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
     assert torch.isfinite(cached).all()

@@ -12,6 +12,7 @@ from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS, TRANSFORMER_CONFIGS
 from tests.helpers import tiny_inputs, tiny_transformer
 
+
 VARIANTS = list(TINY_TRANSFORMER_CONFIGS)
 
 
@@ -45,7 +46,7 @@ def test_save_load_round_trip(variant, tmp_path):
     loaded = SkyReelsV3Transformer3DModel.from_pretrained(tmp_path / "m").eval()
 
     def strip(c):
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.items() if not k.startswith('_')}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.items() if not k.startswith("_")}
 
     assert strip(loaded.config) == strip(model.config)
     state, loaded_state = model.state_dict(), loaded.state_dict()
@@ -116,8 +117,12 @@ def test_rope_condition_positions_start_at_offset():
     # the first temporal channel pair rotates with frequency 1: angle == temporal position
     angles = torch.atan2(sin[0, :, 0, 1], cos[0, :, 0, 0]).view(4, 6)[:, 0].double()
     expected = torch.tensor([0.0, 1.0, 1024.0, 1025.0], dtype=torch.float64)
-    torch.testing.assert_close(torch.remainder(angles - expected + torch.pi, 2 * torch.pi) - torch.pi,
-                               torch.zeros(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.remainder(angles - expected + torch.pi, 2 * torch.pi) - torch.pi,
+        torch.zeros(4, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
     assert t_dim == 16 - 4 * (16 // 6)
 
 
@@ -242,6 +247,9 @@ def test_fused_projections_match_and_are_used(variant):
     assert len(fused) == len(model.blocks) * (3 if variant == "avatar" else 2)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if any(f".{part}." in name for part in ("to_k", "to_v", "add_k_proj", "add_v_proj")) or ".attn1.to_q." in name:
+            if (
+                any(f".{part}." in name for part in ("to_k", "to_v", "add_k_proj", "add_v_proj"))
+                or ".attn1.to_q." in name
+            ):
                 param.fill_(float("nan"))
         torch.testing.assert_close(model(**inputs).sample, expected, rtol=1e-6, atol=1e-6)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
+
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 import torch  # noqa: E402
@@ -26,9 +27,11 @@ def main(out_dir: str) -> None:
     cfg = {**TINY_TRANSFORMER_CONFIGS["reference"], "attention_head_dim": 64, "num_layers": 1}
     model = SkyReelsV3Transformer3DModel(**cfg).to(torch.bfloat16).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, cfg["in_channels"], 5, 8, 12, generator=g).bfloat16(),
-                  encoder_hidden_states=torch.randn(1, 16, cfg["text_dim"], generator=g).bfloat16(),
-                  timestep=torch.tensor([937]))
+    inputs = dict(
+        hidden_states=torch.randn(1, cfg["in_channels"], 5, 8, 12, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, 16, cfg["text_dim"], generator=g).bfloat16(),
+        timestep=torch.tensor([937]),
+    )
     model.set_attention_backend("triton_8bit")
     if parallel:
         enable_context_parallel(model, ulysses_degree=2)

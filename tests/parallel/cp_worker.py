@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+
 CASES = {
     # name: (variant, frames, height, width, condition frames, per-frame timestep)
     "reference": ("reference", 3, 8, 12, 0, False),
@@ -28,8 +29,9 @@ def inputs_for(name, model):
     variant, frames, height, width, condition, per_frame = CASES[name]
     inputs = tiny_inputs(model, variant, frames=frames, height=height, width=width, seed=1)
     if condition:
-        inputs["condition_hidden_states"] = torch.randn(1, 16, condition, height, width,
-                                                        generator=torch.Generator().manual_seed(2))
+        inputs["condition_hidden_states"] = torch.randn(
+            1, 16, condition, height, width, generator=torch.Generator().manual_seed(2)
+        )
     if per_frame:
         inputs["timestep"] = torch.tensor([[700] * frames + [0] * condition])
     return inputs
@@ -96,8 +98,16 @@ def run_pipeline(parallel: bool) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     if parallel:
         enable_context_parallel(pipe.transformer, ulysses_degree=2)
-    return pipe(video=random_video(), prompt="go on", duration=1, height=32, width=48, num_inference_steps=2,
-                generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    return pipe(
+        video=random_video(),
+        prompt="go on",
+        duration=1,
+        height=32,
+        width=48,
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).frames
 
 
 def main(out_dir: str) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from skyreels_diffusers.parallel.context_parallel import check_degrees
 
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -31,11 +32,29 @@ def free_port() -> int:
 def outputs(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "tests.parallel.cp_worker", str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    single = subprocess.run(
+        [sys.executable, "-m", "tests.parallel.cp_worker", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), "-m", "tests.parallel.cp_worker", str(out)]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "tests.parallel.cp_worker",
+        str(out),
+    ]
     parallel = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     return {name: torch.load(out / f"out_{name}.pt", weights_only=True) for name in ("single", 0, 1)}
@@ -90,19 +109,52 @@ def test_degree_errors():
 
 def torchrun(args, tmp_path, nproc=2):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "skyreels_diffusers.cli", "generate", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "skyreels_diffusers.cli",
+        "generate",
+        *args,
+    ]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_torchrun_cli_matches_one_process(tmp_path):
-    args = ["--task", "shot_switching_extension", "--model", "tiny", "--duration", "2", "--steps", "2",
-            "--height", "32", "--width", "48", "--crf", "0"]
+    args = [
+        "--task",
+        "shot_switching_extension",
+        "--model",
+        "tiny",
+        "--duration",
+        "2",
+        "--steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--crf",
+        "0",
+    ]
     single = tmp_path / "single.mp4"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # the thread count torchrun gives workers
-    one = subprocess.run([sys.executable, "-m", "skyreels_diffusers.cli", "generate", *args, "--output", str(single)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "skyreels_diffusers.cli", "generate", *args, "--output", str(single)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     result = torchrun([*args, "--ulysses-degree", "2", "--output", str(tmp_path / "two.mp4")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -123,8 +175,19 @@ def test_torchrun_cli_matches_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_cli_rejects_bad_degrees(tmp_path):
-    result = torchrun(["--task", "reference_to_video", "--model", "tiny", "--ulysses-degree", "3",
-                       "--output", str(tmp_path / "x.mp4")], tmp_path)
+    result = torchrun(
+        [
+            "--task",
+            "reference_to_video",
+            "--model",
+            "tiny",
+            "--ulysses-degree",
+            "3",
+            "--output",
+            str(tmp_path / "x.mp4"),
+        ],
+        tmp_path,
+    )
     assert result.returncode != 0
     assert "--ulysses-degree" in result.stderr and "attention heads" in result.stderr
     assert not (tmp_path / "x.mp4").exists()
@@ -136,14 +199,27 @@ def test_8bit_backend_under_ulysses_equals_one_process(tmp_path):
     processes (Triton's interpreter) each rank's kernel gets the full sequence of its heads, so the sharded output
     is the single process's (the same quantisation of the same full-sequence tensors)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
-           "TRITON_INTERPRET": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+        "OMP_NUM_THREADS": "1",
+        "TRITON_INTERPRET": "1",
+    }
     worker = ["-m", "tests.parallel.attn8_worker", str(tmp_path)]
-    single = subprocess.run([sys.executable, *worker], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    single = subprocess.run([sys.executable, *worker], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                "--master_port", str(free_port()), *worker]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *worker,
+    ]
     parallel = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     one, two = (torch.load(tmp_path / f"attn8_{name}.pt", weights_only=True).float() for name in ("single", 0))

@@ -19,6 +19,7 @@ from skyreels_diffusers.parallel.sharding import sharding_plan
 from tests.helpers import tiny_transformer
 from tests.parallel.test_context_parallel import free_port
 
+
 ROOT = Path(__file__).resolve().parents[2]
 # this checkout's package first (the worker processes do not inherit pytest's sys.path)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
@@ -27,8 +28,20 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "tests.parallel.whole_run_worker", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "tests.parallel.whole_run_worker",
+        str(out),
+    ]
     done = subprocess.run(command, check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"whole_{rank}.pt", weights_only=True) for rank in (0, 1)]
@@ -83,10 +96,13 @@ def _encode(pipe, task: str) -> dict:
             return {"prompt_embeds": prompt, "negative_prompt_embeds": negative}
         prompt, negative = pipe.encode_prompt("a dog runs", NEGATIVE_PROMPT, True)
         pixels = pipe.prepare_portrait(portrait(), 32, 48)[0, :, 0]
-        return {"prompt_embeds": prompt, "negative_prompt_embeds": negative,
-                "window_prompt_embeds": pipe.encode_prompt("a person is talking")[0],
-                "image_embeds": pipe.encode_image(pixels[None]),
-                "audio_embeds": pipe.encode_audio(load_speech(waveform(), 16000))}
+        return {
+            "prompt_embeds": prompt,
+            "negative_prompt_embeds": negative,
+            "window_prompt_embeds": pipe.encode_prompt("a person is talking")[0],
+            "image_embeds": pipe.encode_image(pixels[None]),
+            "audio_embeds": pipe.encode_audio(load_speech(waveform(), 16000)),
+        }
 
 
 @pytest.mark.slow
@@ -94,8 +110,11 @@ def _encode(pipe, task: str) -> dict:
 def test_encoders_once_every_rank_gets_the_pipelines_own_embeddings(ranks, task):
     expected = own_embeddings(task)
     for outputs in ranks:
-        received = {k.split(".", 1)[1]: v for k, v in outputs.items() if k.startswith(f"{task}.")
-                    and not k.split(".", 1)[1].startswith("has_")}
+        received = {
+            k.split(".", 1)[1]: v
+            for k, v in outputs.items()
+            if k.startswith(f"{task}.") and not k.split(".", 1)[1].startswith("has_")
+        }
         assert set(received) == set(expected)
         for name, value in expected.items():
             assert received[name].dtype == value.dtype and torch.equal(received[name], value), (task, name)
@@ -109,8 +128,15 @@ def test_pipeline_with_received_embeddings_equals_its_own_encoding(ranks):
 
     pipe = tiny_pipeline("reference_to_video", seed=0)
     pipe.set_progress_bar_config(disable=True)
-    common = {"ref_images": [portrait()], "num_frames": 5, "height": 32, "width": 48, "num_inference_steps": 2,
-                  "guidance_scale": 3.0, "output_type": "pt"}
+    common = {
+        "ref_images": [portrait()],
+        "num_frames": 5,
+        "height": 32,
+        "width": 48,
+        "num_inference_steps": 2,
+        "guidance_scale": 3.0,
+        "output_type": "pt",
+    }
     own = pipe(prompt="a dog runs", generator=torch.Generator().manual_seed(0), **common).frames
     received = {name: ranks[1][f"reference_to_video.{name}"] for name in ("prompt_embeds", "negative_prompt_embeds")}
     given = pipe(generator=torch.Generator().manual_seed(0), **received, **common).frames
@@ -178,11 +204,14 @@ def test_sharding_plan_of_the_real_models():
     assert 0.6e9 < four["largest_block_bytes"] < 0.75e9
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({}, "run under torchrun with 2 or more processes"),
-    ({"low_vram": True}, "cannot be combined with --low-vram"),
-    ({"quantize": "fp8_weight_only"}, "cannot be combined with --quantize"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({}, "run under torchrun with 2 or more processes"),
+        ({"low_vram": True}, "cannot be combined with --low-vram"),
+        ({"quantize": "fp8_weight_only"}, "cannot be combined with --quantize"),
+    ],
+)
 def test_shard_weights_errors_name_the_flag(monkeypatch, flags, message):
     monkeypatch.setenv("WORLD_SIZE", "1" if not flags else "2")
     request = GenerationRequest(task="reference_to_video", shard_weights=True, **flags)
@@ -196,16 +225,58 @@ def test_torchrun_cli_with_shard_weights_matches_one_process(tmp_path):
     the one-process video, and the audio track muxed by rank 0."""
     import av
 
-    args = ["--task", "talking_avatar", "--model", "tiny", "--steps", "1", "--height", "32", "--width", "48",
-            "--crf", "0"]
-    one = subprocess.run([sys.executable, "-m", "skyreels_diffusers.cli", "generate", *args, "--output",
-                          str(tmp_path / "one.mp4")], check=False, cwd=tmp_path, env=ENV, capture_output=True,
-                         text=True, timeout=600)
+    args = [
+        "--task",
+        "talking_avatar",
+        "--model",
+        "tiny",
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--crf",
+        "0",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "skyreels_diffusers.cli", "generate", *args, "--output", str(tmp_path / "one.mp4")],
+        check=False,
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(free_port()), "-m", "skyreels_diffusers.cli", "generate",
-                          *args, "--ulysses-degree", "2", "--shard-weights", "--output", str(tmp_path / "two.mp4")],
-                         check=False, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "skyreels_diffusers.cli",
+            "generate",
+            *args,
+            "--ulysses-degree",
+            "2",
+            "--shard-weights",
+            "--output",
+            str(tmp_path / "two.mp4"),
+        ],
+        check=False,
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
 
     def read(path):

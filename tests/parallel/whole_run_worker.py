@@ -17,8 +17,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-TILES = {"tile_sample_min_height": 64, "tile_sample_min_width": 64, "tile_sample_stride_height": 48,
-             "tile_sample_stride_width": 48}
+
+TILES = {
+    "tile_sample_min_height": 64,
+    "tile_sample_min_width": 64,
+    "tile_sample_stride_height": 48,
+    "tile_sample_stride_width": 48,
+}
 
 
 def portrait():
@@ -39,8 +44,13 @@ def embedding_kwargs(task: str) -> dict:
 
     kwargs = {"prompt": "a dog runs", "negative_prompt": None, "guidance_scale": 3.0}
     if task == "talking_avatar":
-        kwargs.update(window_prompt="a person is talking", portrait=portrait(), height=32, width=48,
-                      speech=load_speech(waveform(), 16000))
+        kwargs.update(
+            window_prompt="a person is talking",
+            portrait=portrait(),
+            height=32,
+            width=48,
+            speech=load_speech(waveform(), 16000),
+        )
     return kwargs
 
 
@@ -61,7 +71,8 @@ def vae_outputs() -> dict:
             "vae.encode.parallel": parallel.encode(pixels).latent_dist.mode(),
             "vae.encode.one_rank": vae.encode(pixels).latent_dist.mode(),
             "vae.shares_weights": torch.tensor(
-                parallel.decoder.conv_in.weight.data_ptr() == vae.decoder.conv_in.weight.data_ptr()),
+                parallel.decoder.conv_in.weight.data_ptr() == vae.decoder.conv_in.weight.data_ptr()
+            ),
         }
     return out
 
@@ -112,8 +123,9 @@ def sharded_outputs() -> dict:
         out["avatar_bf16.unsharded"] = model(**inputs).sample
         # units of their own for the fp32 time embedding and projection (their size at 14B; tiny here)
         shard_transformer(model, torch.device("cpu"), min_unit_numel=1000)
-        out["avatar_bf16.fp32_units"] = torch.tensor(sum(
-            1 for name, m in model.named_modules() if name.startswith("condition_embedder") and is_sharded(m)))
+        out["avatar_bf16.fp32_units"] = torch.tensor(
+            sum(1 for name, m in model.named_modules() if name.startswith("condition_embedder") and is_sharded(m))
+        )
         out["avatar_bf16.sharded"] = model(**inputs).sample
     out.update(meta_sharded())
     return out
@@ -141,8 +153,9 @@ def meta_sharded() -> dict:
             local = param.to_local() if hasattr(param, "to_local") else param
             local.copy_(torch.randn(local.shape, generator=generator) * 0.02)
         inputs = tiny_inputs(model, "avatar", frames=3, height=4, width=6, seed=1)
-        inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v
-                  for k, v in inputs.items()}
+        inputs = {
+            k: v.to(torch.bfloat16) if v.is_floating_point() and k != "timestep" else v for k, v in inputs.items()
+        }
         return {"meta.output": model(**inputs).sample, "meta.local_bytes": torch.tensor(local_parameter_bytes(model))}
 
 

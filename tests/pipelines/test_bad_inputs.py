@@ -79,5 +79,11 @@ def test_unreadable_video_file(tmp_path):
 
 def test_poisoned_pipeline_really_fails_on_model_work():
     with pytest.raises(AssertionError, match="model work"):
-        poisoned("reference_to_video")(ref_images=[random_image()], prompt="x", num_frames=5, height=32, width=48,
-                                       generator=torch.Generator().manual_seed(0))
+        poisoned("reference_to_video")(
+            ref_images=[random_image()],
+            prompt="x",
+            num_frames=5,
+            height=32,
+            width=48,
+            generator=torch.Generator().manual_seed(0),
+        )

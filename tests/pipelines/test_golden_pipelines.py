@@ -26,6 +26,7 @@ from skyreels_diffusers.pipelines.tasks import tiny_components
 from skyreels_diffusers.pipelines.video_io import letterbox, load_image, load_video, resize_frames, to_uint8
 from tests.helpers import FIXTURES
 
+
 PIPELINES = FIXTURES / "pipelines"
 LATENT_RTOL = 1e-5  # fp32 rounding over 8 steps (relative to the tensor's largest value)
 
@@ -46,7 +47,9 @@ class PipelineCase:
         original.mkdir(parents=True)
         (original / "model.safetensors").write_bytes((self.dir / "transformer.safetensors").read_bytes())
         class_name = self.meta["transformer_class"].rsplit(".", 1)[-1]
-        (original / "config.json").write_text(json.dumps({"_class_name": class_name, **self.meta["transformer_config"]}))
+        (original / "config.json").write_text(
+            json.dumps({"_class_name": class_name, **self.meta["transformer_config"]})
+        )
         convert_transformer(original, folder / "converted", variant, dtype=torch.float32)
         return SkyReelsV3Transformer3DModel.from_pretrained(folder / "converted", torch_dtype=torch.float32).eval()
 
@@ -117,13 +120,20 @@ def test_reference_to_video_matches_the_original_pipeline(tmp_path):
     refs = [load_image(PIPELINES / "inputs" / name) for name in case.meta["spec"]["refs"]]
     height, width = case.meta["info"]["height_width"]
     for i, ref in enumerate(refs):  # the letterboxed references, exactly
-        np.testing.assert_array_equal(np.asarray(letterbox(ref, width, height)), case.tensors[f"input.ref{i}_letterboxed"])
+        np.testing.assert_array_equal(
+            np.asarray(letterbox(ref, width, height)), case.tensors[f"input.ref{i}_letterboxed"]
+        )
 
     frames = pipe(
-        ref_images=refs, prompt_embeds=case.tensors["prompt_embeds"], num_frames=case.meta["info"]["num_frames"],
-        resolution=case.meta["spec"]["resolution"], num_inference_steps=8,
-        generator=torch.Generator("cpu").manual_seed(case.meta["spec"]["seed"]), output_type="np",
-        callback_on_step_end=recorder, reproduce_original=True,
+        ref_images=refs,
+        prompt_embeds=case.tensors["prompt_embeds"],
+        num_frames=case.meta["info"]["num_frames"],
+        resolution=case.meta["spec"]["resolution"],
+        num_inference_steps=8,
+        generator=torch.Generator("cpu").manual_seed(case.meta["spec"]["seed"]),
+        output_type="np",
+        callback_on_step_end=recorder,
+        reproduce_original=True,
     ).frames[0]
 
     assert pipe.scheduler.timesteps.tolist() == case.meta["info"]["timesteps"]
@@ -153,17 +163,23 @@ def test_shot_switching_matches_the_original_pipeline(tmp_path):
     np.testing.assert_array_equal(prefix[-1:], case.tensors["input.prefix_video_uint8.last"])
 
     frames = pipe(
-        video=str(PIPELINES / "inputs" / spec["video"]), prompt_embeds=case.tensors["prompt_embeds"],
-        duration=spec["duration"], resolution=spec["resolution"], num_inference_steps=8,
-        generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="np",
-        callback_on_step_end=recorder, reproduce_original=True,
+        video=str(PIPELINES / "inputs" / spec["video"]),
+        prompt_embeds=case.tensors["prompt_embeds"],
+        duration=spec["duration"],
+        resolution=spec["resolution"],
+        num_inference_steps=8,
+        generator=torch.Generator("cpu").manual_seed(spec["seed"]),
+        output_type="np",
+        callback_on_step_end=recorder,
+        reproduce_original=True,
     ).frames[0]
 
     assert pipe.scheduler.timesteps.tolist() == [t for t, _ in chunk["timesteps_per_call"]]
     first = recorder.first_call
     assert_latents_close(first["hidden_states"][0, :, :1], case.tensors["noise.frame0"], "noise")
-    assert_latents_close(first["condition_hidden_states"][..., ::2, ::2], case.tensors["condition_latent.sub"],
-                         "condition latents")
+    assert_latents_close(
+        first["condition_hidden_states"][..., ::2, ::2], case.tensors["condition_latent.sub"], "condition latents"
+    )
     assert_steps_match(recorder, case)
     assert_latents_close(recorder.steps[-1][0][..., ::2, ::2], case.tensors["final_latents.sub"], "final latents")
     video = to_uint8(frames)  # our [0, 1] output holds the truncated levels exactly
@@ -171,4 +187,3 @@ def test_shot_switching_matches_the_original_pipeline(tmp_path):
     assert_frames_close(video[:, ::8, ::8], case.tensors["new_frames.sub"], "frames")
     assert_frames_close(video[:1], case.tensors["new_frames.first"], "first frame")
     assert_frames_close(video[-1:], case.tensors["new_frames.last"], "last frame")
-

@@ -58,15 +58,25 @@ class StepRecorder:
 def test_single_shot_extension_over_two_chunks_matches_the_original(tmp_path):
     case = PipelineCase("single_shot_extension")
     spec, tensors = case.meta["spec"], case.tensors
-    pipe = SkyReelsV3ExtensionPipeline(**{
-        **tiny_components("single_shot_extension"), "transformer": case.transformer("extension", tmp_path),
-        "vae": case_vae(case),
-    })
+    pipe = SkyReelsV3ExtensionPipeline(
+        **{
+            **tiny_components("single_shot_extension"),
+            "transformer": case.transformer("extension", tmp_path),
+            "vae": case_vae(case),
+        }
+    )
     recorder = StepRecorder()
     frames = pipe(
-        video=str(case.dir / spec["video"]), prompt_embeds=tensors["prompt_embeds"], duration=spec["duration"],
-        resolution=spec["resolution"], height=128, width=224, num_inference_steps=8,
-        generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="np", callback_on_step_end=recorder,
+        video=str(case.dir / spec["video"]),
+        prompt_embeds=tensors["prompt_embeds"],
+        duration=spec["duration"],
+        resolution=spec["resolution"],
+        height=128,
+        width=224,
+        num_inference_steps=8,
+        generator=torch.Generator("cpu").manual_seed(spec["seed"]),
+        output_type="np",
+        callback_on_step_end=recorder,
         reproduce_original=True,
     ).frames[0]
 
@@ -94,9 +104,14 @@ def avatar_components(case: PipelineCase, folder: Path) -> dict:
         state[entry["key"]] = (entry["offset"] + entry["scale"] * noise).bfloat16().float()
     torch.save(state, folder / "clip.pth")
     audio_encoder, feature_extractor = load_wav2vec2(case.dir / "wav2vec2")
-    return {**tiny_components("talking_avatar"), "transformer": case.transformer("avatar", folder),
-            "vae": case_vae(case), "image_encoder": convert_clip(folder / "clip.pth", torch.float32),
-            "audio_encoder": audio_encoder, "feature_extractor": feature_extractor}
+    return {
+        **tiny_components("talking_avatar"),
+        "transformer": case.transformer("avatar", folder),
+        "vae": case_vae(case),
+        "image_encoder": convert_clip(folder / "clip.pth", torch.float32),
+        "audio_encoder": audio_encoder,
+        "feature_extractor": feature_extractor,
+    }
 
 
 def test_talking_avatar_keyframe_and_windows_match_the_original(tmp_path):
@@ -114,10 +129,17 @@ def test_talking_avatar_keyframe_and_windows_match_the_original(tmp_path):
     assert hashlib.sha256(audio_embeds.numpy().tobytes()).hexdigest() == case.meta["tensors"]["audio_embeds"]["sha256"]
     recorder = StepRecorder()
     out = pipe(
-        image=str(case.dir / case.meta["spec"]["image"]), audio_embeds=audio_embeds,
-        prompt_embeds=tensors["prompt_embeds"][None], window_prompt_embeds=tensors["window_prompt_embeds"][None],
-        height=128, width=112, num_inference_steps=4, generator=torch.Generator("cpu").manual_seed(33),
-        output_type="np", callback_on_step_end=recorder, reproduce_original=True,
+        image=str(case.dir / case.meta["spec"]["image"]),
+        audio_embeds=audio_embeds,
+        prompt_embeds=tensors["prompt_embeds"][None],
+        window_prompt_embeds=tensors["window_prompt_embeds"][None],
+        height=128,
+        width=112,
+        num_inference_steps=4,
+        generator=torch.Generator("cpu").manual_seed(33),
+        output_type="np",
+        callback_on_step_end=recorder,
+        reproduce_original=True,
     )
     assert len(recorder.latents) == 12  # keyframe clip + two windows, 4 steps each
     for c, name in enumerate(["keyframe", "window0", "window1"]):

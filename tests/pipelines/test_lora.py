@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+
 peft = pytest.importorskip("peft", reason="LoRA needs peft")
 
 from skyreels_diffusers.pipelines.tasks import tiny_pipeline  # noqa: E402
 from tests.helpers import random_image  # noqa: E402
+
 
 ARGS = dict(prompt="a cat", num_frames=5, height=32, width=48, num_inference_steps=2, output_type="latent")
 
@@ -21,8 +23,9 @@ def lora_state(transformer):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                       init_lora_weights=False))
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
     state = get_peft_model_state_dict(transformer)
     transformer.delete_adapters("default")
     return state

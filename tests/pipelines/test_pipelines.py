@@ -16,6 +16,7 @@ from skyreels_diffusers.pipelines.pipeline_skyreels_v3_extension import chunk_la
 from skyreels_diffusers.pipelines.tasks import tiny_components, tiny_pipeline
 from tests.helpers import random_image, random_video
 
+
 SMALL = dict(height=32, width=48, num_inference_steps=2)
 EXTENSION_TASKS = ("single_shot_extension", "shot_switching_extension")
 
@@ -74,8 +75,15 @@ def test_reference_output_size_from_bucket():
     pipe = tiny_pipeline("reference_to_video")
     pipe.set_progress_bar_config(disable=True)
     image = random_image(90, 160)  # 16:9 landscape -> 480P key 0.56 -> 480x848
-    latents = pipe(ref_images=[image], prompt="x", num_frames=1, resolution="480P", num_inference_steps=1,
-                   generator=gen(), output_type="latent").frames
+    latents = pipe(
+        ref_images=[image],
+        prompt="x",
+        num_frames=1,
+        resolution="480P",
+        num_inference_steps=1,
+        generator=gen(),
+        output_type="latent",
+    ).frames
     assert (latents.shape[-2] * 8, latents.shape[-1] * 8) == (480, 848) == bucket_size(90, 160, "480P")
 
 
@@ -123,8 +131,12 @@ def test_callback_on_step_end_sees_and_replaces_latents(task):
         seen.append((step, int(timestep), tensors["latents"].shape, tensors["prompt_embeds"].shape))
         return {"latents": torch.zeros_like(tensors["latents"])}
 
-    _, out = call(task, callback_on_step_end=callback,
-                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], output_type="latent")
+    _, out = call(
+        task,
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        output_type="latent",
+    )
     assert [s[0] for s in seen] == [0, 1]
     assert seen[0][3][1] == 512
     assert torch.count_nonzero(out.frames) == 0  # the last replacement is what comes out
@@ -158,8 +170,15 @@ def test_guidance_runs_three_branches_for_text_and_image():
         return forward(*args, **kwargs)
 
     pipe.transformer.forward = counting
-    pipe(ref_images=[random_image()], prompt="a", num_frames=5, guidance_scale=5.0, guidance_scale_img=2.0,
-         generator=gen(), **{**SMALL, "num_inference_steps": 1})
+    pipe(
+        ref_images=[random_image()],
+        prompt="a",
+        num_frames=5,
+        guidance_scale=5.0,
+        guidance_scale_img=2.0,
+        generator=gen(),
+        **{**SMALL, "num_inference_steps": 1},
+    )
     assert len(calls) == 3 and calls[2] == 0.0 and calls[0] > 0  # last branch: zero reference latents
 
 
@@ -245,8 +264,14 @@ def test_reproduce_original_reseeds_every_extension_chunk():
         pipe.transformer.register_forward_pre_hook(
             lambda m, a, k: seen.append(k["hidden_states"][:, :1, 7:8].clone()), with_kwargs=True
         )
-        pipe(video=random_video(), prompt="go on", duration=6, generator=gen(), reproduce_original=flag,
-             **{**SMALL, "num_inference_steps": 1})
+        pipe(
+            video=random_video(),
+            prompt="go on",
+            duration=6,
+            generator=gen(),
+            reproduce_original=flag,
+            **{**SMALL, "num_inference_steps": 1},
+        )
         return seen  # one call per chunk: channel 0 of the first new latent frame of its initial noise
 
     noises = {flag: first_noise(flag) for flag in (False, True)}

@@ -18,6 +18,7 @@ from skyreels_diffusers.pipelines.tasks import tiny_pipeline
 from skyreels_diffusers.pipelines.tiny import TINY_WAV2VEC2_CONFIG
 from tests.helpers import FIXTURES, random_image
 
+
 SMALL = dict(height=32, width=48)
 
 
@@ -29,14 +30,17 @@ def speech_wave(seconds: float, rate: int = 16000) -> np.ndarray:
 def avatar(**kwargs):
     pipe = tiny_pipeline("talking_avatar")
     pipe.set_progress_bar_config(disable=True)
-    args = dict(image=random_image(60, 40), prompt="a woman talks", generator=torch.Generator().manual_seed(0),
-                **SMALL)
+    args = dict(
+        image=random_image(60, 40), prompt="a woman talks", generator=torch.Generator().manual_seed(0), **SMALL
+    )
     return pipe, pipe(**{**args, **kwargs})
 
 
 def features(frames: int, seed: int = 0) -> torch.Tensor:
     cfg = TINY_WAV2VEC2_CONFIG
-    return torch.randn(frames, cfg["num_hidden_layers"], cfg["hidden_size"], generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        frames, cfg["num_hidden_layers"], cfg["hidden_size"], generator=torch.Generator().manual_seed(seed)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- window arithmetic
@@ -180,8 +184,11 @@ def test_resume_gives_the_same_video(tmp_path):
     assert state["next_window"] == 2 and (tmp_path / "window_00001.npy").is_file()
 
     windows_run = []
-    _, resumed = avatar(audio_embeds=embeds, resume_dir=tmp_path,
-                        callback_on_window_end=lambda pipe, window, total: windows_run.append(window))
+    _, resumed = avatar(
+        audio_embeds=embeds,
+        resume_dir=tmp_path,
+        callback_on_window_end=lambda pipe, window, total: windows_run.append(window),
+    )
     assert windows_run == [3]  # only the last window was generated again
     np.testing.assert_array_equal(resumed.frames, full.frames)
 
@@ -200,10 +207,20 @@ def test_resume_gives_the_same_video(tmp_path):
         ({"audio": "/nonexistent.wav"}, "file not found"),
         ({"audio": speech_wave(1.0), "audio_sample_rate": 16000, "image": "/nonexistent.png"}, "image"),
         ({"audio": None}, "audio"),
-        ({"audio": speech_wave(1.0), "audio_sample_rate": 16000, "resolution": "1080P", "height": None,
-          "width": None}, "resolution"),
-        ({"audio": speech_wave(1.0), "audio_sample_rate": 16000, "output_type": "latent", "resume_dir": "/tmp/r"},
-         "output_type='latent'"),
+        (
+            {
+                "audio": speech_wave(1.0),
+                "audio_sample_rate": 16000,
+                "resolution": "1080P",
+                "height": None,
+                "width": None,
+            },
+            "resolution",
+        ),
+        (
+            {"audio": speech_wave(1.0), "audio_sample_rate": 16000, "output_type": "latent", "resume_dir": "/tmp/r"},
+            "output_type='latent'",
+        ),
     ],
 )
 def test_bad_inputs(kwargs, message):
@@ -259,8 +276,9 @@ def test_latent_output_is_every_clips_final_latents():
             finals.append(tensors["latents"].clone())
         return {}
 
-    _, out = avatar(audio_embeds=features(100), num_inference_steps=2, output_type="latent",
-                    callback_on_step_end=last_step)
+    _, out = avatar(
+        audio_embeds=features(100), num_inference_steps=2, output_type="latent", callback_on_step_end=last_step
+    )
     assert out.frames.shape == (1, 3, 16, 21, 4, 6)  # keyframe clip + windows at 0 and 64
     torch.testing.assert_close(out.frames[0], torch.cat(finals), rtol=0, atol=0)
 
@@ -282,8 +300,9 @@ def test_custom_sigmas_and_timesteps_reach_every_clip():
 def test_reproduce_original_truncates_and_returns_the_normalized_track():
     wave = speech_wave(1.0)
     _, ours = avatar(audio=wave, audio_sample_rate=16000, num_inference_steps=1, output_type="pt")
-    _, original = avatar(audio=wave, audio_sample_rate=16000, num_inference_steps=1, output_type="pt",
-                         reproduce_original=True)
+    _, original = avatar(
+        audio=wave, audio_sample_rate=16000, num_inference_steps=1, output_type="pt", reproduce_original=True
+    )
     levels = lambda frames: (frames * 255).round()  # noqa: E731 (the uint8 levels behind the [0, 1] frames)
     difference = levels(ours.frames) - levels(original.frames)
     assert difference.min() >= 0 and difference.max() <= 1 and difference.mean() > 0.1  # truncation: half a level

@@ -91,33 +91,65 @@ def cases(m: dict[str, Path], d: dict[str, Path]) -> list[tuple[str, list[str]]]
     avatar = ["--task", "talking_avatar", "--model", "tiny", "--input-image", str(m["image"]), "--steps", "1"]
     ref = ["--task", "reference_to_video", "--model", "tiny", "--steps", "1"]
     ext = ["--task", "single_shot_extension", "--model", "tiny", "--steps", "1"]
-    folder_avatar = ["--task", "talking_avatar", "--input-image", str(m["image"]), "--input-audio",
-                     str(m["speech"]), "--steps", "1", "--device", "cpu"]
+    folder_avatar = [
+        "--task",
+        "talking_avatar",
+        "--input-image",
+        str(m["image"]),
+        "--input-audio",
+        str(m["speech"]),
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+    ]
     return [
         ("decompression-bomb PNG (20000 x 20000) as --ref-imgs", [*ref, "--ref-imgs", str(m["bomb"])]),
         ("1 x 4000 image as --ref-imgs", [*ref, "--ref-imgs", str(m["thin"])]),
-        ("text file named .png as --input-image", [*avatar, "--input-audio", str(m["speech"]), "--input-image",
-                                                   str(m["text_as_png"])]),
+        (
+            "text file named .png as --input-image",
+            [*avatar, "--input-audio", str(m["speech"]), "--input-image", str(m["text_as_png"])],
+        ),
         ("truncated PNG as --ref-imgs", [*ref, "--ref-imgs", str(m["truncated_png"])]),
         ("250-s WAV (limit 200 s) as --input-audio", [*avatar, "--input-audio", str(m["long_audio"])]),
-        ("250-s WAV with --max-audio-seconds 10", [*avatar, "--input-audio", str(m["long_audio"]),
-                                                  "--max-audio-seconds", "10"]),
+        (
+            "250-s WAV with --max-audio-seconds 10",
+            [*avatar, "--input-audio", str(m["long_audio"]), "--max-audio-seconds", "10"],
+        ),
         ("0.2-s WAV as --input-audio", [*avatar, "--input-audio", str(m["short_audio"])]),
         ("random bytes named .mp3 as --input-audio", [*avatar, "--input-audio", str(m["garbage_audio"])]),
         ("zeros named .mp4 as --input-video", [*ext, "--input-video", str(m["garbage_video"])]),
         ("10-frame video for single-shot extension", [*ext, "--input-video", str(m["short_video"])]),
-        ("--resume-dir pointing at a file", [*avatar, "--input-audio", str(m["speech"]), "--resume-dir",
-                                             str(m["file_as_dir"])]),
-        ("--resume-dir with a garbage state.pt", [*avatar, "--input-audio", str(m["speech"]), "--resume-dir",
-                                                  str(m["garbage_state"])]),
-        ("avatar folder with --task reference_to_video", ["--task", "reference_to_video", "--model",
-                                                          str(m["avatar_folder"]), "--ref-imgs", str(m["image"]),
-                                                          "--steps", "1", "--device", "cpu"]),
+        (
+            "--resume-dir pointing at a file",
+            [*avatar, "--input-audio", str(m["speech"]), "--resume-dir", str(m["file_as_dir"])],
+        ),
+        (
+            "--resume-dir with a garbage state.pt",
+            [*avatar, "--input-audio", str(m["speech"]), "--resume-dir", str(m["garbage_state"])],
+        ),
+        (
+            "avatar folder with --task reference_to_video",
+            [
+                "--task",
+                "reference_to_video",
+                "--model",
+                str(m["avatar_folder"]),
+                "--ref-imgs",
+                str(m["image"]),
+                "--steps",
+                "1",
+                "--device",
+                "cpu",
+            ],
+        ),
         ("folder whose text encoder lacks a weight", [*folder_avatar, "--model", str(d["te_missing"])]),
         ("folder with a truncated VAE safetensors", [*folder_avatar, "--model", str(d["vae_truncated"])]),
         ("folder without model_index.json", [*folder_avatar, "--model", str(d["no_index"])]),
-        ("8-bit unsigned WAV (valid input; was decoded with a DC shift)",
-         [*avatar, "--input-audio", str(m["speech_u8"]), "--height", "32", "--width", "32"]),
+        (
+            "8-bit unsigned WAV (valid input; was decoded with a DC shift)",
+            [*avatar, "--input-audio", str(m["speech_u8"]), "--height", "32", "--width", "32"],
+        ),
     ]
 
 
@@ -136,8 +168,12 @@ def run_case(argv: list[str], out_dir: Path) -> dict:
             code, err = "traceback", io.StringIO(f"{type(error).__name__}: {error}")
     lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("error:") or "Error" in ln]
     left = sorted(p.name for p in out_dir.iterdir())
-    return {"exit": code, "message": (lines or [out.getvalue().strip().splitlines()[-1:] or [""]][0])[0][:300],
-            "left_behind": left, "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "exit": code,
+        "message": (lines or [out.getvalue().strip().splitlines()[-1:] or [""]][0])[0][:300],
+        "left_behind": left,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def main() -> None:

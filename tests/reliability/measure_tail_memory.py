@@ -39,10 +39,13 @@ def measure(mode: str, path: str) -> dict:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     frames, _ = load_video(path) if mode == "full" else load_video_tail(path, int(mode))
-    return {"call": "load_video" if mode == "full" else f"load_video_tail({mode})", "frames": len(frames),
-            "rss_before_MiB": round(before / 1024),
-            "rss_peak_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "call": "load_video" if mode == "full" else f"load_video_tail({mode})",
+        "frames": len(frames),
+        "rss_before_MiB": round(before / 1024),
+        "rss_peak_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def main() -> None:
@@ -53,8 +56,12 @@ def main() -> None:
         clip = Path(folder) / "clip_1080p.mp4"
         make_clip(clip)
         for mode in ("full", "25", "33"):
-            out = subprocess.run([sys.executable, "-m", "tests.reliability.measure_tail_memory", mode, str(clip)],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-m", "tests.reliability.measure_tail_memory", mode, str(clip)],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             print(out.strip().splitlines()[-1])
 
 

@@ -12,6 +12,7 @@ import pytest
 from skyreels_diffusers.pipelines import video_io
 from skyreels_diffusers.pipelines.video_io import load_image, load_video, load_video_tail
 
+
 FRAMES, HEIGHT, WIDTH = 240, 96, 128
 
 
@@ -25,7 +26,7 @@ def _clip(path, frames=FRAMES, gop=12):
         stream.options = {"g": str(gop), "crf": "18"}
         for i in range(frames):
             array = np.full((HEIGHT, WIDTH, 3), i % 256, np.uint8)
-            array[:, (i * 3) % WIDTH: (i * 3) % WIDTH + 8] = 255 - (i % 256)
+            array[:, (i * 3) % WIDTH : (i * 3) % WIDTH + 8] = 255 - (i % 256)
             for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -111,8 +112,9 @@ def test_over_long_audio_is_refused_before_decoding(tmp_path, monkeypatch, suffi
             data = (samples.T * 32767).astype(np.int16) if fmt == "s16" else samples.T.astype(np.float32)
             size = 1152
             for start in range(0, data.shape[1], size):
-                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, start:start + size]), format=fmt,
-                                                   layout="mono")
+                frame = av.AudioFrame.from_ndarray(
+                    np.ascontiguousarray(data[:, start : start + size]), format=fmt, layout="mono"
+                )
                 frame.sample_rate, frame.pts = rate, start
                 for packet in stream.encode(frame):
                     container.mux(packet)
@@ -125,7 +127,9 @@ def test_over_long_audio_is_refused_before_decoding(tmp_path, monkeypatch, suffi
         raise AssertionError("decoded before the length check")
 
     monkeypatch.setattr(audio_io, "_decode", no_decode)
-    with pytest.raises(ValueError, match=r"`input_audio`: 12\.\d s of audio is over the limit of 5 s .*max_audio_seconds"):
+    with pytest.raises(
+        ValueError, match=r"`input_audio`: 12\.\d s of audio is over the limit of 5 s .*max_audio_seconds"
+    ):
         audio_io.load_speech(path, max_seconds=5, name="input_audio")
 
 

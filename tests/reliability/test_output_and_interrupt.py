@@ -12,7 +12,9 @@ from skyreels_diffusers.cli import main
 
 
 def test_unwritable_output_is_refused_before_any_model_work(monkeypatch, capsys):
-    monkeypatch.setattr(generation, "load_pipeline", lambda request: pytest.fail("model loaded before the output check"))
+    monkeypatch.setattr(
+        generation, "load_pipeline", lambda request: pytest.fail("model loaded before the output check")
+    )
     code = main(["generate", "--task", "reference_to_video", "--model", "tiny", "--output", "/proc/x.mp4"])
     assert code == 2
     assert "--output: cannot write to /proc" in capsys.readouterr().err
@@ -34,7 +36,9 @@ def test_a_failed_final_write_keeps_the_frames(monkeypatch, tmp_path):
         kept.unlink()
 
 
-@pytest.mark.parametrize("resume, hint", [(True, "run the same command again to resume"), (False, "nothing was written")])
+@pytest.mark.parametrize(
+    "resume, hint", [(True, "run the same command again to resume"), (False, "nothing was written")]
+)
 def test_ctrl_c_prints_one_line_with_what_to_do(monkeypatch, capsys, tmp_path, resume, hint):
     def interrupted(request):
         raise KeyboardInterrupt

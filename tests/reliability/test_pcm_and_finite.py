@@ -11,10 +11,17 @@ import torch
 from skyreels_diffusers.pipelines.audio_io import _decode
 from skyreels_diffusers.pipelines.common import FiniteWatch
 
+
 RATE = 8000
 # (bits, WAVE format tag: 1 = integer PCM, 3 = IEEE float, numpy dtype of one sample in the file)
-FORMATS = {"u8": (8, 1, "u1"), "s16": (16, 1, "<i2"), "s24": (24, 1, None), "s32": (32, 1, "<i4"),
-           "f32": (32, 3, "<f4"), "f64": (64, 3, "<f8")}
+FORMATS = {
+    "u8": (8, 1, "u1"),
+    "s16": (16, 1, "<i2"),
+    "s24": (24, 1, None),
+    "s32": (32, 1, "<i4"),
+    "f32": (32, 3, "<f4"),
+    "f64": (64, 3, "<f8"),
+}
 
 
 def _signal(samples: int, channels: int) -> np.ndarray:
@@ -33,7 +40,7 @@ def _wav_bytes(signal: np.ndarray, fmt: str) -> bytes:
     elif tag == 3:
         data = signal.astype(dtype).tobytes()
     else:
-        ints = np.clip(np.round(signal * 2 ** (bits - 1)), -2 ** (bits - 1), 2 ** (bits - 1) - 1).astype(np.int64)
+        ints = np.clip(np.round(signal * 2 ** (bits - 1)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1).astype(np.int64)
         if bits == 24:
             data = b"".join(int(v).to_bytes(3, "little", signed=True) for v in ints.reshape(-1))
         else:
@@ -54,11 +61,11 @@ def _reference_decode(raw: bytes) -> np.ndarray:
     """Independent decode of the bytes above: find `fmt `/`data`, scale as the WAVE spec says."""
     pos, fmt, data = 12, None, None
     while pos < len(raw):
-        cid, size = raw[pos:pos + 4], struct.unpack("<I", raw[pos + 4:pos + 8])[0]
+        cid, size = raw[pos : pos + 4], struct.unpack("<I", raw[pos + 4 : pos + 8])[0]
         if cid == b"fmt ":
-            fmt = raw[pos + 8:pos + 8 + size]
+            fmt = raw[pos + 8 : pos + 8 + size]
         elif cid == b"data":
-            data = raw[pos + 8:pos + 8 + size]
+            data = raw[pos + 8 : pos + 8 + size]
         pos += 8 + size
     tag, channels, _, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
     if tag == 0xFFFE:
@@ -73,7 +80,7 @@ def _reference_decode(raw: bytes) -> np.ndarray:
         ints = np.zeros(len(as_bytes), dtype=np.int64)
         for i in range(width):
             ints |= as_bytes[:, i].astype(np.int64) << (8 * i)
-        ints -= (ints >= 2 ** (bits - 1)) * 2 ** bits
+        ints -= (ints >= 2 ** (bits - 1)) * 2**bits
         values = ints / 2 ** (bits - 1)
     return values.reshape(-1, channels)
 
@@ -119,8 +126,18 @@ def test_a_diverged_run_stops_before_decoding(task):
     def poison(pipeline, step, timestep, tensors):
         return {"latents": tensors["latents"] * float("nan")} if step == 1 else {}
 
-    inputs = {"ref_images": [random_image()], "num_frames": 5} if task == "reference_to_video" else {
-        "video": random_video(), "duration": 2}
+    inputs = (
+        {"ref_images": [random_image()], "num_frames": 5}
+        if task == "reference_to_video"
+        else {"video": random_video(), "duration": 2}
+    )
     with pytest.raises(FloatingPointError, match="denoising step 2"):
-        pipe(prompt="x", height=32, width=48, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-             callback_on_step_end=poison, **inputs)
+        pipe(
+            prompt="x",
+            height=32,
+            width=48,
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=poison,
+            **inputs,
+        )

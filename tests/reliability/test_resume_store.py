@@ -28,9 +28,17 @@ def run_avatar(resume_dir, pipe=None, kill_at=None, **kwargs):
         if window == kill_at:
             raise Killed
 
-    return pipe(image=random_image(60, 40), prompt="a woman talks", generator=torch.Generator().manual_seed(0),
-                height=32, width=48, audio_embeds=features(209), resume_dir=resume_dir,
-                callback_on_window_end=on_window, **kwargs)
+    return pipe(
+        image=random_image(60, 40),
+        prompt="a woman talks",
+        generator=torch.Generator().manual_seed(0),
+        height=32,
+        width=48,
+        audio_embeds=features(209),
+        resume_dir=resume_dir,
+        callback_on_window_end=on_window,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")

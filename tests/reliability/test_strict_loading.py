@@ -15,6 +15,7 @@ from skyreels_diffusers.loading import load_pipeline_folder
 from skyreels_diffusers.pipelines import SkyReelsV3ReferencePipeline, SkyReelsV3TalkingAvatarPipeline
 from skyreels_diffusers.pipelines.tasks import tiny_pipeline
 
+
 AVATAR = SkyReelsV3TalkingAvatarPipeline
 
 
@@ -60,15 +61,23 @@ def test_a_folder_for_another_task_is_refused_before_any_weight(saved, monkeypat
         raise AssertionError("a component was loaded")
 
     monkeypatch.setattr(loading, "load_component", no_loading)
-    with pytest.raises(ValueError, match=r"model_index\.json\): holds a SkyReelsV3TalkingAvatarPipeline, but this "
-                                         r"task needs a SkyReelsV3ReferencePipeline"):
+    with pytest.raises(
+        ValueError,
+        match=r"model_index\.json\): holds a SkyReelsV3TalkingAvatarPipeline, but this "
+        r"task needs a SkyReelsV3ReferencePipeline",
+    ):
         load_pipeline_folder(saved[0], SkyReelsV3ReferencePipeline, torch.float32)
 
 
 @pytest.mark.parametrize(
     "component, key_part",
-    [("text_encoder", "relative_attention_bias"), ("image_encoder", "post_layernorm"),
-     ("audio_encoder", "feature_projection"), ("vae", "decoder.conv_out"), ("transformer", "proj_out")],
+    [
+        ("text_encoder", "relative_attention_bias"),
+        ("image_encoder", "post_layernorm"),
+        ("audio_encoder", "feature_projection"),
+        ("vae", "decoder.conv_out"),
+        ("transformer", "proj_out"),
+    ],
 )
 def test_a_missing_weight_names_the_component_and_the_key(folder, component, key_part):
     key = _drop_key(folder, component, key_part)
@@ -92,8 +101,11 @@ def test_a_truncated_safetensors_file_is_named(folder):
     path = _weights(folder, "vae")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=rf"component `vae` \(vae/{path.name}\): truncated: {len(data) // 2} bytes, "
-                                         rf"{len(data)} expected"):
+    with pytest.raises(
+        ValueError,
+        match=rf"component `vae` \(vae/{path.name}\): truncated: {len(data) // 2} bytes, "
+        rf"{len(data)} expected",
+    ):
         load_pipeline_folder(folder, AVATAR, torch.float32)
     path.write_bytes(b"\x01\x00")
     with pytest.raises(ValueError, match=r"component `vae` .*too short for a safetensors file"):
@@ -107,7 +119,9 @@ def test_a_missing_shard_is_named(saved, folder):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
     (folder / "transformer" / shards[1]).unlink()
-    with pytest.raises(ValueError, match=rf"component `transformer` \(.*index\.json\): missing shard\(s\): {shards[1]}"):
+    with pytest.raises(
+        ValueError, match=rf"component `transformer` \(.*index\.json\): missing shard\(s\): {shards[1]}"
+    ):
         load_pipeline_folder(folder, AVATAR, torch.float32)
 
 
@@ -129,8 +143,10 @@ def test_converted_folders_pass_the_strict_checks(tmp_path, task):
     from skyreels_diffusers.pipelines.tasks import TASKS
     from tests.conversion import original_repos
 
-    build = {"reference_to_video": original_repos.build_reference_repo,
-             "talking_avatar": original_repos.build_avatar_repo}[task]
+    build = {
+        "reference_to_video": original_repos.build_reference_repo,
+        "talking_avatar": original_repos.build_avatar_repo,
+    }[task]
     parts = build(tmp_path / "orig")
     [folder] = convert_repo(task, tmp_path / "orig", tmp_path / "conv", dtype=torch.float32)
     pipe = load_pipeline_folder(folder, TASKS[task].pipeline_class, torch.float32)
@@ -139,9 +155,17 @@ def test_converted_folders_pass_the_strict_checks(tmp_path, task):
 
 
 def test_per_component_dtypes(saved):
-    pipe = load_pipeline_folder(saved[0], AVATAR, {"default": torch.bfloat16, "vae": torch.float32,
-                                                   "audio_encoder": torch.float32})
-    dtypes = {name: getattr(pipe, name).dtype for name in ("text_encoder", "image_encoder", "audio_encoder", "vae",
-                                                           "transformer")}
-    assert dtypes == {"text_encoder": torch.bfloat16, "image_encoder": torch.bfloat16,
-                      "audio_encoder": torch.float32, "vae": torch.float32, "transformer": torch.bfloat16}
+    pipe = load_pipeline_folder(
+        saved[0], AVATAR, {"default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32}
+    )
+    dtypes = {
+        name: getattr(pipe, name).dtype
+        for name in ("text_encoder", "image_encoder", "audio_encoder", "vae", "transformer")
+    }
+    assert dtypes == {
+        "text_encoder": torch.bfloat16,
+        "image_encoder": torch.bfloat16,
+        "audio_encoder": torch.float32,
+        "vae": torch.float32,
+        "transformer": torch.bfloat16,
+    }

@@ -22,6 +22,7 @@ from skyreels_diffusers.pipelines.tasks import tiny_components
 from skyreels_diffusers.schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32, SIGMA_MAX_FP64
 from tests.helpers import FIXTURES
 
+
 CASE = json.loads((FIXTURES / "scheduler" / "case.json").read_text())["cases"]
 TENSORS = load_file(str(FIXTURES / "scheduler" / "tensors.safetensors"))
 # fixture case -> flow_sigma_max of the code that produced it (Wan's FlowUniPC keeps 0.999 in float32)
@@ -91,7 +92,9 @@ def test_pipelines_get_the_original_schedule_from_old_and_new_folders(tmp_path, 
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=components["scheduler"].config.flow_shift
     )
     stock.save_pretrained(tmp_path / "old_scheduler")
-    old = pipeline_class(**{**components, "scheduler": UniPCMultistepScheduler.from_pretrained(tmp_path / "old_scheduler")})
+    old = pipeline_class(
+        **{**components, "scheduler": UniPCMultistepScheduler.from_pretrained(tmp_path / "old_scheduler")}
+    )
     pipeline_class(**components).save_pretrained(tmp_path / "new")
     new = pipeline_class.from_pretrained(tmp_path / "new")
     saved = json.loads((tmp_path / "new" / "scheduler" / "scheduler_config.json").read_text())

@@ -12,6 +12,7 @@ from .transformer import (
     map_keys,
 )
 
+
 __all__ = [
     "DIFFUSERS_KEY_MAP",
     "KEY_MAPS",

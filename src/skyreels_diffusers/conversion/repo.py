@@ -24,10 +24,10 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable
 
 import torch
 
@@ -41,14 +41,17 @@ T5_KEY_MAP: KeyMap = [
     (r"token_embedding\.weight", r"shared.weight"),
     (r"blocks\.(\d+)\.norm1\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
     (r"blocks\.(\d+)\.attn\.(q|k|v|o)\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
-    (r"blocks\.(\d+)\.pos_embedding\.embedding\.weight",
-     r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (
+        r"blocks\.(\d+)\.pos_embedding\.embedding\.weight",
+        r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias.weight",
+    ),
     (r"blocks\.(\d+)\.norm2\.weight", r"encoder.block.\1.layer.1.layer_norm.weight"),
     (r"blocks\.(\d+)\.ffn\.gate\.0\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_0.weight"),
     (r"blocks\.(\d+)\.ffn\.fc1\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wi_1.weight"),
     (r"blocks\.(\d+)\.ffn\.fc2\.weight", r"encoder.block.\1.layer.1.DenseReluDense.wo.weight"),
     (r"norm\.weight", r"encoder.final_layer_norm.weight"),
 ]
+
 
 def _load_pth(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -72,10 +75,20 @@ def _t5_config(shapes: dict[str, tuple[int, ...]]):
     buckets, heads = shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
     return UMT5Config(
-        vocab_size=vocab, d_model=d_model, d_kv=inner // heads, num_heads=heads, num_layers=layers,
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=inner // heads,
+        num_heads=heads,
+        num_layers=layers,
         d_ff=shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
-        relative_attention_num_buckets=buckets, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, layer_norm_epsilon=1e-6, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
         decoder_start_token_id=0,
     )
 
@@ -109,8 +122,14 @@ def _planned(source: TensorSource, mapped, dtype: torch.dtype) -> list[PlannedTe
     for item in mapped:
         info = source.info(item.source)
         shape = (info.shape[0] // item.num_chunks, *info.shape[1:])
-        planned.append(PlannedTensor(item.target, shape, dtype if info.dtype.is_floating_point else info.dtype,
-                                     lambda item=item: item.take(source.get(item.source))))
+        planned.append(
+            PlannedTensor(
+                item.target,
+                shape,
+                dtype if info.dtype.is_floating_point else info.dtype,
+                lambda item=item: item.take(source.get(item.source)),
+            )
+        )
     return planned
 
 
@@ -150,8 +169,9 @@ def copy_text_encoder(src: Path, folder: Path, dtype: torch.dtype, max_shard_siz
     mapped = map_keys(sorted(keys), [(r".*", r"\g<0>")])
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
-    write_safetensors_shards(folder, _planned(source, mapped, dtype), "model", max_shard_size,
-                             description="text_encoder (UMT5)")
+    write_safetensors_shards(
+        folder, _planned(source, mapped, dtype), "model", max_shard_size, description="text_encoder (UMT5)"
+    )
 
 
 def convert_wan_vae(pth: Path):
@@ -165,7 +185,10 @@ def convert_wan_vae(pth: Path):
     config = dict(
         base_dim=converted["encoder.conv_in.weight"].shape[0],
         z_dim=converted["post_quant_conv.weight"].shape[0],
-        dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], temperal_downsample=[False, True, True],
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
     )
     with torch.device("meta"):
         vae = AutoencoderKLWan(**config)
@@ -190,7 +213,10 @@ CLIP_KEY_MAP: KeyMap = [
         r"visual\.transformer\.(\d+)\.attn\.to_qkv\.(weight|bias)",
         tuple(rf"vision_model.encoder.layers.\1.self_attn.{p}_proj.\2" for p in "qkv"),
     ),
-    (r"visual\.transformer\.(\d+)\.attn\.proj\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.out_proj.\2"),
+    (
+        r"visual\.transformer\.(\d+)\.attn\.proj\.(weight|bias)",
+        r"vision_model.encoder.layers.\1.self_attn.out_proj.\2",
+    ),
     (r"visual\.transformer\.(\d+)\.mlp\.0\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc1.\2"),
     (r"visual\.transformer\.(\d+)\.mlp\.2\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.fc2.\2"),
     (r"visual\.head", None),  # projection to the joint space: not part of the penultimate-layer features
@@ -212,11 +238,15 @@ def convert_clip(pth: Path, dtype: torch.dtype):
     hidden, _, patch, _ = converted[embeddings + "patch_embedding.weight"].shape
     tokens = converted[embeddings + "position_embedding.weight"].shape[0]
     config = CLIPVisionConfig(
-        hidden_size=hidden, num_attention_heads=max(1, hidden // CLIP_HEAD_DIM),
+        hidden_size=hidden,
+        num_attention_heads=max(1, hidden // CLIP_HEAD_DIM),
         intermediate_size=converted["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=len({k.split(".")[3] for k in converted if ".encoder.layers." in k}),
-        patch_size=patch, image_size=int(round((tokens - 1) ** 0.5)) * patch, hidden_act="gelu",
-        layer_norm_eps=1e-5, projection_dim=hidden,
+        patch_size=patch,
+        image_size=int(round((tokens - 1) ** 0.5)) * patch,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=hidden,
     )
     with torch.device("meta"):
         model = CLIPVisionModel(config)
@@ -290,7 +320,7 @@ pipeline_tag: text-to-video
 tags: [skyreels-v3, video-generation, skyreels-diffusers]
 ---
 
-# SkyReels-V3 {task.replace('_', ' ')} (diffusers layout)
+# SkyReels-V3 {task.replace("_", " ")} (diffusers layout)
 
 Converted from the original SkyReels-V3 checkpoint (`{source.name}`) with `scripts/convert_checkpoints.py` of
 [skyreels-diffusers](https://pypi.org/project/skyreels-diffusers/). Weights are unchanged; only names and layout.
@@ -310,13 +340,21 @@ Command line: `skyreels-v3 generate --task {task} --model <this folder> ...`
     (folder / "README.md").write_text(card)
 
 
-def _save_components(folder: Path, task: str, transformer_src: Path, components: dict,
-                     dtype: torch.dtype, max_shard_size: str, source: Path) -> None:
+def _save_components(
+    folder: Path,
+    task: str,
+    transformer_src: Path,
+    components: dict,
+    dtype: torch.dtype,
+    max_shard_size: str,
+    source: Path,
+) -> None:
     """Write one pipeline folder: the transformer converted from `transformer_src`, the other components re-saved,
     the task's scheduler, `model_index.json` and a model card."""
     folder.mkdir(parents=True)
-    convert_transformer(transformer_src, folder / "transformer", TASKS[task].variant, dtype=dtype,
-                        max_shard_size=max_shard_size)
+    convert_transformer(
+        transformer_src, folder / "transformer", TASKS[task].variant, dtype=dtype, max_shard_size=max_shard_size
+    )
     components = {**components, "scheduler": TASKS[task].make_scheduler()}
     for name, component in components.items():
         print(f"[convert] {folder.name}/{name}", file=sys.stderr)
@@ -358,27 +396,49 @@ def convert_repo(
             from diffusers import AutoencoderKLWan
 
             tokenizer = AutoTokenizer.from_pretrained(_require(src / "tokenizer", "tokenizer folder"))
-            text_encoder = StreamedComponent("transformers", "UMT5EncoderModel", partial(
-                copy_text_encoder, _require(src / "text_encoder", "text_encoder folder"), dtype=dtype,
-                max_shard_size=max_shard_size))
+            text_encoder = StreamedComponent(
+                "transformers",
+                "UMT5EncoderModel",
+                partial(
+                    copy_text_encoder,
+                    _require(src / "text_encoder", "text_encoder folder"),
+                    dtype=dtype,
+                    max_shard_size=max_shard_size,
+                ),
+            )
             vae = AutoencoderKLWan.from_pretrained(_require(src / "vae", "vae folder"), torch_dtype=torch.float32)
             components = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
-            _save_components(tmp / "pipeline", task, _require(src / "transformer", "transformer folder"),
-                             components, dtype, max_shard_size, src)
+            _save_components(
+                tmp / "pipeline",
+                task,
+                _require(src / "transformer", "transformer folder"),
+                components,
+                dtype,
+                max_shard_size,
+                src,
+            )
             outputs = {"pipeline": dst}
         else:
             components = {
                 "tokenizer": AutoTokenizer.from_pretrained(_require(src / "google" / "umt5-xxl", "tokenizer folder")),
-                "text_encoder": StreamedComponent("transformers", "UMT5EncoderModel", partial(
-                    write_t5, _require(src / "models_t5_umt5-xxl-enc-bf16.pth", "T5 checkpoint"), dtype=dtype,
-                    max_shard_size=max_shard_size)),
+                "text_encoder": StreamedComponent(
+                    "transformers",
+                    "UMT5EncoderModel",
+                    partial(
+                        write_t5,
+                        _require(src / "models_t5_umt5-xxl-enc-bf16.pth", "T5 checkpoint"),
+                        dtype=dtype,
+                        max_shard_size=max_shard_size,
+                    ),
+                ),
                 "vae": convert_wan_vae(src / "Wan2.1_VAE.pth"),
             }
             if task == "talking_avatar":
                 audio_encoder, feature_extractor = load_wav2vec2(src / "chinese-wav2vec2-base")
                 components.update(
                     image_encoder=convert_clip(src / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", dtype),
-                    audio_encoder=audio_encoder, feature_extractor=feature_extractor,
+                    audio_encoder=audio_encoder,
+                    feature_extractor=feature_extractor,
                 )
                 _require(src / "config.json", "avatar transformer config")
                 _save_components(tmp / "pipeline", task, src, components, dtype, max_shard_size, src)
@@ -387,8 +447,15 @@ def convert_repo(
                 outputs = {}
                 for name in REPOS[task]:
                     transformer_dir = TASKS[name].transformer_folder
-                    _save_components(tmp / name, name, _require(src / transformer_dir, f"{transformer_dir} folder"),
-                                     components, dtype, max_shard_size, src)
+                    _save_components(
+                        tmp / name,
+                        name,
+                        _require(src / transformer_dir, f"{transformer_dir} folder"),
+                        components,
+                        dtype,
+                        max_shard_size,
+                        src,
+                    )
                     outputs[name] = dst / name
         if dst.exists():
             dst.rmdir()
@@ -408,7 +475,8 @@ def convert_repo(
         api.create_repo(push_to_hub, exist_ok=True)
         for folder in folders:
             api.upload_folder(
-                repo_id=push_to_hub, folder_path=str(folder),
+                repo_id=push_to_hub,
+                folder_path=str(folder),
                 path_in_repo=None if len(folders) == 1 else folder.name,
                 commit_message=f"Add SkyReels-V3 {folder.name} (converted with skyreels-diffusers)",
             )

@@ -39,6 +39,7 @@ from .transformer import (
     map_keys,
 )
 
+
 GGUF_ARCHITECTURES = ("wan",)
 COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".pth", ".pt", ".bin", ".ckpt")
@@ -94,15 +95,19 @@ def read_gguf(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file} is not a readable GGUF file (truncated or corrupt?): {error}") from None
     architecture = _gguf_field(reader, "general.architecture")
     if architecture is not None and architecture not in GGUF_ARCHITECTURES:
-        raise ValueError(f"{file} is a GGUF file for architecture {architecture!r}; a SkyReels-V3 / Wan "
-                         f"transformer has {GGUF_ARCHITECTURES}")
+        raise ValueError(
+            f"{file} is a GGUF file for architecture {architecture!r}; a SkyReels-V3 / Wan "
+            f"transformer has {GGUF_ARCHITECTURES}"
+        )
     plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
     state = {}
     for tensor in tensors:
         kind = tensor.tensor_type
         if kind not in plain and kind not in SUPPORTED_GGUF_QUANT_TYPES:
-            raise ValueError(f"{file}: tensor {tensor.name} has GGUF type {kind.name}, which diffusers cannot "
-                             f"dequantise (supported: F32, F16, {[t.name for t in SUPPORTED_GGUF_QUANT_TYPES]})")
+            raise ValueError(
+                f"{file}: tensor {tensor.name} has GGUF type {kind.name}, which diffusers cannot "
+                f"dequantise (supported: F32, F16, {[t.name for t in SUPPORTED_GGUF_QUANT_TYPES]})"
+            )
         data = torch.from_numpy(tensor.data.copy())
         orig_shape = reader.get_field(f"comfy.gguf.orig_shape.{tensor.name}")
         if kind in plain:
@@ -137,7 +142,7 @@ def _read_one(file: Path) -> dict[str, torch.Tensor]:
 def _strip_prefix(state: dict) -> dict:
     for prefix in COMFY_PREFIXES:
         if state and all(key.startswith(prefix) for key in state):
-            return {key[len(prefix):]: value for key, value in state.items()}
+            return {key[len(prefix) :]: value for key, value in state.items()}
     return state
 
 
@@ -170,8 +175,10 @@ def detect_variant(keys) -> str:
         return "extension"
     if "blocks.0.attn1.to_q.weight" in keys:
         return "reference"
-    raise ValueError("Cannot tell the SkyReels-V3 variant from the checkpoint's keys (no 'blocks.0.self_attn.q.weight'"
-                     " or 'blocks.0.attn1.to_q.weight'); pass variant='reference'|'extension'|'avatar'")
+    raise ValueError(
+        "Cannot tell the SkyReels-V3 variant from the checkpoint's keys (no 'blocks.0.self_attn.q.weight'"
+        " or 'blocks.0.attn1.to_q.weight'); pass variant='reference'|'extension'|'avatar'"
+    )
 
 
 def _num_blocks(keys) -> int:
@@ -186,16 +193,24 @@ def infer_config(state: dict, variant: str) -> dict:
         raise ValueError(f"width {dim} is not a multiple of {WAN_HEAD_DIM}: pass config= (a config dict or folder)")
     if VARIANT_LAYOUT[variant] == "wan":
         original = {
-            "model_type": "i2v" if variant == "avatar" else "t2v", "patch_size": patch, "in_dim": in_dim,
-            "dim": dim, "num_heads": dim // WAN_HEAD_DIM, "num_layers": _num_blocks(shape),
-            "ffn_dim": shape["blocks.0.ffn.0.weight"][0], "freq_dim": shape["time_embedding.0.weight"][1],
+            "model_type": "i2v" if variant == "avatar" else "t2v",
+            "patch_size": patch,
+            "in_dim": in_dim,
+            "dim": dim,
+            "num_heads": dim // WAN_HEAD_DIM,
+            "num_layers": _num_blocks(shape),
+            "ffn_dim": shape["blocks.0.ffn.0.weight"][0],
+            "freq_dim": shape["time_embedding.0.weight"][1],
             "text_dim": shape["text_embedding.0.weight"][1],
             "out_dim": shape["head.head.weight"][0] // math.prod(patch),
         }
         return convert_config(original, variant)
     original = {
-        "patch_size": patch, "in_channels": in_dim, "num_attention_heads": dim // WAN_HEAD_DIM,
-        "attention_head_dim": WAN_HEAD_DIM, "num_layers": _num_blocks(shape),
+        "patch_size": patch,
+        "in_channels": in_dim,
+        "num_attention_heads": dim // WAN_HEAD_DIM,
+        "attention_head_dim": WAN_HEAD_DIM,
+        "num_layers": _num_blocks(shape),
         "ffn_dim": shape["blocks.0.ffn.net.0.proj.weight"][0],
         "freq_dim": shape["condition_embedder.time_embedder.linear_1.weight"][1],
         "text_dim": shape["condition_embedder.text_embedder.linear_1.weight"][1],
@@ -226,7 +241,9 @@ def resolve_config(config: Any, variant: str, state: dict) -> dict:
 
     ours = set(inspect.signature(SkyReelsV3Transformer3DModel.__init__).parameters) - {"self"}
     fields = {k: v for k, v in config.items() if not k.startswith("_")}
-    if config.get("_class_name") == SkyReelsV3Transformer3DModel.__name__ or ("dim" not in fields and set(fields) <= ours):
+    if config.get("_class_name") == SkyReelsV3Transformer3DModel.__name__ or (
+        "dim" not in fields and set(fields) <= ours
+    ):
         return fields
     return convert_config(config, variant)
 
@@ -290,8 +307,10 @@ def load_transformer_single_file(
         what, state = ", ".join(str(f) for f in files), read_checkpoint(files)
     is_gguf = any(hasattr(v, "quant_type") for v in state.values())
     if is_gguf and quantization_config is None:
-        raise ValueError(f"{what} holds GGUF-quantised tensors: pass quantization_config="
-                         "GGUFQuantizationConfig(compute_dtype=torch.bfloat16)")
+        raise ValueError(
+            f"{what} holds GGUF-quantised tensors: pass quantization_config="
+            "GGUFQuantizationConfig(compute_dtype=torch.bfloat16)"
+        )
     if variant is None:
         try:
             variant = detect_variant(state)
@@ -313,10 +332,18 @@ def load_transformer_single_file(
         hf_quantizer.validate_environment()
         torch_dtype = hf_quantizer.update_torch_dtype(torch_dtype)
         _dequantize_non_linear(model, converted, expected_state_shapes(model_config))
-        hf_quantizer.preprocess_model(model=model, device_map=None, state_dict=converted,
-                                      keep_in_fp32_modules=keep_in_fp32)
-    load_model_dict_into_meta(model, converted, dtype=torch_dtype, device_map={"": torch.device(device or "cpu")},
-                              hf_quantizer=hf_quantizer, keep_in_fp32_modules=keep_in_fp32, unexpected_keys=[])
+        hf_quantizer.preprocess_model(
+            model=model, device_map=None, state_dict=converted, keep_in_fp32_modules=keep_in_fp32
+        )
+    load_model_dict_into_meta(
+        model,
+        converted,
+        dtype=torch_dtype,
+        device_map={"": torch.device(device or "cpu")},
+        hf_quantizer=hf_quantizer,
+        keep_in_fp32_modules=keep_in_fp32,
+        unexpected_keys=[],
+    )
     if hf_quantizer is not None:
         hf_quantizer.postprocess_model(model)
         model.hf_quantizer = hf_quantizer

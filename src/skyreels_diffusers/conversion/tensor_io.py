@@ -27,10 +27,20 @@ from pathlib import Path
 
 import torch
 
+
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -68,7 +78,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
         return torch.empty(info.shape, dtype=info.dtype)
     flat = raw.view(info.dtype)
     if info.stride is None:
-        return flat[info.storage_offset: info.storage_offset + math.prod(info.shape)].view(info.shape)
+        return flat[info.storage_offset : info.storage_offset + math.prod(info.shape)].view(info.shape)
     return flat.as_strided(info.shape, info.stride, info.storage_offset).clone()
 
 
@@ -90,8 +100,9 @@ def safetensors_index(file: Path) -> dict[str, TensorInfo]:
         start, end = entry["data_offsets"]
         if base + end > size:
             raise ValueError(f"{file} is truncated: tensor {key!r} ends at byte {base + end}, the file has {size}")
-        table[key] = TensorInfo(file, base + start, end - start, SAFETENSORS_DTYPES[entry["dtype"]],
-                                tuple(entry["shape"]))
+        table[key] = TensorInfo(
+            file, base + start, end - start, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        )
     return table
 
 
@@ -131,9 +142,16 @@ class _RecordsUnpickler(pickle.Unpickler):
     @staticmethod
     def _rebuild(storage: TensorInfo, storage_offset, size, stride, *args) -> TensorInfo:
         size, stride = tuple(size), tuple(stride)
-        contiguous = stride == tuple(math.prod(size[i + 1:]) for i in range(len(size)))
-        return TensorInfo(storage.file, storage.offset, storage.nbytes, storage.dtype, size, storage_offset,
-                          None if contiguous else stride)
+        contiguous = stride == tuple(math.prod(size[i + 1 :]) for i in range(len(size)))
+        return TensorInfo(
+            storage.file,
+            storage.offset,
+            storage.nbytes,
+            storage.dtype,
+            size,
+            storage_offset,
+            None if contiguous else stride,
+        )
 
 
 def pth_index(file: Path) -> dict[str, TensorInfo]:
@@ -173,8 +191,9 @@ class TensorSource:
         for file in files:
             for key, info in file_index(file).items():
                 if key in self._index:
-                    raise ValueError(f"Key {key!r} appears in more than one weight file ({self._index[key].file}, "
-                                     f"{file})")
+                    raise ValueError(
+                        f"Key {key!r} appears in more than one weight file ({self._index[key].file}, {file})"
+                    )
                 self._index[key] = info
 
     @staticmethod
@@ -233,8 +252,11 @@ def parse_size(size: int | str) -> int:
 def _write_one_shard(path: Path, tensors: list[PlannedTensor], progress) -> None:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for item in tensors:
-        header[item.name] = {"dtype": _DTYPE_NAMES[item.dtype], "shape": list(item.shape),
-                             "data_offsets": [offset, offset + item.nbytes]}
+        header[item.name] = {
+            "dtype": _DTYPE_NAMES[item.dtype],
+            "shape": list(item.shape),
+            "data_offsets": [offset, offset + item.nbytes],
+        }
         offset += item.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -276,8 +298,10 @@ def write_safetensors_shards(
     weight_map = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=description or weights_name, leave=False) as bar:
         for index, shard in enumerate(shards, start=1):
-            name = f"{weights_name}.safetensors" if len(shards) == 1 else (
-                f"{weights_name}-{index:05d}-of-{len(shards):05d}.safetensors"
+            name = (
+                f"{weights_name}.safetensors"
+                if len(shards) == 1
+                else (f"{weights_name}-{index:05d}-of-{len(shards):05d}.safetensors")
             )
             _write_one_shard(folder / name, shard, bar.update)
             weight_map.update({item.name: name for item in shard})

@@ -24,6 +24,7 @@ import torch
 
 from .tensor_io import PlannedTensor, TensorSource, write_safetensors_shards
 
+
 _B = r"blocks\.(\d+)\."
 
 # Wan-native (extension, shot switching, talking avatar) -> ours.
@@ -173,8 +174,21 @@ WAV2VEC2_DIM, WAV2VEC2_LAYERS, CLIP_DIM = 768, 12, 1280
 def convert_wan_config(original: dict, variant: str) -> dict:
     """Wan-native `config.json` (extension / avatar `WanModel`) -> our config."""
     known = {
-        "model_type", "patch_size", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads",
-        "num_layers", "window_size", "qk_norm", "cross_attn_norm", "eps", *_WAN_AUDIO_FIELDS,
+        "model_type",
+        "patch_size",
+        "in_dim",
+        "dim",
+        "ffn_dim",
+        "freq_dim",
+        "text_dim",
+        "out_dim",
+        "num_heads",
+        "num_layers",
+        "window_size",
+        "qk_norm",
+        "cross_attn_norm",
+        "eps",
+        *_WAN_AUDIO_FIELDS,
     }
     unknown = sorted(set(original) - known - _WAN_IGNORED_FIELDS)
     if unknown:
@@ -205,8 +219,9 @@ def convert_wan_config(original: dict, variant: str) -> dict:
         "eps": original.get("eps", 1e-6),
     }
     if variant == "avatar":
-        config.update(image_dim=CLIP_DIM, added_kv_proj_dim=dim, audio_in_dim=WAV2VEC2_DIM,
-                      audio_in_layers=WAV2VEC2_LAYERS)
+        config.update(
+            image_dim=CLIP_DIM, added_kv_proj_dim=dim, audio_in_dim=WAV2VEC2_DIM, audio_in_layers=WAV2VEC2_LAYERS
+        )
         for field, ours in _WAN_AUDIO_FIELDS.items():
             config[ours] = original.get(field, _WAN_AVATAR_DEFAULTS[field])
     elif any(field in original for field in _WAN_AUDIO_FIELDS):
@@ -215,8 +230,20 @@ def convert_wan_config(original: dict, variant: str) -> dict:
 
 
 _DIFFUSERS_FIELDS = {
-    "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim", "added_kv_proj_dim",
+    "patch_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "freq_dim",
+    "ffn_dim",
+    "num_layers",
+    "cross_attn_norm",
+    "qk_norm",
+    "eps",
+    "image_dim",
+    "added_kv_proj_dim",
 }
 
 
@@ -274,8 +301,9 @@ def _planned_tensors(source: TensorSource, mapped: list[MappedKey], shapes: dict
         shape = (info.shape[0] // item.num_chunks, *info.shape[1:]) if info.shape else ()
         if shape != shapes[item.target]:
             raise ValueError(f"{item.source} has shape {info.shape}; {item.target} needs {shapes[item.target]}")
-        planned.append(PlannedTensor(item.target, shape, target_dtype,
-                                     lambda item=item: item.take(source.get(item.source))))
+        planned.append(
+            PlannedTensor(item.target, shape, target_dtype, lambda item=item: item.take(source.get(item.source)))
+        )
     return planned
 
 
@@ -321,8 +349,9 @@ def convert_transformer(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        write_safetensors_shards(tmp, planned, "diffusion_pytorch_model", max_shard_size,
-                                 description=f"transformer ({variant})")
+        write_safetensors_shards(
+            tmp, planned, "diffusion_pytorch_model", max_shard_size, description=f"transformer ({variant})"
+        )
         full_config = {"_class_name": SkyReelsV3Transformer3DModel.__name__, **config}
         (tmp / "config.json").write_text(json.dumps(full_config, indent=2) + "\n")
         if dst.exists():

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 LOG2E = 1.4426950408889634
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -75,8 +76,29 @@ def _quantize_rows(x, QMAX: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.const
 
 @triton.jit
 def _quantize_kernel(
-    Q, K, V, QQ, QS, KQ, KS, VT, K_MEAN, V_MEAN, V_SCALE, L, L_PAD, H, stride_b, stride_l, stride_h, q_scale,
-    BLOCK: tl.constexpr, D: tl.constexpr, QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    Q,
+    K,
+    V,
+    QQ,
+    QS,
+    KQ,
+    KS,
+    VT,
+    K_MEAN,
+    V_MEAN,
+    V_SCALE,
+    L,
+    L_PAD,
+    H,
+    stride_b,
+    stride_l,
+    stride_h,
+    q_scale,
+    BLOCK: tl.constexpr,
+    D: tl.constexpr,
+    QK_FP8: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """One program: BLOCK tokens of one (batch, head). Reads Q/K/V rows in the `(B, L, H, D)` layout once."""
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -116,14 +138,38 @@ def _exp2_f16(x):
     float32 `ex2`, and precise enough for a P that is rounded to FP8 next. Returns float16."""
     return tl.inline_asm_elementwise(
         asm="{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-        constraints="=r,r,r", args=[x], dtype=tl.float16, is_pure=True, pack=2)
+        constraints="=r,r,r",
+        args=[x],
+        dtype=tl.float16,
+        is_pure=True,
+        pack=2,
+    )
 
 
 @triton.jit
 def _attention_block(
-    acc, m_i, l_i, q, qs, KQ, KS, V, start, offs_n, offs_d, L, L_PAD, v_base, stride_vl,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, MASK: tl.constexpr,
-    FAST_EXP: tl.constexpr, INTERPRET: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    qs,
+    KQ,
+    KS,
+    V,
+    start,
+    offs_n,
+    offs_d,
+    L,
+    L_PAD,
+    v_base,
+    stride_vl,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    QK_FP8: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    MASK: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """One key/value block of the online softmax: scores, running max and sum, P·V into `acc`.
 
@@ -169,10 +215,32 @@ def _attention_block(
 
 @triton.jit
 def _attention_kernel(
-    QQ, QS, KQ, KS, V, V_MEAN, V_SCALE, O, L: tl.constexpr, L_FULL: tl.constexpr, L_PAD, H,  # noqa: E741
-    stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
-    D: tl.constexpr, QK_FP8: tl.constexpr, PV_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FAST_EXP: tl.constexpr, INTERPRET: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    QQ,
+    QS,
+    KQ,
+    KS,
+    V,
+    V_MEAN,
+    V_SCALE,
+    O,
+    L: tl.constexpr,
+    L_FULL: tl.constexpr,
+    L_PAD,
+    H,  # noqa: E741
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    D: tl.constexpr,
+    QK_FP8: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    FAST_EXP: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """One program: BLOCK_M queries of one (batch, head) against all keys; writes `(B, L, H, D)` output rows.
 
@@ -194,11 +262,55 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start in tl.range(0, L_FULL, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        acc, m_i, l_i = _attention_block(acc, m_i, l_i, q, qs, KQ, KS, V, start, offs_n, offs_d, L, L_PAD, v_base,
-                                         stride_vl, D, BLOCK_N, QK_FP8, PV_FP8, False, FAST_EXP, INTERPRET)
+        acc, m_i, l_i = _attention_block(
+            acc,
+            m_i,
+            l_i,
+            q,
+            qs,
+            KQ,
+            KS,
+            V,
+            start,
+            offs_n,
+            offs_d,
+            L,
+            L_PAD,
+            v_base,
+            stride_vl,
+            D,
+            BLOCK_N,
+            QK_FP8,
+            PV_FP8,
+            False,
+            FAST_EXP,
+            INTERPRET,
+        )
     if L_FULL < L:
-        acc, m_i, l_i = _attention_block(acc, m_i, l_i, q, qs, KQ, KS, V, L_FULL, offs_n, offs_d, L, L_PAD, v_base,
-                                         stride_vl, D, BLOCK_N, QK_FP8, PV_FP8, True, FAST_EXP, INTERPRET)
+        acc, m_i, l_i = _attention_block(
+            acc,
+            m_i,
+            l_i,
+            q,
+            qs,
+            KQ,
+            KS,
+            V,
+            L_FULL,
+            offs_n,
+            offs_d,
+            L,
+            L_PAD,
+            v_base,
+            stride_vl,
+            D,
+            BLOCK_N,
+            QK_FP8,
+            PV_FP8,
+            True,
+            FAST_EXP,
+            INTERPRET,
+        )
     out = acc / l_i[:, None]
     if PV_FP8:
         out = out * (tl.load(V_SCALE + bh * D + offs_d) / 448.0)[None, :] + tl.load(V_MEAN + bh * D + offs_d)[None, :]
@@ -212,8 +324,16 @@ _BEST_CONFIG: dict[tuple, tuple] = {}
 def _launch(args: tuple, flags: dict, tokens: int, batch_heads: int, config: tuple) -> None:
     block_m, block_n, warps, stages, *specialize = config
     _attention_kernel[(triton.cdiv(tokens, block_m), batch_heads)](
-        *args[:9], tokens - tokens % block_n, *args[9:], **flags, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages, WARP_SPECIALIZE=bool(specialize and specialize[0]))
+        *args[:9],
+        tokens - tokens % block_n,
+        *args[9:],
+        **flags,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
+        WARP_SPECIALIZE=bool(specialize and specialize[0]),
+    )
 
 
 def _best_config(args: tuple, flags: dict, tokens: int, batch_heads: int) -> tuple:
@@ -224,7 +344,8 @@ def _best_config(args: tuple, flags: dict, tokens: int, batch_heads: int) -> tup
         for config in CONFIGS:
             try:
                 timings[config] = TUNING[key][config] = triton.testing.do_bench(
-                    lambda c=config: _launch(args, flags, tokens, batch_heads, c), warmup=5, rep=20)
+                    lambda c=config: _launch(args, flags, tokens, batch_heads, c), warmup=5, rep=20
+                )
             except Exception as error:  # a config the compiler cannot build here is skipped
                 TUNING[key][config] = f"{type(error).__name__}: {str(error)[:200]}"
         _BEST_CONFIG[key] = min(timings, key=timings.get)
@@ -246,7 +367,8 @@ def quantize_qkv(query, key, value, qk: str = "int8", pv: str = "fp8", scale: fl
         q_scale=torch.empty(batch * heads, l_pad, device=dev, dtype=torch.float32),
         k_scale=torch.empty(batch * heads, l_pad // PAD, device=dev, dtype=torch.float32),
         k_mean=key.mean(dim=1, dtype=torch.float32).contiguous(),  # (B, H, D)
-        tokens=tokens, l_pad=l_pad,
+        tokens=tokens,
+        l_pad=l_pad,
     )
     if pv == "fp8":
         v_min, v_max = torch.aminmax(value, dim=1)  # (B, H, D); V is smoothed by the centre of its range
@@ -259,10 +381,30 @@ def quantize_qkv(query, key, value, qk: str = "int8", pv: str = "fp8", scale: fl
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     grid = (l_pad // PAD, batch * heads)
     _quantize_kernel[grid](
-        query, key, value, out["q"], out["q_scale"], out["k"], out["k_scale"],
-        out["v"] if pv == "fp8" else out["q"], out["k_mean"], out["v_mean"], out["v_scale"], tokens, l_pad, heads,
-        query.stride(0), query.stride(1), query.stride(2), scale * LOG2E,
-        BLOCK=PAD, D=dim, QK_FP8=qk == "fp8", PV_FP8=pv == "fp8", INTERPRET=interpreter_mode(), num_warps=8,
+        query,
+        key,
+        value,
+        out["q"],
+        out["q_scale"],
+        out["k"],
+        out["k_scale"],
+        out["v"] if pv == "fp8" else out["q"],
+        out["k_mean"],
+        out["v_mean"],
+        out["v_scale"],
+        tokens,
+        l_pad,
+        heads,
+        query.stride(0),
+        query.stride(1),
+        query.stride(2),
+        scale * LOG2E,
+        BLOCK=PAD,
+        D=dim,
+        QK_FP8=qk == "fp8",
+        PV_FP8=pv == "fp8",
+        INTERPRET=interpreter_mode(),
+        num_warps=8,
     )
     return out
 
@@ -271,19 +413,31 @@ def _check(query, key, value, qk: str, pv: str) -> None:
     if qk not in QK_MODES or pv not in PV_MODES:
         raise ValueError(f"qk must be one of {QK_MODES} and pv one of {PV_MODES}, got {qk!r}, {pv!r}")
     if query.shape != key.shape or key.shape != value.shape:
-        raise ValueError(f"8-bit attention is self-attention: q, k, v shapes must match, got {query.shape}, "
-                         f"{key.shape}, {value.shape}")
+        raise ValueError(
+            f"8-bit attention is self-attention: q, k, v shapes must match, got {query.shape}, "
+            f"{key.shape}, {value.shape}"
+        )
     if query.dim() != 4 or query.shape[-1] not in (64, 128):
         raise ValueError(f"expected (batch, tokens, heads, head_dim) with head_dim 64 or 128, got {query.shape}")
     if query.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"8-bit attention takes bf16/fp16 inputs, got {query.dtype}")
     if query.device.type != "cuda" and not interpreter_mode():
-        raise RuntimeError("8-bit attention runs on a CUDA GPU (FP8 needs compute capability 8.9+, Hopper for "
-                           "speed); on a CPU only in Triton's interpreter (TRITON_INTERPRET=1)")
+        raise RuntimeError(
+            "8-bit attention runs on a CUDA GPU (FP8 needs compute capability 8.9+, Hopper for "
+            "speed); on a CPU only in Triton's interpreter (TRITON_INTERPRET=1)"
+        )
 
 
-def attention_8bit_impl(query, key, value, scale: float | None = None, qk: str = "int8", pv: str = "fp8",
-                        config: tuple | None = None, fast_exp: bool = False) -> torch.Tensor:
+def attention_8bit_impl(
+    query,
+    key,
+    value,
+    scale: float | None = None,
+    qk: str = "int8",
+    pv: str = "fp8",
+    config: tuple | None = None,
+    fast_exp: bool = False,
+) -> torch.Tensor:
     """8-bit attention on `(B, L, H, D)` tensors, returning `(B, L, H, D)` in the input dtype. `config` fixes
     `(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize])` instead of autotuning (benchmarks; the
     interpreter); `fast_exp` computes P with the half-precision `ex2` (measured no faster on an H200: off by
@@ -293,10 +447,25 @@ def attention_8bit_impl(query, key, value, scale: float | None = None, qk: str =
     pre = quantize_qkv(query, key, value, qk, pv, scale)
     out = torch.empty_like(query)
     v = pre["v"] if pv == "fp8" else value
-    args = (pre["q"], pre["q_scale"], pre["k"], pre["k_scale"], v, pre["v_mean"], pre["v_scale"], out, tokens,
-            pre["l_pad"], heads,
-            v.stride(0) if pv == "bf16" else 0, v.stride(1) if pv == "bf16" else 0, v.stride(2) if pv == "bf16" else 0,
-            out.stride(0), out.stride(1), out.stride(2))
+    args = (
+        pre["q"],
+        pre["q_scale"],
+        pre["k"],
+        pre["k_scale"],
+        v,
+        pre["v_mean"],
+        pre["v_scale"],
+        out,
+        tokens,
+        pre["l_pad"],
+        heads,
+        v.stride(0) if pv == "bf16" else 0,
+        v.stride(1) if pv == "bf16" else 0,
+        v.stride(2) if pv == "bf16" else 0,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+    )
     flags = dict(D=dim, QK_FP8=qk == "fp8", PV_FP8=pv == "fp8", FAST_EXP=fast_exp, INTERPRET=interpreter_mode())
     if config is None and interpreter_mode():
         config = INTERPRETER_CONFIG
@@ -307,8 +476,14 @@ def attention_8bit_impl(query, key, value, scale: float | None = None, qk: str =
 
 
 @torch.library.custom_op("skyreels::attention_8bit", mutates_args=())
-def attention_8bit(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
-                   qk: str = "int8", pv: str = "fp8") -> torch.Tensor:
+def attention_8bit(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float | None = None,
+    qk: str = "int8",
+    pv: str = "fp8",
+) -> torch.Tensor:
     """8-bit self-attention (see the module docstring), as an op `torch.compile` keeps whole."""
     return attention_8bit_impl(query, key, value, scale, qk, pv)
 
@@ -327,8 +502,9 @@ def _quantize_reference(x: torch.Tensor, qk: str) -> tuple[torch.Tensor, torch.T
     return y, scale
 
 
-def reference_attention_8bit(query, key, value, scale: float | None = None, qk: str = "int8",
-                             pv: str = "fp8") -> torch.Tensor:
+def reference_attention_8bit(
+    query, key, value, scale: float | None = None, qk: str = "int8", pv: str = "fp8"
+) -> torch.Tensor:
     """The kernel's quantisation math in PyTorch (float32), on `(B, L, H, D)`: smoothed K, 8-bit Q per token and K
     per block of 128 tokens,
     exact softmax, P (scaled by 448 against the row maximum) and V (per channel) in FP8 or P in bf16. The kernel

@@ -8,6 +8,7 @@ from .attention_processor import (
 from .audio_projection import SkyReelsV3AudioProjection
 from .transformer_skyreels_v3 import SkyReelsV3Transformer3DModel, SkyReelsV3TransformerBlock
 
+
 __all__ = [
     "SkyReelsV3Attention",
     "SkyReelsV3AttnProcessor",

@@ -29,6 +29,7 @@ from diffusers.models.attention_dispatch import (
     _templated_context_parallel_attention,
 )
 
+
 ATTENTION_8BIT = "triton_8bit"
 ATTENTION_8BIT_ACCURATE = "triton_8bit_accurate"
 # backend name -> (Q·K precision, P·V precision) of the kernel
@@ -68,33 +69,58 @@ def check_8bit_backend_available(name: str) -> None:
     try:
         from ..kernels.attention_8bit import interpreter_mode
     except ImportError as error:
-        raise ImportError(f"attention backend {name!r} needs Triton: pip install 'skyreels-diffusers[triton]' "
-                          f"({error})") from None
+        raise ImportError(
+            f"attention backend {name!r} needs Triton: pip install 'skyreels-diffusers[triton]' ({error})"
+        ) from None
     if interpreter_mode():
         return
     if not torch.cuda.is_available():
-        raise RuntimeError(f"attention backend {name!r} needs a CUDA GPU (FP8: compute capability 8.9+, fast on "
-                           "Hopper); without one use the default backend (or TRITON_INTERPRET=1 for tests)")
+        raise RuntimeError(
+            f"attention backend {name!r} needs a CUDA GPU (FP8: compute capability 8.9+, fast on "
+            "Hopper); without one use the default backend (or TRITON_INTERPRET=1 for tests)"
+        )
     if torch.cuda.get_device_capability() < (8, 9):
-        raise RuntimeError(f"attention backend {name!r} needs FP8 tensor cores (compute capability 8.9+), this "
-                           f"GPU has {torch.cuda.get_device_capability()}")
+        raise RuntimeError(
+            f"attention backend {name!r} needs FP8 tensor cores (compute capability 8.9+), this "
+            f"GPU has {torch.cuda.get_device_capability()}"
+        )
 
 
 def _runs_kernel(query, key, value, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool) -> bool:
-    return (attn_mask is None and not is_causal and dropout_p == 0.0 and not enable_gqa
-            and query.shape == key.shape == value.shape and query.shape[-1] in (64, 128)
-            and query.dtype in (torch.bfloat16, torch.float16))
+    return (
+        attn_mask is None
+        and not is_causal
+        and dropout_p == 0.0
+        and not enable_gqa
+        and query.shape == key.shape == value.shape
+        and query.shape[-1] in (64, 128)
+        and query.dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 def _make_backend(name: str):
     qk, pv = BACKENDS[name]
 
-    def forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                   enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    def forward_op(
+        ctx,
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+        return_lse=False,
+        _save_ctx=True,
+        _parallel_config=None,
+    ):
         """diffusers' templated context-parallel attention calls this with the exchanged (full-sequence) tensors."""
         if return_lse:
-            raise NotImplementedError(f"attention backend {name!r} returns no log-sum-exp, which ring attention "
-                                      "needs: use Ulysses (--ulysses-degree) with it, or another backend for ring")
+            raise NotImplementedError(
+                f"attention backend {name!r} returns no log-sum-exp, which ring attention "
+                "needs: use Ulysses (--ulysses-degree) with it, or another backend for ring"
+            )
         if not _runs_kernel(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
             raise ValueError(f"attention backend {name!r} under context parallelism takes self-attention only")
         return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv)
@@ -103,20 +129,50 @@ def _make_backend(name: str):
         raise NotImplementedError(f"attention backend {name!r} is inference-only (no backward)")
 
     @_AttentionBackendRegistry.register(_add_backend_name(name), supports_context_parallel=True)
-    def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                  enable_gqa: bool = False, return_lse: bool = False, _parallel_config=None) -> torch.Tensor:
+    def attention(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        return_lse: bool = False,
+        _parallel_config=None,
+    ) -> torch.Tensor:
         if not _runs_kernel(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) or return_lse:
             native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
-            return native(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                          scale=scale, enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config)
+            return native(
+                query,
+                key,
+                value,
+                attn_mask=attn_mask,
+                dropout_p=dropout_p,
+                is_causal=is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+                return_lse=return_lse,
+                _parallel_config=_parallel_config,
+            )
         from ..kernels import attention_8bit  # noqa: F401  (registers torch.ops.skyreels.attention_8bit)
 
         if _parallel_config is None:
             return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv)
         return _templated_context_parallel_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
-            forward_op=forward_op, backward_op=backward_op, _parallel_config=_parallel_config)
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            enable_gqa,
+            return_lse,
+            forward_op=forward_op,
+            backward_op=backward_op,
+            _parallel_config=_parallel_config,
+        )
 
     attention.__name__ = f"_{name}_attention"
     return attention

@@ -91,7 +91,11 @@ class SkyReelsV3AttnProcessor:
             hidden_states = self.self_attention(query, key, value, attention_mask)
         else:
             hidden_states = dispatch_attention_fn(
-                query, key, value, attn_mask=attention_mask, backend=cross_attention_backend(self._attention_backend),
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                backend=cross_attention_backend(self._attention_backend),
                 parallel_config=None,
             )
         hidden_states = hidden_states.flatten(2, 3)
@@ -105,7 +109,10 @@ class SkyReelsV3AttnProcessor:
             key_img = rms_norm_fp32(key_img, attn.norm_added_k).to(dtype).unflatten(2, (attn.heads, -1))
             value_img = value_img.unflatten(2, (attn.heads, -1))
             hidden_states_img = dispatch_attention_fn(
-                query, key_img, value_img, backend=cross_attention_backend(self._attention_backend),
+                query,
+                key_img,
+                value_img,
+                backend=cross_attention_backend(self._attention_backend),
                 parallel_config=None,
             ).flatten(2, 3)
             hidden_states = hidden_states + hidden_states_img
@@ -119,7 +126,11 @@ class SkyReelsV3AttnProcessor:
         """The self-attention kernel on `(batch, seq, heads, head_dim)` tensors (under context parallelism: this
         rank's token shard, exchanged as the model's parallel config says)."""
         return dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
 
@@ -218,7 +229,11 @@ class SkyReelsV3AudioAttnProcessor:
             key, value = attn.to_k(audio), attn.to_v(audio)
         key, value = key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
         hidden_states = dispatch_attention_fn(
-            query, key, value, attn_mask=mask, backend=cross_attention_backend(self._attention_backend),
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            backend=cross_attention_backend(self._attention_backend),
             parallel_config=None,
         )
         hidden_states = hidden_states.reshape(batch_size, seq_len, -1).to(dtype)

@@ -3,6 +3,7 @@ and the benchmarks (one source of truth)."""
 
 from __future__ import annotations
 
+
 _WAN_14B = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=40,

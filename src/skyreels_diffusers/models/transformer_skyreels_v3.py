@@ -280,9 +280,10 @@ class SkyReelsV3TransformerBlock(nn.Module):
 
         if self.attn_audio is not None and audio_hidden_states is not None:
             norm_hidden_states = self.norm_audio(residual).to(dtype)
-            residual = residual + self.attn_audio(
-                norm_hidden_states, audio_hidden_states, tokens_per_frame=tokens_per_frame
-            ).float()
+            residual = (
+                residual
+                + self.attn_audio(norm_hidden_states, audio_hidden_states, tokens_per_frame=tokens_per_frame).float()
+            )
 
         norm_hidden_states = modulate(self.norm3(residual), c_shift_msa, c_scale_msa).to(dtype)
         ff_output = self.ffn(norm_hidden_states)
@@ -440,10 +441,11 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         problems = {name: info.get(name) for name in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {name: keys for name, keys in problems.items() if keys}
         if problems:
-            details = "; ".join(f"{name.replace('_', ' ')}: {sorted(map(str, keys))}" for name, keys in problems.items())
+            details = "; ".join(
+                f"{name.replace('_', ' ')}: {sorted(map(str, keys))}" for name, keys in problems.items()
+            )
             raise ValueError(f"Checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {details}")
         return (model, info) if output_loading_info else model
-
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs):
@@ -469,13 +471,17 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         from ..conversion.single_file import load_transformer_single_file
 
         return load_transformer_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs)
+
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
         return tokens.flatten(2).transpose(1, 2)
 
     @apply_lora_scale("attention_kwargs")
     def _check_inputs(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, audio_embeds: torch.Tensor | None,
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        audio_embeds: torch.Tensor | None,
         condition_hidden_states: torch.Tensor | Sequence[torch.Tensor] | None,
     ) -> tuple[list[torch.Tensor], int]:
         """Shape checks of `forward`'s inputs; returns the condition latents as a list and the number of
@@ -516,7 +522,9 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
                 f"{total_frames} latent frames (video + condition)."
             )
         if (self.audio_proj is None) != (audio_embeds is None):
-            raise ValueError("`audio_embeds` must be given exactly when the model has an audio branch (`audio_in_dim`).")
+            raise ValueError(
+                "`audio_embeds` must be given exactly when the model has an audio branch (`audio_in_dim`)."
+            )
         if audio_embeds is not None and (
             self.audio_proj.num_latent_frames(audio_embeds.shape[1]) != post_f or audio_embeds.shape[0] != batch_size
         ):
@@ -589,7 +597,11 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         audio_hidden_states = self.audio_proj(audio_embeds) if audio_embeds is not None else None
 
         block_args = (
-            encoder_hidden_states, timestep_proj, rotary_emb, encoder_hidden_states_image, audio_hidden_states,
+            encoder_hidden_states,
+            timestep_proj,
+            rotary_emb,
+            encoder_hidden_states_image,
+            audio_hidden_states,
             post_h * post_w,
         )
         for block in self.blocks:

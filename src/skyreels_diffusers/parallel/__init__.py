@@ -4,6 +4,7 @@ from .sharding import shard_transformer, sharding_plan
 from .vae import ParallelAutoencoderKLWan, enable_parallel_vae
 from .xfuser import enable_xfuser_parallel
 
+
 __all__ = [
     "ParallelAutoencoderKLWan",
     "broadcast_tensors",

@@ -76,7 +76,9 @@ def enable_context_parallel(
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     check_degrees(model.config.num_attention_heads, ulysses_degree, ring_degree, world_size)
     cp_config = ContextParallelConfig(
-        ulysses_degree=ulysses_degree, ring_degree=ring_degree, ulysses_anything=ulysses_anything and ring_degree == 1,
+        ulysses_degree=ulysses_degree,
+        ring_degree=ring_degree,
+        ulysses_anything=ulysses_anything and ring_degree == 1,
         ring_anything=ulysses_anything and ring_degree > 1 and ulysses_degree == 1,
     )
     if torch.accelerator.is_available() and torch.accelerator.device_count() > 0:

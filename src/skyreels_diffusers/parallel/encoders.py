@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from .context_parallel import broadcast_from_main, is_main_process
 
+
 # components that only rank 0 loads and runs under torchrun (CLIP stays everywhere: the avatar's windows encode
 # their motion frames with it, step by step on every rank)
 MAIN_ONLY_ENCODERS = ("text_encoder", "audio_encoder")

@@ -43,9 +43,15 @@ def split_by_dtype(model: torch.nn.Module, min_unit_numel: int = 1 << 20) -> tup
     units, covered = [], set()
     for name, module in model.named_modules():
         params = list(module.parameters())
-        if (not name or name.startswith("blocks.") or not params or any(p.dtype == main for p in params)
-                or len({p.dtype for p in params}) > 1 or sum(p.numel() for p in params) < min_unit_numel
-                or any(id(p) in in_blocks or id(p) in covered for p in params)):
+        if (
+            not name
+            or name.startswith("blocks.")
+            or not params
+            or any(p.dtype == main for p in params)
+            or len({p.dtype for p in params}) > 1
+            or sum(p.numel() for p in params) < min_unit_numel
+            or any(id(p) in in_blocks or id(p) in covered for p in params)
+        ):
             continue
         units.append(module)
         covered |= {id(p) for p in params}
@@ -53,8 +59,9 @@ def split_by_dtype(model: torch.nn.Module, min_unit_numel: int = 1 << 20) -> tup
     return units, whole
 
 
-def shard_transformer(model: torch.nn.Module, device: torch.device, prefetch: bool = True,
-                      min_unit_numel: int = 1 << 20) -> torch.nn.Module:
+def shard_transformer(
+    model: torch.nn.Module, device: torch.device, prefetch: bool = True, min_unit_numel: int = 1 << 20
+) -> torch.nn.Module:
     """Shard `model`'s blocks (one FSDP2 unit each) and the remaining parameters (root unit) over all processes;
     parameters move to `device` as shards (`DTensor`s). `prefetch` issues the next block's all-gather when a block
     starts. Returns `model` (now an FSDP module).
@@ -75,8 +82,12 @@ def shard_transformer(model: torch.nn.Module, device: torch.device, prefetch: bo
         fully_shard(module, mesh=mesh, reshard_after_forward=True)
     blocks = list(model.blocks)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True,
-                    ignored_params={p for p in block.parameters() if id(p) in kept})
+        fully_shard(
+            block,
+            mesh=mesh,
+            reshard_after_forward=True,
+            ignored_params={p for p in block.parameters() if id(p) in kept},
+        )
     fully_shard(model, mesh=mesh, reshard_after_forward=True, ignored_params=set(whole))
     for param in whole:  # FSDP leaves the parameters it ignores where they are (meta ones: for `to_empty`)
         if not param.is_meta:
@@ -115,6 +126,7 @@ def sharding_plan(model: torch.nn.Module, world: int, min_unit_numel: int = 1 <<
     whole model, of the largest unit (all-gathered at once; two with prefetch), and per rank at rest (each
     parameter's dim-0 shard is `ceil(rows / world)` rows, the last ranks' shorter; the parameters kept whole count
     in full on every rank)."""
+
     def bytes_of(params) -> int:
         return sum(p.numel() * p.element_size() for p in params)
 
@@ -132,6 +144,11 @@ def sharding_plan(model: torch.nn.Module, world: int, min_unit_numel: int = 1 <<
     units = [bytes_of(block.parameters()) for block in model.blocks]
     params = list(model.parameters())
     per_rank = [sum(bytes_of([p]) if id(p) in kept else shard_bytes(p, r) for p in params) for r in range(world)]
-    return {"units": len(units) + len(fp32_units) + 1, "total_bytes": bytes_of(params), "root_bytes": bytes_of(root),
-            "whole_bytes": bytes_of(whole),
-            "largest_block_bytes": max(units), "per_rank_bytes": per_rank}
+    return {
+        "units": len(units) + len(fp32_units) + 1,
+        "total_bytes": bytes_of(params),
+        "root_bytes": bytes_of(root),
+        "whole_bytes": bytes_of(whole),
+        "largest_block_bytes": max(units),
+        "per_rank_bytes": per_rank,
+    }

@@ -17,8 +17,15 @@ import torch.distributed as dist
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-_TILING_ATTRIBUTES = ("use_tiling", "use_slicing", "tile_sample_min_height", "tile_sample_min_width",
-                      "tile_sample_stride_height", "tile_sample_stride_width")
+
+_TILING_ATTRIBUTES = (
+    "use_tiling",
+    "use_slicing",
+    "tile_sample_min_height",
+    "tile_sample_min_width",
+    "tile_sample_stride_height",
+    "tile_sample_stride_width",
+)
 
 
 def _world() -> tuple[int, int]:
@@ -76,8 +83,7 @@ class ParallelAutoencoderKLWan(AutoencoderKLWan):
         for k in range(z.shape[2]):
             self._conv_idx = [0]
             latent = self.post_quant_conv(z[:, :, k : k + 1])
-            frames.append(self.decoder(latent, feat_cache=self._feat_map, feat_idx=self._conv_idx,
-                                       first_chunk=k == 0))
+            frames.append(self.decoder(latent, feat_cache=self._feat_map, feat_idx=self._conv_idx, first_chunk=k == 0))
         self.clear_cache()
         return torch.cat(frames, dim=2)
 
@@ -88,8 +94,9 @@ class ParallelAutoencoderKLWan(AutoencoderKLWan):
         for k in range(1 + (x.shape[2] - 1) // 4):
             self._enc_conv_idx = [0]
             frames = x[:, :, :1] if k == 0 else x[:, :, 1 + 4 * (k - 1) : 1 + 4 * k]
-            chunks.append(self.quant_conv(self.encoder(frames, feat_cache=self._enc_feat_map,
-                                                       feat_idx=self._enc_conv_idx)))
+            chunks.append(
+                self.quant_conv(self.encoder(frames, feat_cache=self._enc_feat_map, feat_idx=self._enc_conv_idx))
+            )
         self.clear_cache()
         return torch.cat(chunks, dim=2)
 
@@ -127,8 +134,10 @@ class ParallelAutoencoderKLWan(AutoencoderKLWan):
         size = (self.tile_sample_min_height // ratio, self.tile_sample_min_width // ratio)
         stride = (self.tile_sample_stride_height // ratio, self.tile_sample_stride_width // ratio)
         rows = self._run_tiles(z, size, stride, self.decode_tile)
-        blend = (self.tile_sample_min_height - self.tile_sample_stride_height,
-                 self.tile_sample_min_width - self.tile_sample_stride_width)
+        blend = (
+            self.tile_sample_min_height - self.tile_sample_stride_height,
+            self.tile_sample_min_width - self.tile_sample_stride_width,
+        )
         sample_stride = (self.tile_sample_stride_height, self.tile_sample_stride_width)
         dec = self._blend(rows, blend, sample_stride, (z.shape[-2] * ratio, z.shape[-1] * ratio))
         dec = torch.clamp(dec, min=-1.0, max=1.0)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..models.attention_processor import SkyReelsV3AttnProcessor, SkyReelsV3USPAttnProcessor
 from .context_parallel import apply_cp_plan, check_degrees
 
+
 INSTALL_HINT = (
     "--parallel-backend xfuser needs xDiT: `pip install xfuser==0.7.0` on a CUDA machine (it also needs triton, "
     "which CUDA builds of torch bring). The default `--parallel-backend diffusers` needs nothing extra."
@@ -43,8 +44,13 @@ def import_xfuser():
         from yunchang.kernels import AttnType
     except Exception as error:  # ImportError, or xfuser's NotImplementedError without a GPU
         raise ImportError(f"{INSTALL_HINT} ({type(error).__name__}: {error})") from error
-    return init_distributed_environment, initialize_model_parallel, model_parallel_is_initialized, \
-        xFuserLongContextAttention, AttnType
+    return (
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+        xFuserLongContextAttention,
+        AttnType,
+    )
 
 
 def default_attn_type() -> str:
@@ -78,8 +84,13 @@ def enable_xfuser_parallel(model, ulysses_degree: int = 1, ring_degree: int = 1,
     """
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     check_degrees(model.config.num_attention_heads, ulysses_degree, ring_degree, world_size)
-    (init_distributed_environment, initialize_model_parallel, model_parallel_is_initialized,
-     xFuserLongContextAttention, AttnType) = import_xfuser()
+    (
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+        xFuserLongContextAttention,
+        AttnType,
+    ) = import_xfuser()
     if not torch.cuda.is_available():
         raise RuntimeError(f"{INSTALL_HINT} No CUDA device is available.")
     init_distributed_environment(rank=dist.get_rank(), world_size=world_size)

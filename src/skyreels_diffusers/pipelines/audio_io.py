@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 SAMPLE_RATE = 16000
 VIDEO_FPS = 25  # wav2vec2 features are resampled to the avatar's 25 fps
 MIN_SECONDS = 0.4
@@ -132,7 +133,9 @@ def loudness_normalize(waveform: np.ndarray, rate: int = SAMPLE_RATE, target: fl
 
 
 def load_speech(
-    audio: str | os.PathLike | np.ndarray, sample_rate: int | None = None, max_seconds: float = DEFAULT_MAX_SECONDS,
+    audio: str | os.PathLike | np.ndarray,
+    sample_rate: int | None = None,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
     name: str = "audio",
 ) -> SpeechAudio:
     """Decode, check and normalise a speech input (path, or a waveform with its `sample_rate`).
@@ -167,9 +170,11 @@ def load_speech(
 
 
 def _too_long(name: str, seconds: float, max_seconds: float, at_least: bool = False) -> str:
-    return (f"`{name}`: {'more than ' if at_least else ''}{seconds:.1f} s of audio is over the limit of "
-            f"{max_seconds:g} s "
-            "(raise `max_audio_seconds` to allow longer audio).")
+    return (
+        f"`{name}`: {'more than ' if at_least else ''}{seconds:.1f} s of audio is over the limit of "
+        f"{max_seconds:g} s "
+        "(raise `max_audio_seconds` to allow longer audio)."
+    )
 
 
 @torch.no_grad()

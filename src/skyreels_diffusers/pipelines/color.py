@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+
 _RGB_TO_XYZ = torch.tensor(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
 )

@@ -43,15 +43,25 @@ def exact_flow_scheduler(scheduler, flow_sigma_max: float):
     -> `SkyReelsV3FlowUniPCScheduler` with the same config and the task's original sigma spacing; anything else is
     returned as it is."""
     if type(scheduler) is UniPCMultistepScheduler and scheduler.config.use_flow_sigmas:
-        logger.info("Using the original SkyReels-V3 flow-sigma spacing (SkyReelsV3FlowUniPCScheduler) for the "
-                    "UniPCMultistepScheduler of this pipeline; pass `sigmas=` for another spacing.")
+        logger.info(
+            "Using the original SkyReels-V3 flow-sigma spacing (SkyReelsV3FlowUniPCScheduler) for the "
+            "UniPCMultistepScheduler of this pipeline; pass `sigmas=` for another spacing."
+        )
         return SkyReelsV3FlowUniPCScheduler.from_config(scheduler.config, flow_sigma_max=flow_sigma_max)
     return scheduler
 
 
 def check_common_inputs(
-    prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-    output_type, callback_on_step_end_tensor_inputs, callback_tensor_inputs, output_types=OUTPUT_TYPES,
+    prompt,
+    negative_prompt,
+    prompt_embeds,
+    negative_prompt_embeds,
+    num_inference_steps,
+    guidance_scale,
+    output_type,
+    callback_on_step_end_tensor_inputs,
+    callback_tensor_inputs,
+    output_types=OUTPUT_TYPES,
 ) -> None:
     """The checks every pipeline makes on its text, step, guidance and output arguments (no weights needed)."""
     if prompt is None and prompt_embeds is None:
@@ -176,9 +186,7 @@ class SkyReelsV3PipelineMixin:
             negative_prompt = negative_prompt if negative_prompt is not None else ""
             negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
             if len(negative_prompt) != batch:
-                raise PipelineInputError(
-                    "negative_prompt", f"has {len(negative_prompt)} entries for {batch} prompts."
-                )
+                raise PipelineInputError("negative_prompt", f"has {len(negative_prompt)} entries for {batch} prompts.")
             negative_prompt_embeds = self._get_t5_prompt_embeds(negative_prompt, max_sequence_length, device, dtype)
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
@@ -213,12 +221,18 @@ class SkyReelsV3PipelineMixin:
 
     def latent_shape(self, batch_size: int, num_latent_frames: int, height: int, width: int) -> tuple:
         """`[B, C, F, H / 8, W / 8]`: the shape of the transformer's prediction for a `height x width` video."""
-        return (batch_size, self.transformer.config.out_channels, num_latent_frames,
-                height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+        return (
+            batch_size,
+            self.transformer.config.out_channels,
+            num_latent_frames,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
 
     @staticmethod
-    def prepare_latents(shape: tuple, generator, device, latents: torch.Tensor | None = None,
-                        name: str = "latents") -> torch.Tensor:
+    def prepare_latents(
+        shape: tuple, generator, device, latents: torch.Tensor | None = None, name: str = "latents"
+    ) -> torch.Tensor:
         """Initial noise (float32): `latents` when given (checked against `shape`), else drawn from `generator`."""
         if latents is None:
             return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -292,8 +306,9 @@ class SkyReelsV3VideoInputMixin:
             raise PipelineInputError("video", "is required.")
 
     @staticmethod
-    def load_input_video(video, num_condition_frames: int, resolution: str, height: int | None,
-                         width: int | None) -> tuple[np.ndarray, int, int]:
+    def load_input_video(
+        video, num_condition_frames: int, resolution: str, height: int | None, width: int | None
+    ) -> tuple[np.ndarray, int, int]:
         """Decode the input video (at least `num_condition_frames`); returns (uint8 frames, height, width)."""
         from .buckets import bucket_size
         from .video_io import load_video
@@ -308,8 +323,14 @@ class SkyReelsV3VideoInputMixin:
         return frames, height, width
 
     def format_output(
-        self, video_frames: np.ndarray, frames: np.ndarray, height: int, width: int, resize_mode: str,
-        return_input_video: bool, output_type: str,
+        self,
+        video_frames: np.ndarray,
+        frames: np.ndarray,
+        height: int,
+        width: int,
+        resize_mode: str,
+        return_input_video: bool,
+        output_type: str,
     ):
         """uint8 `[B, F, H, W, 3]` generated frames (optionally after the resized input video) -> `output_type`."""
         from .video_io import pixels_to_uint8, resize_frames
@@ -321,8 +342,9 @@ class SkyReelsV3VideoInputMixin:
         frames01 = torch.from_numpy(video_frames).float().div(255).permute(0, 1, 4, 2, 3)
         return self.format_frames(frames01, output_type)
 
-    def predict_noise(self, step: int, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None,
-                      **model_inputs) -> torch.Tensor:
+    def predict_noise(
+        self, step: int, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None, **model_inputs
+    ) -> torch.Tensor:
         """The transformer's flow prediction (float32), with text classifier-free guidance when it is on."""
         cond = self.run_transformer("cond", step, encoder_hidden_states=prompt_embeds, **model_inputs).float()
         if not self.do_classifier_free_guidance:

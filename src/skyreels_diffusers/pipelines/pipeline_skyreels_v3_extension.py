@@ -27,6 +27,7 @@ from .common import (
 )
 from .video_io import VideoInput, pixels_to_uint8, resize_frames
 
+
 NUM_CONDITION_FRAMES = 25
 CHUNK_SECONDS = 5
 #: the longest extension one call makes, in seconds (the model was made for 5-30 s; memory grows with the output)
@@ -53,7 +54,9 @@ EXAMPLE_DOC_STRING = """
 
 def chunk_seconds(duration: int) -> list[int]:
     """Split a duration into 5-second chunks plus the remainder (12 -> [5, 5, 2])."""
-    return [CHUNK_SECONDS] * (duration // CHUNK_SECONDS) + ([duration % CHUNK_SECONDS] if duration % CHUNK_SECONDS else [])
+    return [CHUNK_SECONDS] * (duration // CHUNK_SECONDS) + (
+        [duration % CHUNK_SECONDS] if duration % CHUNK_SECONDS else []
+    )
 
 
 def chunk_latent_frames(
@@ -112,7 +115,10 @@ class SkyReelsV3ExtensionPipeline(
     ):
         super().__init__()
         self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            transformer=transformer,
+            vae=vae,
             scheduler=exact_flow_scheduler(scheduler, self._flow_sigma_max),
         )
         self._set_vae_scale_factors()
@@ -147,13 +153,26 @@ class SkyReelsV3ExtensionPipeline(
 
             bucket_size(1, 1, resolution)  # validates `resolution`
         check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs, cls._callback_tensor_inputs,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            cls._callback_tensor_inputs,
         )
 
     def denoise_chunk(
-        self, latents: torch.Tensor, condition: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        self,
+        latents: torch.Tensor,
+        condition: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One chunk's denoising loop: condition latents first (timestep 0), then the new latents."""
         frames_c, dtype = condition.shape[2], self.transformer.dtype
@@ -257,8 +276,20 @@ class SkyReelsV3ExtensionPipeline(
 
         # 1. Check inputs, decode the video (before any model work)
         self.check_inputs(
-            video, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, duration, resolution, height,
-            width, fps, num_inference_steps, guidance_scale, resize_mode, output_type,
+            video,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            duration,
+            resolution,
+            height,
+            width,
+            fps,
+            num_inference_steps,
+            guidance_scale,
+            resize_mode,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         resize_mode = resize_mode or ("nearest" if reproduce_original else "bilinear")
@@ -271,8 +302,13 @@ class SkyReelsV3ExtensionPipeline(
 
         # 2. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
+            prompt,
+            negative_prompt,
+            self.do_classifier_free_guidance,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
         )
         batch_size = prompt_embeds.shape[0]
 
@@ -286,22 +322,35 @@ class SkyReelsV3ExtensionPipeline(
             if initial_state is not None:
                 generator.set_state(initial_state)  # the original seeded a fresh generator for every chunk
             condition = torch.cat([self.encode_video(p).to(device) for p in prefixes])
-            noise = self.prepare_latents(self.latent_shape(batch_size, num_latents, height, width), generator,
-                                         device, None if latents is None else latents[index], f"latents[{index}]")
+            noise = self.prepare_latents(
+                self.latent_shape(batch_size, num_latents, height, width),
+                generator,
+                device,
+                None if latents is None else latents[index],
+                f"latents[{index}]",
+            )
             chunk_timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
             self._num_timesteps = len(chunk_timesteps)
             chunk, prompt_embeds, negative_prompt_embeds = self.denoise_chunk(
-                noise, condition, chunk_timesteps, prompt_embeds, negative_prompt_embeds, callback_on_step_end,
+                noise,
+                condition,
+                chunk_timesteps,
+                prompt_embeds,
+                negative_prompt_embeds,
+                callback_on_step_end,
                 callback_on_step_end_tensor_inputs,
             )
             chunk_latents.append(chunk)
             if self.interrupt:
                 break
             decoded = self.decode_latents(torch.cat([condition, chunk], dim=2))
-            new_frames.append(pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1), truncate=reproduce_original)[
-                :, NUM_CONDITION_FRAMES:])
+            new_frames.append(
+                pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1), truncate=reproduce_original)[:, NUM_CONDITION_FRAMES:]
+            )
             generated = torch.from_numpy(new_frames[-1]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-            prefixes = [torch.cat([p, g[None]], dim=2)[:, :, -NUM_CONDITION_FRAMES:] for p, g in zip(prefixes, generated)]
+            prefixes = [
+                torch.cat([p, g[None]], dim=2)[:, :, -NUM_CONDITION_FRAMES:] for p, g in zip(prefixes, generated)
+            ]
 
         # 4. Output
         if output_type == "latent":

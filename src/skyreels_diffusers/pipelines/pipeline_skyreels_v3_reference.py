@@ -20,11 +20,11 @@ from ..schedulers import SkyReelsV3FlowUniPCScheduler
 from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP64
 from .buckets import bucket_size, check_size
 from .common import (
+    FiniteWatch,
     PipelineInputError,
     SkyReelsV3PipelineMixin,
     SkyReelsV3PipelineOutput,
     check_common_inputs,
-    FiniteWatch,
     check_guidance_scale,
     exact_flow_scheduler,
 )
@@ -91,7 +91,10 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
     ):
         super().__init__()
         self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            transformer=transformer,
+            vae=vae,
             scheduler=exact_flow_scheduler(scheduler, self._flow_sigma_max),
         )
         self._set_vae_scale_factors()
@@ -123,16 +126,24 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
         temporal = cls.vae_scale_factor_temporal
         if not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_NUM_FRAMES or (num_frames - 1) % temporal:
             raise PipelineInputError(
-                "num_frames", f"must be {temporal}k+1 up to {MAX_NUM_FRAMES} (24 * seconds + 1 for 1-30 s; 121 = 5 s), "
-                              f"got {num_frames!r}."
+                "num_frames",
+                f"must be {temporal}k+1 up to {MAX_NUM_FRAMES} (24 * seconds + 1 for 1-30 s; 121 = 5 s), "
+                f"got {num_frames!r}.",
             )
         check_size(height, width)
         if height is None:
             bucket_size(1, 1, resolution)  # validates `resolution`
         check_guidance_scale("guidance_scale_img", guidance_scale_img)
         check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs, cls._callback_tensor_inputs,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            cls._callback_tensor_inputs,
         )
 
     def prepare_references(
@@ -149,8 +160,14 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
         return torch.cat(latents, dim=2)
 
     def predict_with_references(
-        self, latents: torch.Tensor, t: torch.Tensor, step: int, references: torch.Tensor,
-        prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None, guidance_scale_img: float,
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        step: int,
+        references: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale_img: float,
         keep_dtype: bool,
     ) -> torch.Tensor:
         """The flow prediction for the video frames, with text (and reference-image) guidance when on."""
@@ -171,7 +188,9 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
         if guidance_scale_img <= 1.0:
             return uncond_text + self.guidance_scale * (cond - uncond_text)
         uncond_all = branch("uncond_img", negative_prompt_embeds, torch.zeros_like(references))
-        return uncond_all + guidance_scale_img * (uncond_text - uncond_all) + self.guidance_scale * (cond - uncond_text)
+        return (
+            uncond_all + guidance_scale_img * (uncond_text - uncond_all) + self.guidance_scale * (cond - uncond_text)
+        )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -238,8 +257,19 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
 
         # 1. Check inputs, load the references (before any model work)
         self.check_inputs(
-            ref_images, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_frames, resolution,
-            height, width, num_inference_steps, guidance_scale, guidance_scale_img, output_type,
+            ref_images,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_frames,
+            resolution,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            guidance_scale_img,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         if isinstance(ref_images, (str, bytes, PIL.Image.Image)) or not hasattr(ref_images, "__len__"):
@@ -252,8 +282,13 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
 
         # 2. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
+            prompt,
+            negative_prompt,
+            self.do_classifier_free_guidance,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
         )
         batch_size = prompt_embeds.shape[0]
 
@@ -280,7 +315,13 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
                     continue
                 self._current_timestep = t
                 noise_pred = self.predict_with_references(
-                    latents, t, i, references, prompt_embeds, negative_prompt_embeds, guidance_scale_img,
+                    latents,
+                    t,
+                    i,
+                    references,
+                    prompt_embeds,
+                    negative_prompt_embeds,
+                    guidance_scale_img,
                     keep_dtype=reproduce_original,
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]

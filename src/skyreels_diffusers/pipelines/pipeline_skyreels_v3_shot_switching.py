@@ -26,6 +26,7 @@ from .common import (
 )
 from .video_io import VideoInput, pixels_to_uint8, resize_frames
 
+
 #: seconds after the cut -> condition frames taken from the end of the input video
 SHOT_NUM_CONDITION_FRAMES_MAP = {2: 9, 3: 17, 4: 25, 5: 33}
 
@@ -80,7 +81,10 @@ class SkyReelsV3ShotSwitchingPipeline(
     ):
         super().__init__()
         self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            transformer=transformer,
+            vae=vae,
             scheduler=exact_flow_scheduler(scheduler, self._flow_sigma_max),
         )
         self._set_vae_scale_factors()
@@ -115,8 +119,15 @@ class SkyReelsV3ShotSwitchingPipeline(
 
             bucket_size(1, 1, resolution)  # validates `resolution`
         check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs, cls._callback_tensor_inputs,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            cls._callback_tensor_inputs,
         )
 
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -179,8 +190,20 @@ class SkyReelsV3ShotSwitchingPipeline(
 
         # 1. Check inputs, decode the video (before any model work)
         self.check_inputs(
-            video, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, duration, resolution, height,
-            width, fps, num_inference_steps, guidance_scale, resize_mode, output_type,
+            video,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            duration,
+            resolution,
+            height,
+            width,
+            fps,
+            num_inference_steps,
+            guidance_scale,
+            resize_mode,
+            output_type,
             callback_on_step_end_tensor_inputs,
         )
         resize_mode = resize_mode or ("nearest" if reproduce_original else "bilinear")
@@ -192,8 +215,13 @@ class SkyReelsV3ShotSwitchingPipeline(
 
         # 2. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
+            prompt,
+            negative_prompt,
+            self.do_classifier_free_guidance,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
         )
         batch_size = prompt_embeds.shape[0]
 
@@ -211,8 +239,15 @@ class SkyReelsV3ShotSwitchingPipeline(
         self._num_timesteps = len(timesteps)
 
         # 5. Denoising loop
-        latents = self.denoise(latents, condition, timesteps, prompt_embeds, negative_prompt_embeds,
-                               callback_on_step_end, callback_on_step_end_tensor_inputs)
+        latents = self.denoise(
+            latents,
+            condition,
+            timesteps,
+            prompt_embeds,
+            negative_prompt_embeds,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
 
         # 6. Decode
         if output_type == "latent":
@@ -229,8 +264,14 @@ class SkyReelsV3ShotSwitchingPipeline(
         return SkyReelsV3PipelineOutput(frames=output)
 
     def denoise(
-        self, latents: torch.Tensor, condition: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None, callback_on_step_end, callback_on_step_end_tensor_inputs,
+        self,
+        latents: torch.Tensor,
+        condition: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
     ) -> torch.Tensor:
         """The denoising loop: noisy tokens first, then the condition tokens at timestep 0 (the model's order)."""
         dtype = self.transformer.dtype
@@ -246,7 +287,11 @@ class SkyReelsV3ShotSwitchingPipeline(
                     [t.expand(latents.shape[2]), torch.zeros(condition.shape[2], dtype=t.dtype, device=t.device)]
                 ).expand(latents.shape[0], -1)
                 noise_pred = self.predict_noise(
-                    i, prompt_embeds, negative_prompt_embeds, hidden_states=latents.to(dtype), timestep=timestep,
+                    i,
+                    prompt_embeds,
+                    negative_prompt_embeds,
+                    hidden_states=latents.to(dtype),
+                    timestep=timestep,
                     condition_hidden_states=condition_input,
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]

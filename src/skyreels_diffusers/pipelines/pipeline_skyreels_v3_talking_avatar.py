@@ -33,6 +33,7 @@ from .common import (
 from .resume import ResumeStore, fingerprint, module_identity
 from .video_io import ImageInput, load_image, pixels_to_uint8
 
+
 WINDOW_FRAMES = 81
 MOTION_FRAMES = 5
 DROP_FRAMES = 12
@@ -197,19 +198,40 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
     ):
         super().__init__()
         self.register_modules(
-            tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder, audio_encoder=audio_encoder,
-            feature_extractor=feature_extractor, transformer=transformer, vae=vae, scheduler=scheduler,
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            image_encoder=image_encoder,
+            audio_encoder=audio_encoder,
+            feature_extractor=feature_extractor,
+            transformer=transformer,
+            vae=vae,
+            scheduler=scheduler,
         )
         self._set_vae_scale_factors()
 
     # ---------------------------------------------------------------------------------------------- inputs
     @classmethod
     def check_inputs(
-        cls, image, audio=None, audio_sample_rate=None, audio_embeds=None, prompt=None, negative_prompt=None,
+        cls,
+        image,
+        audio=None,
+        audio_sample_rate=None,
+        audio_embeds=None,
+        prompt=None,
+        negative_prompt=None,
         prompt_embeds=None,
-        negative_prompt_embeds=None, resolution: str = "480P", height=None, width=None, num_inference_steps=4,
-        guidance_scale=1.0, audio_guidance_scale=1.0, max_audio_seconds=DEFAULT_MAX_SECONDS, output_type="np",
-        output_audio="original", callback_on_step_end_tensor_inputs=None, resume_dir=None,
+        negative_prompt_embeds=None,
+        resolution: str = "480P",
+        height=None,
+        width=None,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        audio_guidance_scale=1.0,
+        max_audio_seconds=DEFAULT_MAX_SECONDS,
+        output_type="np",
+        output_audio="original",
+        callback_on_step_end_tensor_inputs=None,
+        resume_dir=None,
     ) -> None:
         """Validate every argument before any model work (needs no weights: a classmethod)."""
         if image is None:
@@ -225,11 +247,20 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
                 "max_audio_seconds", f"must be in (0, {DEFAULT_MAX_SECONDS:g}] seconds, got {max_audio_seconds!r}."
             )
         if output_type == "latent" and resume_dir is not None:
-            raise PipelineInputError("output_type", "='latent' cannot be combined with `resume_dir` (finished "
-                                                    "windows are kept as frames, not latents).")
+            raise PipelineInputError(
+                "output_type",
+                "='latent' cannot be combined with `resume_dir` (finished windows are kept as frames, not latents).",
+            )
         check_common_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale,
-            output_type, callback_on_step_end_tensor_inputs, cls._callback_tensor_inputs,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+            cls._callback_tensor_inputs,
         )
         if (audio is None) == (audio_embeds is None):
             raise PipelineInputError("audio", "or `audio_embeds` (wav2vec2 features) is required, not both.")
@@ -237,21 +268,30 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             if audio_embeds.ndim != 3 or len(audio_embeds) < 1:
                 raise PipelineInputError("audio_embeds", f"must be [T, layers, dim], got {tuple(audio_embeds.shape)}.")
             if len(audio_embeds) > max_audio_seconds * VIDEO_FPS:
-                raise PipelineInputError("audio_embeds", f"covers {len(audio_embeds) / VIDEO_FPS:.1f} s, over the "
-                                                         f"limit of {max_audio_seconds:g} s (`max_audio_seconds`).")
+                raise PipelineInputError(
+                    "audio_embeds",
+                    f"covers {len(audio_embeds) / VIDEO_FPS:.1f} s, over the "
+                    f"limit of {max_audio_seconds:g} s (`max_audio_seconds`).",
+                )
 
     @staticmethod
-    def load_inputs(image, audio, audio_sample_rate, audio_embeds, max_audio_seconds: float
-                    ) -> tuple[PIL.Image.Image, SpeechAudio | None, int]:
+    def load_inputs(
+        image, audio, audio_sample_rate, audio_embeds, max_audio_seconds: float
+    ) -> tuple[PIL.Image.Image, SpeechAudio | None, int]:
         """The portrait, the decoded speech (None with `audio_embeds`) and the number of video frames."""
         portrait = load_image(image, name="image", exif_transpose=True)
         if audio_embeds is not None:
             return portrait, None, len(audio_embeds)
-        speech = audio if isinstance(audio, SpeechAudio) else load_speech(
-            audio, audio_sample_rate, max_seconds=max_audio_seconds, name="audio")
+        speech = (
+            audio
+            if isinstance(audio, SpeechAudio)
+            else load_speech(audio, audio_sample_rate, max_seconds=max_audio_seconds, name="audio")
+        )
         if speech.duration > max_audio_seconds:
-            raise PipelineInputError("audio", f"is {speech.duration:.1f} s long, over the limit of "
-                                              f"{max_audio_seconds:g} s (`max_audio_seconds`).")
+            raise PipelineInputError(
+                "audio",
+                f"is {speech.duration:.1f} s long, over the limit of {max_audio_seconds:g} s (`max_audio_seconds`).",
+            )
         return portrait, speech, speech.num_frames
 
     def prepare_portrait(self, portrait: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
@@ -302,28 +342,41 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
         mask = mask.view(1, -1, scale, h, w).transpose(1, 2)  # [1, 4, 21, h, w]
         return torch.cat([mask, condition_latents], dim=1)
 
-    def renoise_motion(self, latents: torch.Tensor, motion_latents: torch.Tensor, noise_level: torch.Tensor,
-                       generator: torch.Generator) -> torch.Tensor:
+    def renoise_motion(
+        self,
+        latents: torch.Tensor,
+        motion_latents: torch.Tensor,
+        noise_level: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
         """Motion latents (the first latent frames) re-noised to `noise_level` with a fresh draw (the original's)."""
         noise = randn_tensor(motion_latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
         latents = latents.clone()
         latents[:, :, : motion_latents.shape[2]] = self.scheduler.add_noise_at(motion_latents, noise, noise_level)
         return latents
 
-    def predict_avatar_noise(self, step: int, run: AvatarRun, text_embeds: torch.Tensor, audio: torch.Tensor,
-                             **model_inputs) -> torch.Tensor:
+    def predict_avatar_noise(
+        self, step: int, run: AvatarRun, text_embeds: torch.Tensor, audio: torch.Tensor, **model_inputs
+    ) -> torch.Tensor:
         """The flow prediction with the original's text / audio guidance combinations (float32)."""
 
         def branch(name: str, embeds: torch.Tensor, sound: torch.Tensor) -> torch.Tensor:
-            return self.run_transformer(name, step, encoder_hidden_states=embeds, audio_embeds=sound,
-                                        **model_inputs).float()
+            return self.run_transformer(
+                name, step, encoder_hidden_states=embeds, audio_embeds=sound, **model_inputs
+            ).float()
 
         cond = branch("cond", text_embeds, audio)
-        text_on, audio_on, negative = self.guidance_scale > 1.0, run.audio_guidance_scale > 1.0, run.negative_prompt_embeds
+        text_on, audio_on, negative = (
+            self.guidance_scale > 1.0,
+            run.audio_guidance_scale > 1.0,
+            run.negative_prompt_embeds,
+        )
         if text_on and audio_on:
             uncond = branch("uncond", negative, torch.zeros_like(audio))
             uncond_text = branch("uncond_text", negative, audio)
-            return uncond + self.guidance_scale * (cond - uncond_text) + run.audio_guidance_scale * (uncond_text - uncond)
+            return (
+                uncond + self.guidance_scale * (cond - uncond_text) + run.audio_guidance_scale * (uncond_text - uncond)
+            )
         if text_on:
             uncond_text = branch("uncond_text", negative, audio)
             return uncond_text + self.guidance_scale * (cond - uncond_text)
@@ -332,18 +385,28 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             return uncond_audio + run.audio_guidance_scale * (cond - uncond_audio)
         return cond
 
-    def generate_clip(self, run: AvatarRun, condition: torch.Tensor, pseudo: torch.Tensor | None,
-                      text_embeds: torch.Tensor, audio_start: int, features: torch.Tensor, motion: bool) -> torch.Tensor:
+    def generate_clip(
+        self,
+        run: AvatarRun,
+        condition: torch.Tensor,
+        pseudo: torch.Tensor | None,
+        text_embeds: torch.Tensor,
+        audio_start: int,
+        features: torch.Tensor,
+        motion: bool,
+    ) -> torch.Tensor:
         """Denoise and decode one 81-frame clip; returns its frames `[81, 3, H, W]` in [-1, 1]."""
         device, dtype = self._execution_device, self.transformer.dtype
         clip_from_portrait = not motion or run.clip_from_reference
         image_embeds = (run.image_embeds if clip_from_portrait else self.encode_image(condition[:1])).to(device, dtype)
         y = self.prepare_condition(condition, pseudo)
         audio = audio_windows(features, audio_start, WINDOW_FRAMES).to(device, dtype)[None]
-        latents = randn_tensor((1, y.shape[1] - 4, *y.shape[2:]), generator=run.generator, device=device,
-                               dtype=torch.float32)  # the shape of the condition latents
-        self.scheduler.set_timesteps(run.num_inference_steps, device=device, sigmas=run.sigmas,
-                                     timesteps=run.timesteps)
+        latents = randn_tensor(
+            (1, y.shape[1] - 4, *y.shape[2:]), generator=run.generator, device=device, dtype=torch.float32
+        )  # the shape of the condition latents
+        self.scheduler.set_timesteps(
+            run.num_inference_steps, device=device, sigmas=run.sigmas, timesteps=run.timesteps
+        )
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         motion_latents = y[:, 4:, : 1 + (MOTION_FRAMES - 1) // self.vae_scale_factor_temporal] if motion else None
@@ -356,16 +419,24 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
                 continue
             self._current_timestep = t
             noise_pred = self.predict_avatar_noise(
-                i, run, text_embeds, audio, hidden_states=torch.cat([latents, y], dim=1).to(dtype),
-                timestep=t.expand(latents.shape[0]).float(), encoder_hidden_states_image=image_embeds,
+                i,
+                run,
+                text_embeds,
+                audio,
+                hidden_states=torch.cat([latents, y], dim=1).to(dtype),
+                timestep=t.expand(latents.shape[0]).float(),
+                encoder_hidden_states_image=image_embeds,
             )
             latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if motion:
                 level = self.scheduler.sigmas[i + 1] * self.scheduler.config.num_train_timesteps
                 latents = self.renoise_motion(latents, motion_latents, level, run.generator)
             if run.callback_on_step_end is not None:
-                callback_kwargs = {"latents": latents, "prompt_embeds": text_embeds,
-                                   "negative_prompt_embeds": run.negative_prompt_embeds}
+                callback_kwargs = {
+                    "latents": latents,
+                    "prompt_embeds": text_embeds,
+                    "negative_prompt_embeds": run.negative_prompt_embeds,
+                }
                 callback_kwargs = {k: callback_kwargs[k] for k in run.callback_on_step_end_tensor_inputs}
                 latents = (run.callback_on_step_end(self, i, t, callback_kwargs) or {}).pop("latents", latents)
             watch.update(latents, i)
@@ -383,9 +454,13 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
         return pixels_to_uint8(pixels.permute(0, 2, 3, 1))
 
     def generate_windows(
-        self, run: AvatarRun, plan: WindowPlan, keyframe_video: torch.Tensor, start: tuple[int, torch.Tensor | None,
-                                                                                             list[np.ndarray]],
-        store: ResumeStore | None, callback_on_window_end: Callable | None,
+        self,
+        run: AvatarRun,
+        plan: WindowPlan,
+        keyframe_video: torch.Tensor,
+        start: tuple[int, torch.Tensor | None, list[np.ndarray]],
+        store: ResumeStore | None,
+        callback_on_window_end: Callable | None,
     ) -> list[np.ndarray]:
         """The sliding windows after the keyframe clip; returns every window's new uint8 frames."""
         next_window, motion_frames, chunks = start
@@ -400,36 +475,43 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
                 last = plan.starts[k] + WINDOW_FRAMES == plan.video_length
                 pseudo = keyframes[min(k, len(keyframes) - 1)][None].repeat(PSEUDO_FRAMES, 1, 1, 1)
                 condition = run.reference[None] if k == 0 else motion_frames
-                frames = self.generate_clip(run, condition, pseudo, run.window_prompt_embeds, plan.starts[k], features,
-                                            motion=k > 0)
+                frames = self.generate_clip(
+                    run, condition, pseudo, run.window_prompt_embeds, plan.starts[k], features, motion=k > 0
+                )
                 if not last:
                     frames = frames[: WINDOW_FRAMES - DROP_FRAMES]
                 frames = match_colors(frames, run.reference, run.color_match_strength)
-                chunks.append(self.to_uint8(run, frames if k == 0 else frames[condition.shape[0]:]))
+                chunks.append(self.to_uint8(run, frames if k == 0 else frames[condition.shape[0] :]))
                 motion_frames = frames[-MOTION_FRAMES:]
                 if store is not None:
                     store.save_window(k, chunks[-1])
-                    store.save_state(keyframe_video=keyframe_video.cpu(), next_window=k + 1,
-                                     motion=motion_frames.cpu(), generator=run.generator.get_state())
+                    store.save_state(
+                        keyframe_video=keyframe_video.cpu(),
+                        next_window=k + 1,
+                        motion=motion_frames.cpu(),
+                        generator=run.generator.get_state(),
+                    )
                 progress_bar.update()
                 if callback_on_window_end is not None:
                     callback_on_window_end(self, k + 1, num_windows + 1)
         return chunks
 
-    def keyframe_clip(self, run: AvatarRun, store: ResumeStore | None,
-                      callback_on_window_end: Callable | None, num_windows: int) -> torch.Tensor:
+    def keyframe_clip(
+        self, run: AvatarRun, store: ResumeStore | None, callback_on_window_end: Callable | None, num_windows: int
+    ) -> torch.Tensor:
         """The first clip, on the user prompt, colour-matched to the portrait."""
         keyframe_video = match_colors(
             self.generate_clip(run, run.reference[None], None, run.prompt_embeds, 0, run.audio_embeds, motion=False),
-            run.reference, run.color_match_strength,
+            run.reference,
+            run.color_match_strength,
         )
         if store is not None:
-            store.save_state(keyframe_video=keyframe_video.cpu(), next_window=0, motion=None,
-                             generator=run.generator.get_state())
+            store.save_state(
+                keyframe_video=keyframe_video.cpu(), next_window=0, motion=None, generator=run.generator.get_state()
+            )
         if callback_on_window_end is not None:
             callback_on_window_end(self, 0, num_windows + 1)
         return keyframe_video
-
 
     # ---------------------------------------------------------------------------------------------- call
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -521,13 +603,29 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
 
         # 1. Check inputs, load the portrait and the speech (before any model work)
         self.check_inputs(
-            image, audio, audio_sample_rate, audio_embeds, prompt, negative_prompt, prompt_embeds,
-            negative_prompt_embeds, resolution, height, width, num_inference_steps, guidance_scale,
-            audio_guidance_scale, max_audio_seconds, output_type, output_audio, callback_on_step_end_tensor_inputs,
+            image,
+            audio,
+            audio_sample_rate,
+            audio_embeds,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            resolution,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            audio_guidance_scale,
+            max_audio_seconds,
+            output_type,
+            output_audio,
+            callback_on_step_end_tensor_inputs,
             resume_dir,
         )
-        portrait, speech, num_frames = self.load_inputs(image, audio, audio_sample_rate, audio_embeds,
-                                                        max_audio_seconds)
+        portrait, speech, num_frames = self.load_inputs(
+            image, audio, audio_sample_rate, audio_embeds, max_audio_seconds
+        )
         if height is None:
             height, width = avatar_bucket_size(portrait.height, portrait.width, resolution)
         self._start_call(guidance_scale, attention_kwargs)
@@ -537,29 +635,45 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
 
         # 2. Encode the prompts (the user prompt drives the keyframe clip), the portrait and the speech
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT, guidance_scale > 1.0,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length, device=device,
+            prompt,
+            negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT,
+            guidance_scale > 1.0,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
         )
         if window_prompt_embeds is None:
             window_prompt_embeds = (
-                prompt_embeds if window_prompt is None
+                prompt_embeds
+                if window_prompt is None
                 else self.encode_prompt(window_prompt, max_sequence_length=max_sequence_length, device=device)[0]
             )
         reference = self.prepare_portrait(portrait, height, width).to(device)[0, :, 0]  # [3, H, W]
         run = AvatarRun(
-            reference, prompt_embeds, window_prompt_embeds,
+            reference,
+            prompt_embeds,
+            window_prompt_embeds,
             negative_prompt_embeds if guidance_scale > 1.0 or audio_guidance_scale > 1.0 else None,
             self.encode_image(reference[None]) if image_embeds is None else image_embeds,
-            (self.encode_audio(speech) if audio_embeds is None else audio_embeds).float(), generator,
-            num_inference_steps, sigmas, timesteps, audio_guidance_scale, clip_from_reference, color_match_strength,
-            reproduce_original, callback_on_step_end, callback_on_step_end_tensor_inputs,
+            (self.encode_audio(speech) if audio_embeds is None else audio_embeds).float(),
+            generator,
+            num_inference_steps,
+            sigmas,
+            timesteps,
+            audio_guidance_scale,
+            clip_from_reference,
+            color_match_strength,
+            reproduce_original,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
         )
 
         # 3. The keyframe clip, then the sliding windows (resuming an interrupted run where it stopped)
         plan = plan_windows(num_frames)
-        video = self.generate_video(run, plan, resume_dir, write_resume, [height, width, guidance_scale],
-                                    callback_on_window_end)
+        video = self.generate_video(
+            run, plan, resume_dir, write_resume, [height, width, guidance_scale], callback_on_window_end
+        )
 
         # 4. Output
         if output_type == "latent":
@@ -568,15 +682,23 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             output = self.format_frames(torch.from_numpy(video).float().div(255).permute(0, 1, 4, 2, 3), output_type)
         waveform, rate = None, None
         if speech is not None:
-            waveform, rate = (speech.source, speech.source_rate) if output_audio == "original" else (
-                speech.normalized, 16000)
+            waveform, rate = (
+                (speech.source, speech.source_rate) if output_audio == "original" else (speech.normalized, 16000)
+            )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (output, waveform, rate)
         return SkyReelsV3AvatarPipelineOutput(frames=output, audio=waveform, audio_sample_rate=rate)
 
-    def generate_video(self, run: AvatarRun, plan: WindowPlan, resume_dir, write_resume: bool, settings: list,
-                       callback_on_window_end: Callable | None) -> np.ndarray:
+    def generate_video(
+        self,
+        run: AvatarRun,
+        plan: WindowPlan,
+        resume_dir,
+        write_resume: bool,
+        settings: list,
+        callback_on_window_end: Callable | None,
+    ) -> np.ndarray:
         """Keyframe clip + windows -> uint8 `[1, F, H, W, 3]`, resuming from `resume_dir` when it holds a state."""
         store, state = None, None
         if resume_dir is not None:
@@ -602,10 +724,26 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
     def _resume_fingerprint(self, run: AvatarRun, settings: list) -> str:
         """Everything that changes the frames: inputs, embeddings, seed state, settings, schedule, weights."""
         return fingerprint(
-            run.audio_embeds, run.reference, run.prompt_embeds, run.window_prompt_embeds, run.image_embeds,
-            run.negative_prompt_embeds, run.generator.get_state(),
-            [*settings, run.num_inference_steps, run.audio_guidance_scale, run.clip_from_reference,
-             run.color_match_strength, dict(self.scheduler.config), run.sigmas, run.timesteps, run.reproduce_original,
-             self._attention_kwargs, str(self._execution_device.type), module_identity(self.transformer),
-             module_identity(self.vae)],
+            run.audio_embeds,
+            run.reference,
+            run.prompt_embeds,
+            run.window_prompt_embeds,
+            run.image_embeds,
+            run.negative_prompt_embeds,
+            run.generator.get_state(),
+            [
+                *settings,
+                run.num_inference_steps,
+                run.audio_guidance_scale,
+                run.clip_from_reference,
+                run.color_match_strength,
+                dict(self.scheduler.config),
+                run.sigmas,
+                run.timesteps,
+                run.reproduce_original,
+                self._attention_kwargs,
+                str(self._execution_device.type),
+                module_identity(self.transformer),
+                module_identity(self.vae),
+            ],
         )

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+
 STATE_FILE = "state.pt"
 STATE_KEYS = ("fingerprint", "keyframe_video", "next_window", "motion", "generator")
 #: parameters read per tensor for the weights digest (strided over the whole tensor)
@@ -39,12 +40,22 @@ def module_identity(module: torch.nn.Module | None) -> dict[str, Any] | None:
         digest.update(_sample_bytes(param))
     for name, buffer in module.named_buffers():
         layout.append([name, list(buffer.shape), str(buffer.dtype)])
-    hooks = sorted({type(hook).__name__ for sub in module.modules()
-                    for hook in getattr(getattr(sub, "_diffusers_hook", None), "hooks", {}).values()})
+    hooks = sorted(
+        {
+            type(hook).__name__
+            for sub in module.modules()
+            for hook in getattr(getattr(sub, "_diffusers_hook", None), "hooks", {}).values()
+        }
+    )
     config = dict(getattr(module, "config", {}) or {})
     config = config.to_dict() if hasattr(config, "to_dict") else config
-    return {"class": type(module).__name__, "config": config, "layout": layout, "hooks": hooks,
-            "weights": digest.hexdigest()}
+    return {
+        "class": type(module).__name__,
+        "config": config,
+        "layout": layout,
+        "hooks": hooks,
+        "weights": digest.hexdigest(),
+    }
 
 
 def _sample_bytes(param: torch.Tensor) -> bytes:
@@ -71,8 +82,7 @@ class ResumeStore:
     """One run's resume folder: `load()` the state (None when the folder is new), `windows(n)`, `save_state(...)`,
     `save_window(k, frames)`. Raises `ValueError` naming `name` for a folder that cannot be this run's."""
 
-    def __init__(self, folder: str | os.PathLike, run_fingerprint: str, writer: bool = True,
-                 name: str = "resume_dir"):
+    def __init__(self, folder: str | os.PathLike, run_fingerprint: str, writer: bool = True, name: str = "resume_dir"):
         self.folder, self.fingerprint, self.writer, self.name = Path(folder), run_fingerprint, writer, name
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"`{name}`: {self.folder} is a file; give a folder (it is created when missing).")
@@ -89,8 +99,9 @@ class ResumeStore:
         return self.folder / f"window_{k:05d}.npy"
 
     def _refuse(self, why: str) -> ValueError:
-        return ValueError(f"`{self.name}`: {self.folder} {why}; use an empty folder (or delete this one) to start "
-                          "the run again.")
+        return ValueError(
+            f"`{self.name}`: {self.folder} {why}; use an empty folder (or delete this one) to start the run again."
+        )
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None when there is none. Refuses an unreadable or foreign state file, another run's
@@ -99,18 +110,28 @@ class ResumeStore:
             return None
         try:
             state = torch.load(self.state_file, weights_only=True, map_location="cpu")
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile,
-                AttributeError, TypeError):
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            OSError,
+            ValueError,
+            zipfile.BadZipFile,
+            AttributeError,
+            TypeError,
+        ):
             # never retried with weights_only=False: a file that is not a plain state is not ours to unpickle
-            raise self._refuse(f"holds a {STATE_FILE} that is not a resume state of skyreels-diffusers "
-                               "(unreadable, damaged or written by something else)") from None
+            raise self._refuse(
+                f"holds a {STATE_FILE} that is not a resume state of skyreels-diffusers "
+                "(unreadable, damaged or written by something else)"
+            ) from None
         if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
             raise self._refuse(f"holds a {STATE_FILE} that is not a resume state of skyreels-diffusers")
         if state["fingerprint"] != self.fingerprint:
-            raise self._refuse("holds a different run (other inputs, seed, settings, weights, dtype or "
-                               "quantisation)")
-        missing = [self.window_file(k).name for k in range(int(state["next_window"]))
-                   if not self.window_file(k).is_file()]
+            raise self._refuse("holds a different run (other inputs, seed, settings, weights, dtype or quantisation)")
+        missing = [
+            self.window_file(k).name for k in range(int(state["next_window"])) if not self.window_file(k).is_file()
+        ]
         if missing:
             raise self._refuse(f"lacks the finished window file(s) {', '.join(missing)} its state refers to")
         return state

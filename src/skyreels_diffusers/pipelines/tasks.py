@@ -88,8 +88,10 @@ def _example_portrait() -> dict:
     face = np.full((480, 360, 3), 240, np.uint8)
     face[((y - 220) / 150) ** 2 + ((x - 180) / 110) ** 2 < 1] = (225, 180, 150)
     face[((y - 300) / 18) ** 2 + ((x - 180) / 45) ** 2 < 1] = (150, 60, 60)
-    return {"image": PIL.Image.fromarray(face),
-            "speech": load_speech(speech_like(3.5), sample_rate=16000, name="input_audio")}
+    return {
+        "image": PIL.Image.fromarray(face),
+        "speech": load_speech(speech_like(3.5), sample_rate=16000, name="input_audio"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- request -> call
@@ -98,29 +100,88 @@ def _reference_kwargs(request) -> dict:
 
 
 def _extension_kwargs(request) -> dict:
-    return {"video": request.media["frames"], "duration": request.duration, "fps": request.fps,
-            "resize_mode": request.resize_mode, "return_input_video": request.return_input_video}
+    return {
+        "video": request.media["frames"],
+        "duration": request.duration,
+        "fps": request.fps,
+        "resize_mode": request.resize_mode,
+        "return_input_video": request.return_input_video,
+    }
 
 
 def _avatar_kwargs(request) -> dict:
     speech = request.media["speech"]
     window_prompt = None if request.prompt_in_every_window else (request.window_prompt or DEFAULT_WINDOW_PROMPT)
-    return {"image": request.media["image"], "audio": speech, "window_prompt": window_prompt,
-            "clip_from_reference": request.clip_from_reference, "output_audio": request.output_audio,
-            "max_audio_seconds": request.max_audio_seconds, "resume_dir": request.resume_dir}
+    return {
+        "image": request.media["image"],
+        "audio": speech,
+        "window_prompt": window_prompt,
+        "clip_from_reference": request.clip_from_reference,
+        "output_audio": request.output_audio,
+        "max_audio_seconds": request.max_audio_seconds,
+        "resume_dir": request.resume_dir,
+    }
 
 
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("reference_to_video", "Reference to video", SkyReelsV3ReferencePipeline, "reference", 5.0, 24, 8, 1,
-                 "reference_to_video", "transformer", _example_images, _reference_kwargs),
-        TaskSpec("single_shot_extension", "Single-shot extension", SkyReelsV3ExtensionPipeline, "extension", 8.0, 24,
-                 8, 1, "video_extension", "transformer", _example_video, _extension_kwargs),
-        TaskSpec("shot_switching_extension", "Shot switching", SkyReelsV3ShotSwitchingPipeline, "extension", 8.0, 24,
-                 8, 2, "video_extension", "shot_transformer", _example_video, _extension_kwargs),
-        TaskSpec("talking_avatar", "Talking avatar", SkyReelsV3TalkingAvatarPipeline, "avatar", 11.0, 25, 4, 0,
-                 "talking_avatar", ".", _example_portrait, _avatar_kwargs),
+        TaskSpec(
+            "reference_to_video",
+            "Reference to video",
+            SkyReelsV3ReferencePipeline,
+            "reference",
+            5.0,
+            24,
+            8,
+            1,
+            "reference_to_video",
+            "transformer",
+            _example_images,
+            _reference_kwargs,
+        ),
+        TaskSpec(
+            "single_shot_extension",
+            "Single-shot extension",
+            SkyReelsV3ExtensionPipeline,
+            "extension",
+            8.0,
+            24,
+            8,
+            1,
+            "video_extension",
+            "transformer",
+            _example_video,
+            _extension_kwargs,
+        ),
+        TaskSpec(
+            "shot_switching_extension",
+            "Shot switching",
+            SkyReelsV3ShotSwitchingPipeline,
+            "extension",
+            8.0,
+            24,
+            8,
+            2,
+            "video_extension",
+            "shot_transformer",
+            _example_video,
+            _extension_kwargs,
+        ),
+        TaskSpec(
+            "talking_avatar",
+            "Talking avatar",
+            SkyReelsV3TalkingAvatarPipeline,
+            "avatar",
+            11.0,
+            25,
+            4,
+            0,
+            "talking_avatar",
+            ".",
+            _example_portrait,
+            _avatar_kwargs,
+        ),
     )
 }
 #: original repositories (`convert_checkpoints.py repo --task`) -> the tasks whose pipelines they hold

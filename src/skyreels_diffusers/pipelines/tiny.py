@@ -14,23 +14,49 @@ from diffusers import AutoencoderKLWan
 from ..models import SkyReelsV3Transformer3DModel
 from ..models.configs import TINY_TRANSFORMER_CONFIGS
 
+
 TINY_VAE_CONFIG = dict(
     base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
 )
 TINY_TEXT_ENCODER_CONFIG = dict(
-    vocab_size=260, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-    relative_attention_max_distance=128, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
-    eos_token_id=1, decoder_start_token_id=0,
+    vocab_size=260,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=128,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
 )
 TINY_CLIP_CONFIG = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=14,
-    projection_dim=32, hidden_act="gelu",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=224,
+    patch_size=14,
+    projection_dim=32,
+    hidden_act="gelu",
 )
 #: the golden wav2vec2 case's configuration (standard CNN strides: 320 samples per feature at 16 kHz)
 TINY_WAV2VEC2_CONFIG = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, conv_dim=[16] * 7,
-    conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=False,
-    feat_extract_norm="group", num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, do_stable_layer_norm=False,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    conv_dim=[16] * 7,
+    conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+    conv_stride=[5, 2, 2, 2, 2, 2, 2],
+    conv_bias=False,
+    feat_extract_norm="group",
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    do_stable_layer_norm=False,
 )
 #: long side of the default output size of tiny pipelines when no resolution is asked for
 TINY_LONG_SIDE = 256

@@ -12,6 +12,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+
 ImageInput = str | os.PathLike | PIL.Image.Image
 VideoInput = str | os.PathLike | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image]
 
@@ -48,8 +49,10 @@ def _open_image(path: Path, name: str) -> PIL.Image.Image:
             img.load()
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning):
         limit = PIL.Image.MAX_IMAGE_PIXELS
-        raise ValueError(f"`{name}`: {path} has more pixels than the limit of {limit} "
-                         "(a decompression bomb or a far too large image); use a smaller image.") from None
+        raise ValueError(
+            f"`{name}`: {path} has more pixels than the limit of {limit} "
+            "(a decompression bomb or a far too large image); use a smaller image."
+        ) from None
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"`{name}`: {path} is not a readable image ({error}).") from None
     return img
@@ -60,8 +63,10 @@ def check_image_shape(width: int, height: int, name: str = "image") -> None:
     if width < 1 or height < 1:
         raise ValueError(f"`{name}`: the image is empty ({width} x {height} pixels).")
     if max(width, height) / min(width, height) > MAX_IMAGE_ASPECT:
-        raise ValueError(f"`{name}`: a {width} x {height} image has an aspect ratio beyond 1:{MAX_IMAGE_ASPECT:g}; "
-                         "the resolution buckets cannot use it (crop it nearer to the output's shape).")
+        raise ValueError(
+            f"`{name}`: a {width} x {height} image has an aspect ratio beyond 1:{MAX_IMAGE_ASPECT:g}; "
+            "the resolution buckets cannot use it (crop it nearer to the output's shape)."
+        )
 
 
 def letterbox(image: PIL.Image.Image, width: int, height: int, fill=(255, 255, 255)) -> PIL.Image.Image:

@@ -17,6 +17,7 @@ from diffusers.configuration_utils import register_to_config
 # diffusers' pipeline loader finds a component's loading base class among the attributes of the component's module
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
+
 #: the extension pipelines' `FlowUniPCMultistepScheduler` (Wan2.1's) stores its training sigmas in float32
 SIGMA_MAX_FP32 = float(np.float32(0.999))
 #: the reference-to-video pipeline's diffusers 0.34 UniPC computes the same spacing from 0.999 in float64
@@ -56,8 +57,12 @@ class SkyReelsV3FlowUniPCScheduler(UniPCMultistepScheduler):
         **kwargs,
     ):
         super().__init__(
-            num_train_timesteps=num_train_timesteps, solver_order=solver_order, prediction_type=prediction_type,
-            use_flow_sigmas=use_flow_sigmas, flow_shift=flow_shift, **kwargs,
+            num_train_timesteps=num_train_timesteps,
+            solver_order=solver_order,
+            prediction_type=prediction_type,
+            use_flow_sigmas=use_flow_sigmas,
+            flow_shift=flow_shift,
+            **kwargs,
         )
         if not 0.0 < flow_sigma_max <= 1.0:
             raise ValueError(f"`flow_sigma_max` must be in (0, 1], got {flow_sigma_max!r}.")
