@@ -56,7 +56,8 @@ from skyreels_diffusers.generation_parallel import (
     pipeline_text_kwargs,
     precomputed_embeddings,
 )
-from skyreels_diffusers.pipelines.tasks import TASKS, tiny_components
+from skyreels_diffusers.pipelines.tasks import TASKS
+from skyreels_diffusers.pipelines.tiny import tiny_components
 
 
 # case: (task, (height, width), seconds, default steps)

@@ -43,6 +43,7 @@ NOT_IMPORTED_OK = {
     "ruff": "the lint step's command-line tool (scripts/lint.sh)",
     "pre-commit": "runs the lint hooks of .pre-commit-config.yaml on each commit",
     "xfuser": "imported by parallel/xfuser.py (GPU only, so not installed by the `dev` extra)",
+    "ftfy": "diffusers' Wan prompt cleaning (reused by the pipelines) fixes text with it when it is installed",
 }
 
 

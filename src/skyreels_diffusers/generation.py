@@ -22,8 +22,8 @@ import torch
 from .pipelines.buckets import RESOLUTIONS, avatar_bucket_size, bucket_size, scale_to_long_side
 from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
 from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
-from .pipelines.tasks import TASKS, TaskSpec, tiny_pipeline
-from .pipelines.tiny import TINY_LONG_SIDE
+from .pipelines.tasks import TASKS, TaskSpec
+from .pipelines.tiny import TINY_LONG_SIDE, tiny_pipeline
 from .pipelines.video_io import load_image, load_video_tail, write_video
 
 

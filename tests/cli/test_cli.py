@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from skyreels_diffusers.cli import build_parser, main
-from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 from skyreels_diffusers.pipelines.video_io import write_video
 from tests.helpers import random_image, random_video
 

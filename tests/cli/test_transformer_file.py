@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from skyreels_diffusers.cli import main
 from skyreels_diffusers.generation import GenerationRequest, load_pipeline, validate
-from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 from skyreels_diffusers.pipelines.video_io import write_video
 from tests.conversion.community_files import T, wan_native_state, write_community_gguf
 from tests.helpers import random_video

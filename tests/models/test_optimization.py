@@ -14,7 +14,7 @@ from skyreels_diffusers.optimization import (
     streamed_modules,
     torchao_quantization_config,
 )
-from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 from tests.helpers import tiny_inputs, tiny_transformer
 
 

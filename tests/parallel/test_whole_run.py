@@ -74,7 +74,7 @@ def test_encoders_once_only_rank_0_loads_the_text_and_audio_encoders(ranks):
 
 def own_embeddings(task: str) -> dict:
     """What the tiny pipeline computes itself, in this process, through its own encoder calls."""
-    from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(task, seed=0)
     threads = torch.get_num_threads()
@@ -123,7 +123,7 @@ def test_encoders_once_every_rank_gets_the_pipelines_own_embeddings(ranks, task)
 @pytest.mark.slow
 def test_pipeline_with_received_embeddings_equals_its_own_encoding(ranks):
     """Rank 1 (no text encoder) passes the broadcast embeddings; the video equals the one from the prompt."""
-    from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
     from tests.parallel.whole_run_worker import portrait
 
     pipe = tiny_pipeline("reference_to_video", seed=0)

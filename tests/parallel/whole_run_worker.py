@@ -79,7 +79,7 @@ def vae_outputs() -> dict:
 
 def embeddings() -> dict:
     from skyreels_diffusers.generation_parallel import drop_main_only_encoders, precomputed_embeddings
-    from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 
     out = {}
     for task in ("reference_to_video", "talking_avatar"):

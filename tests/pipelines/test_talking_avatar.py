@@ -14,8 +14,7 @@ from skyreels_diffusers.pipelines.audio_io import audio_windows, load_speech, lo
 from skyreels_diffusers.pipelines.buckets import avatar_bucket_size
 from skyreels_diffusers.pipelines.color import lab_to_rgb, match_colors, rgb_to_lab
 from skyreels_diffusers.pipelines.pipeline_skyreels_v3_talking_avatar import extend_audio, plan_windows
-from skyreels_diffusers.pipelines.tasks import tiny_pipeline
-from skyreels_diffusers.pipelines.tiny import TINY_WAV2VEC2_CONFIG
+from skyreels_diffusers.pipelines.tiny import TINY_WAV2VEC2_CONFIG, tiny_pipeline
 from tests.helpers import FIXTURES, random_image
 
 

@@ -36,7 +36,7 @@ def _wav(path: Path, seconds: float, rate: int = 16000, bits: int = 16) -> Path:
 
 
 def _media(root: Path) -> dict[str, Path]:
-    from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
     from skyreels_diffusers.pipelines.video_io import write_video
 
     m = {}

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from skyreels_diffusers import loading
 from skyreels_diffusers.loading import load_pipeline_folder
 from skyreels_diffusers.pipelines import SkyReelsV3ReferencePipeline, SkyReelsV3TalkingAvatarPipeline
-from skyreels_diffusers.pipelines.tasks import tiny_pipeline
+from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 
 
 AVATAR = SkyReelsV3TalkingAvatarPipeline

@@ -194,26 +194,3 @@ def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {name!r}.")
     return TASKS[name]
-
-
-# ---------------------------------------------------------------------------------------------- tiny pipelines
-def tiny_components(task: str, seed: int = 0) -> dict:
-    """The task's components at toy sizes (random weights, CPU, float32)."""
-    from . import tiny
-
-    spec = get_task(task)
-    components = {
-        "tokenizer": tiny.tiny_tokenizer(),
-        "text_encoder": tiny.tiny_text_encoder(seed),
-        "transformer": tiny.tiny_transformer(spec.variant, seed),
-        "vae": tiny.tiny_vae(seed),
-        "scheduler": spec.make_scheduler(),
-    }
-    if spec.variant == "avatar":
-        components.update(tiny.tiny_avatar_encoders(seed))
-    return components
-
-
-def tiny_pipeline(task: str, seed: int = 0):
-    """A tiny randomly initialised pipeline for `task` (float32, CPU)."""
-    return get_task(task).pipeline_class(**tiny_components(task, seed))

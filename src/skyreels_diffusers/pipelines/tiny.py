@@ -115,3 +115,27 @@ def tiny_avatar_encoders(seed: int = 0) -> dict:
         "audio_encoder": Wav2Vec2Model(Wav2Vec2Config(**TINY_WAV2VEC2_CONFIG)).eval(),
         "feature_extractor": avatar_feature_extractor(),
     }
+
+
+def tiny_components(task: str, seed: int = 0) -> dict:
+    """A task's components at toy sizes (random weights, CPU, float32), from the task registry's spec."""
+    from .tasks import get_task
+
+    spec = get_task(task)
+    components = {
+        "tokenizer": tiny_tokenizer(),
+        "text_encoder": tiny_text_encoder(seed),
+        "transformer": tiny_transformer(spec.variant, seed),
+        "vae": tiny_vae(seed),
+        "scheduler": spec.make_scheduler(),
+    }
+    if spec.variant == "avatar":
+        components.update(tiny_avatar_encoders(seed))
+    return components
+
+
+def tiny_pipeline(task: str, seed: int = 0):
+    """A tiny randomly initialised pipeline for `task` (float32, CPU)."""
+    from .tasks import get_task
+
+    return get_task(task).pipeline_class(**tiny_components(task, seed))
