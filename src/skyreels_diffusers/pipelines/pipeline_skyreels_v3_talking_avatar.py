@@ -240,7 +240,7 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
         if height is None:
             avatar_bucket_size(1, 1, resolution)  # validates `resolution`
         check_guidance_scale("audio_guidance_scale", audio_guidance_scale)
-        if output_audio not in ("original", "normalized"):
+        if output_audio not in (None, "original", "normalized"):  # None: the default of `reproduce_original`
             raise PipelineInputError("output_audio", f"must be 'original' or 'normalized', got {output_audio!r}.")
         if not isinstance(max_audio_seconds, (int, float)) or not 0 < max_audio_seconds <= DEFAULT_MAX_SECONDS:
             raise PipelineInputError(
