@@ -334,26 +334,7 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                     errors[name] = gr.Markdown("", elem_id=f"{task}-error-{name}", elem_classes=["field-error"])
 
                 _media_inputs(gr, task, inputs, error_box)
-                inputs["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id=f"{task}-prompt")
-                error_box("prompt")
-                with gr.Row():
-                    inputs["resolution"] = gr.Dropdown(
-                        RESOLUTION_CHOICES, value="default", label="Resolution", elem_id=f"{task}-resolution"
-                    )
-                    default_duration = TASKS[task].default_duration
-                    inputs["duration"] = gr.Number(
-                        value=default_duration,
-                        precision=0,
-                        label="Duration (s)",
-                        visible=default_duration > 0,
-                        elem_id=f"{task}-duration",
-                    )
-                    inputs["seed"] = gr.Number(value=42, precision=0, label="Seed", elem_id=f"{task}-seed")
-                    inputs["steps"] = gr.Number(
-                        value=TASKS[task].default_steps, precision=0, label="Steps", elem_id=f"{task}-steps"
-                    )
-                for name in ("resolution", "duration", "seed", "steps"):
-                    error_box(name)
+                _settings_inputs(gr, task, inputs, error_box)
                 error_box("general")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
@@ -397,6 +378,30 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 cancel.click(cancel_job, None, None, queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def _settings_inputs(gr, task: str, inputs: dict, error_box) -> None:
+    """The prompt and the resolution / duration / seed / steps row of a task's tab, each with its error box."""
+    inputs["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id=f"{task}-prompt")
+    error_box("prompt")
+    with gr.Row():
+        inputs["resolution"] = gr.Dropdown(
+            RESOLUTION_CHOICES, value="default", label="Resolution", elem_id=f"{task}-resolution"
+        )
+        default_duration = TASKS[task].default_duration
+        inputs["duration"] = gr.Number(
+            value=default_duration,
+            precision=0,
+            label="Duration (s)",
+            visible=default_duration > 0,
+            elem_id=f"{task}-duration",
+        )
+        inputs["seed"] = gr.Number(value=42, precision=0, label="Seed", elem_id=f"{task}-seed")
+        inputs["steps"] = gr.Number(
+            value=TASKS[task].default_steps, precision=0, label="Steps", elem_id=f"{task}-steps"
+        )
+    for name in ("resolution", "duration", "seed", "steps"):
+        error_box(name)
 
 
 def _media_inputs(gr, task: str, inputs: dict, error_box) -> None:

@@ -28,133 +28,137 @@ def _flag(parser, name: str, *aliases: str, **kwargs):
     parser.add_argument(*dict.fromkeys(spellings), dest=kwargs.pop("dest", name.replace("-", "_")), **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="skyreels-v3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate one video")
-    _flag(gen, "task", "task-type", required=True, choices=list(TASKS))
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to generate: task, model, prompt, length, size, seed, steps."""
+    _flag(parser, "task", "task-type", required=True, choices=list(TASKS))
     _flag(
-        gen,
+        parser,
         "model",
         "model-id",
         default=None,
         help="'tiny' (random weights, offline) or a converted pipeline folder (scripts/convert_checkpoints.py)",
     )
     _flag(
-        gen,
+        parser,
         "transformer",
         default=None,
         help="a single-file transformer replacing the folder's: community GGUF (kept quantised) or original "
         ".safetensors/.pth (with --low-vram a GGUF transformer streams as is, without FP8)",
     )
-    _flag(gen, "prompt", default=DEFAULT_PROMPT)
-    _flag(gen, "negative-prompt", default=None)
-    _flag(gen, "duration", type=int, default=5, help="seconds (shot switching: 2-5; talking avatar: the audio's)")
+    _flag(parser, "prompt", default=DEFAULT_PROMPT)
+    _flag(parser, "negative-prompt", default=None)
+    _flag(parser, "duration", type=int, default=5, help="seconds (shot switching: 2-5; talking avatar: the audio's)")
     _flag(
-        gen,
+        parser,
         "resolution",
         choices=["480P", "540P", "720P"],
         default=None,
         help="bucket table (default 720P, talking avatar 480P; with --model tiny a 256-px size unless given)",
     )
-    _flag(gen, "height", type=int, default=None, help="output height, multiple of 16 (overrides the bucket)")
-    _flag(gen, "width", type=int, default=None, help="output width, multiple of 16 (overrides the bucket)")
-    _flag(gen, "seed", type=int, default=42)
-    _flag(gen, "steps", "num-inference-steps", type=int, default=8)
-    _flag(gen, "guidance-scale", type=float, default=1.0)
-    _flag(gen, "ref-imgs", nargs="+", default=[], help="1-4 reference images (space or comma separated)")
-    _flag(gen, "input-video", default=None)
+    _flag(parser, "height", type=int, default=None, help="output height, multiple of 16 (overrides the bucket)")
+    _flag(parser, "width", type=int, default=None, help="output width, multiple of 16 (overrides the bucket)")
+    _flag(parser, "seed", type=int, default=42)
+    _flag(parser, "steps", "num-inference-steps", type=int, default=8)
+    _flag(parser, "guidance-scale", type=float, default=1.0)
+
+
+def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The task inputs and their options."""
+    _flag(parser, "ref-imgs", nargs="+", default=[], help="1-4 reference images (space or comma separated)")
+    _flag(parser, "input-video", default=None)
     _flag(
-        gen,
+        parser,
         "keep-source-fps",
         action="store_true",
         help="count the duration in, and write at, the input video's frame rate instead of 24 fps",
     )
     _flag(
-        gen,
+        parser,
         "resize-mode",
         choices=["bilinear", "bicubic", "area", "nearest"],
         default=None,
         help="input video resize (default bilinear; 'nearest' = the original)",
     )
-    _flag(gen, "return-input-video", action="store_true", help="prepend the input video to the output")
-    _flag(gen, "input-image", default=None, help="talking_avatar: the portrait")
-    _flag(gen, "input-audio", default=None, help="talking_avatar: speech (wav, mp3, flac, m4a)")
+    _flag(parser, "return-input-video", action="store_true", help="prepend the input video to the output")
+    _flag(parser, "input-image", default=None, help="talking_avatar: the portrait")
+    _flag(parser, "input-audio", default=None, help="talking_avatar: speech (wav, mp3, flac, m4a)")
     _flag(
-        gen,
+        parser,
         "window-prompt",
         default=None,
         help="talking_avatar: prompt of the sliding windows (default 'a person is talking', the original's)",
     )
-    _flag(gen, "prompt-in-every-window", action="store_true", help="talking_avatar: use --prompt in every window")
+    _flag(parser, "prompt-in-every-window", action="store_true", help="talking_avatar: use --prompt in every window")
     _flag(
-        gen,
+        parser,
         "clip-from-reference",
         action="store_true",
         help="talking_avatar: CLIP tokens from the portrait in every window",
     )
     _flag(
-        gen,
+        parser,
         "output-audio",
         choices=["original", "normalized"],
         default=None,
         help="talking_avatar: mux the original audio (default) or the -23 LUFS one (the original's)",
     )
-    _flag(gen, "max-audio-seconds", type=float, default=200.0)
-    _flag(gen, "resume-dir", default=None, help="talking_avatar: per-window checkpoints; rerun to resume")
+    _flag(parser, "max-audio-seconds", type=float, default=200.0)
+    _flag(parser, "resume-dir", default=None, help="talking_avatar: per-window checkpoints; rerun to resume")
     _flag(
-        gen,
+        parser,
         "reproduce-original",
         action="store_true",
         help="the original code's conventions where this package improves on them (per-chunk re-seeding, "
         "truncation to uint8, nearest resizing, bf16 scheduler input, normalised audio): the original's "
         "video for the same inputs and seed (docs/fidelity.md)",
     )
-    _flag(gen, "output", default=None, help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4)")
-    _flag(gen, "crf", type=int, default=10, help="H.264 quality, 0 (lossless) to 51 (default 10, the original's)")
-    _flag(gen, "offload", action="store_true", help="model CPU offload: one component on the GPU at a time")
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Output, fidelity, memory, speed and parallel options of a run."""
+    _flag(parser, "output", default=None, help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4)")
+    _flag(parser, "crf", type=int, default=10, help="H.264 quality, 0 (lossless) to 51 (default 10, the original's)")
+    _flag(parser, "offload", action="store_true", help="model CPU offload: one component on the GPU at a time")
     _flag(
-        gen,
+        parser,
         "low-vram",
         action="store_true",
         help="FP8 transformer weights + block-level group offload + VAE tiling (fits 24 GB cards)",
     )
-    _flag(gen, "group-offload", action="store_true", help="block-level group offload with CUDA-stream prefetch")
-    _flag(gen, "sequential-offload", action="store_true", help="leaf-level CPU offload (least memory, slowest)")
+    _flag(parser, "group-offload", action="store_true", help="block-level group offload with CUDA-stream prefetch")
+    _flag(parser, "sequential-offload", action="store_true", help="leaf-level CPU offload (least memory, slowest)")
     _flag(
-        gen,
+        parser,
         "quantize",
         choices=["fp8_weight_only", "fp8_dynamic", "fp8_storage"],
         default=None,
         help="FP8 transformer linear layers (torchao; fp8_storage = layerwise casting without torchao)",
     )
-    _flag(gen, "compile", action="store_true", help="torch.compile the repeated transformer blocks")
+    _flag(parser, "compile", action="store_true", help="torch.compile the repeated transformer blocks")
     _flag(
-        gen,
+        parser,
         "attention-backend",
         default=None,
         help="diffusers attention backend (default: PyTorch SDPA's choice; e.g. _native_cudnn, flash, sage, "
         "triton_8bit, triton_8bit_accurate)",
     )
     _flag(
-        gen,
+        parser,
         "fast",
         action="store_true",
         help="lossy speed preset: 8-bit self-attention (triton_8bit) + FP8 linears (fp8_dynamic) + compile "
         "(GPU with FP8; docs/performance.md has its speed and error)",
     )
     _flag(
-        gen,
+        parser,
         "ulysses-degree",
         type=int,
         default=1,
         help="sequence parallelism over heads (torchrun --nproc_per_node = ulysses x ring degree)",
     )
-    _flag(gen, "ring-degree", type=int, default=1, help="ring attention degree (needs a flash/sage/cuDNN backend)")
+    _flag(parser, "ring-degree", type=int, default=1, help="ring attention degree (needs a flash/sage/cuDNN backend)")
     _flag(
-        gen,
+        parser,
         "parallel-backend",
         choices=["diffusers", "xfuser"],
         default="diffusers",
@@ -162,12 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
         "USP kernels (pip install xfuser; GPU only; token count divisible by the degree)",
     )
     _flag(
-        gen,
+        parser,
         "shard-weights",
         action="store_true",
         help="under torchrun: shard the transformer's blocks over the processes (FSDP2; weight memory per GPU / N)",
     )
-    _flag(gen, "device", default=None, help="cuda / cpu (default: cuda when available)")
+    _flag(parser, "device", default=None, help="cuda / cpu (default: cuda when available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skyreels-v3", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate one video")
+    _add_task_arguments(gen)
+    _add_input_arguments(gen)
+    _add_run_arguments(gen)
     app = sub.add_parser("app", help="start the local web app (pip install 'skyreels-diffusers[app]')")
     _flag(app, "model", default="tiny", help="'tiny' (default, random weights) or a converted pipeline folder")
     _flag(app, "host", default="127.0.0.1")

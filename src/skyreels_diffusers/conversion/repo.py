@@ -367,6 +367,47 @@ def _save_components(
     _write_model_card(folder, task, source)
 
 
+def _repo_components(task: str, src: Path, dtype: torch.dtype, max_shard_size: str) -> dict:
+    """Every component but the transformer and the scheduler, from the repo's layout (diffusers layout for the
+    reference repo, Wan-native files for the others); the text encoders stream tensor by tensor."""
+    from transformers import AutoTokenizer
+
+    if task == "reference_to_video":
+        from diffusers import AutoencoderKLWan
+
+        write = partial(
+            copy_text_encoder,
+            _require(src / "text_encoder", "text_encoder folder"),
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+        )
+        return {
+            "tokenizer": AutoTokenizer.from_pretrained(_require(src / "tokenizer", "tokenizer folder")),
+            "text_encoder": StreamedComponent("transformers", "UMT5EncoderModel", write),
+            "vae": AutoencoderKLWan.from_pretrained(_require(src / "vae", "vae folder"), torch_dtype=torch.float32),
+        }
+    write = partial(
+        write_t5,
+        _require(src / "models_t5_umt5-xxl-enc-bf16.pth", "T5 checkpoint"),
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+    )
+    components = {
+        "tokenizer": AutoTokenizer.from_pretrained(_require(src / "google" / "umt5-xxl", "tokenizer folder")),
+        "text_encoder": StreamedComponent("transformers", "UMT5EncoderModel", write),
+        "vae": convert_wan_vae(src / "Wan2.1_VAE.pth"),
+    }
+    if task == "talking_avatar":
+        audio_encoder, feature_extractor = load_wav2vec2(src / "chinese-wav2vec2-base")
+        components.update(
+            image_encoder=convert_clip(src / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", dtype),
+            audio_encoder=audio_encoder,
+            feature_extractor=feature_extractor,
+        )
+        _require(src / "config.json", "avatar transformer config")
+    return components
+
+
 def convert_repo(
     task: str,
     src: str | os.PathLike,
@@ -380,8 +421,6 @@ def convert_repo(
     With `push_to_hub="user/name"` each pipeline folder is uploaded (two folders go to `user/name` under their
     folder names). The transformer and text encoder are stored in `dtype`, the VAE in float32.
     """
-    from transformers import AutoTokenizer
-
     if task not in REPOS:
         raise ValueError(f"--task must be one of {tuple(REPOS)}, got {task!r}")
     src, dst = Path(src), Path(dst)
@@ -392,71 +431,16 @@ def convert_repo(
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
-        if task == "reference_to_video":
-            from diffusers import AutoencoderKLWan
-
-            tokenizer = AutoTokenizer.from_pretrained(_require(src / "tokenizer", "tokenizer folder"))
-            text_encoder = StreamedComponent(
-                "transformers",
-                "UMT5EncoderModel",
-                partial(
-                    copy_text_encoder,
-                    _require(src / "text_encoder", "text_encoder folder"),
-                    dtype=dtype,
-                    max_shard_size=max_shard_size,
-                ),
-            )
-            vae = AutoencoderKLWan.from_pretrained(_require(src / "vae", "vae folder"), torch_dtype=torch.float32)
-            components = {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae}
+        components = _repo_components(task, src, dtype, max_shard_size)
+        outputs = {}
+        for name in REPOS[task]:  # one pipeline folder per task the repo holds
+            folder = TASKS[name].transformer_folder
+            transformer_src = src if folder == "." else _require(src / folder, f"{folder} folder")
+            single = len(REPOS[task]) == 1
             _save_components(
-                tmp / "pipeline",
-                task,
-                _require(src / "transformer", "transformer folder"),
-                components,
-                dtype,
-                max_shard_size,
-                src,
+                tmp / ("pipeline" if single else name), name, transformer_src, components, dtype, max_shard_size, src
             )
-            outputs = {"pipeline": dst}
-        else:
-            components = {
-                "tokenizer": AutoTokenizer.from_pretrained(_require(src / "google" / "umt5-xxl", "tokenizer folder")),
-                "text_encoder": StreamedComponent(
-                    "transformers",
-                    "UMT5EncoderModel",
-                    partial(
-                        write_t5,
-                        _require(src / "models_t5_umt5-xxl-enc-bf16.pth", "T5 checkpoint"),
-                        dtype=dtype,
-                        max_shard_size=max_shard_size,
-                    ),
-                ),
-                "vae": convert_wan_vae(src / "Wan2.1_VAE.pth"),
-            }
-            if task == "talking_avatar":
-                audio_encoder, feature_extractor = load_wav2vec2(src / "chinese-wav2vec2-base")
-                components.update(
-                    image_encoder=convert_clip(src / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", dtype),
-                    audio_encoder=audio_encoder,
-                    feature_extractor=feature_extractor,
-                )
-                _require(src / "config.json", "avatar transformer config")
-                _save_components(tmp / "pipeline", task, src, components, dtype, max_shard_size, src)
-                outputs = {"pipeline": dst}
-            else:
-                outputs = {}
-                for name in REPOS[task]:
-                    transformer_dir = TASKS[name].transformer_folder
-                    _save_components(
-                        tmp / name,
-                        name,
-                        _require(src / transformer_dir, f"{transformer_dir} folder"),
-                        components,
-                        dtype,
-                        max_shard_size,
-                        src,
-                    )
-                    outputs[name] = dst / name
+            outputs["pipeline" if single else name] = dst if single else dst / name
         if dst.exists():
             dst.rmdir()
         if "pipeline" in outputs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -318,39 +319,27 @@ class SkyReelsV3ExtensionPipeline(
             generator = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         initial_state = generator.get_state() if reproduce_original else None
         new_frames, chunk_latents = [], []
+        denoise = partial(
+            self.denoise_chunk,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
         for index, num_latents in enumerate(plan):
             if initial_state is not None:
                 generator.set_state(initial_state)  # the original seeded a fresh generator for every chunk
             condition = torch.cat([self.encode_video(p).to(device) for p in prefixes])
-            noise = self.prepare_latents(
-                self.latent_shape(batch_size, num_latents, height, width),
-                generator,
-                device,
-                None if latents is None else latents[index],
-                f"latents[{index}]",
-            )
+            shape, given = self.latent_shape(batch_size, num_latents, height, width), latents and latents[index]
+            noise = self.prepare_latents(shape, generator, device, given, f"latents[{index}]")
             chunk_timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
             self._num_timesteps = len(chunk_timesteps)
-            chunk, prompt_embeds, negative_prompt_embeds = self.denoise_chunk(
-                noise,
-                condition,
-                chunk_timesteps,
-                prompt_embeds,
-                negative_prompt_embeds,
-                callback_on_step_end,
-                callback_on_step_end_tensor_inputs,
+            chunk, prompt_embeds, negative_prompt_embeds = denoise(
+                noise, condition, chunk_timesteps, prompt_embeds, negative_prompt_embeds
             )
             chunk_latents.append(chunk)
             if self.interrupt:
                 break
-            decoded = self.decode_latents(torch.cat([condition, chunk], dim=2))
-            new_frames.append(
-                pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1), truncate=reproduce_original)[:, NUM_CONDITION_FRAMES:]
-            )
-            generated = torch.from_numpy(new_frames[-1]).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-            prefixes = [
-                torch.cat([p, g[None]], dim=2)[:, :, -NUM_CONDITION_FRAMES:] for p, g in zip(prefixes, generated)
-            ]
+            frames_u8, prefixes = self.decode_chunk(condition, chunk, prefixes, truncate=reproduce_original)
+            new_frames.append(frames_u8)
 
         # 4. Output
         if output_type == "latent":
@@ -365,6 +354,17 @@ class SkyReelsV3ExtensionPipeline(
         if not return_dict:
             return (output,)
         return SkyReelsV3PipelineOutput(frames=output)
+
+    def decode_chunk(
+        self, condition: torch.Tensor, chunk: torch.Tensor, prefixes: list[torch.Tensor], truncate: bool
+    ) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """Decode the condition and new latents together (the causal VAE needs the condition), keep the new frames as
+        uint8, and move each video's last 25 frames (the next chunk's condition) on to the new ones."""
+        decoded = self.decode_latents(torch.cat([condition, chunk], dim=2))
+        frames = pixels_to_uint8(decoded.permute(0, 2, 3, 4, 1), truncate=truncate)[:, NUM_CONDITION_FRAMES:]
+        generated = torch.from_numpy(frames).to(chunk.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        prefixes = [torch.cat([p, g[None]], dim=2)[:, :, -NUM_CONDITION_FRAMES:] for p, g in zip(prefixes, generated)]
+        return frames, prefixes
 
     @staticmethod
     def check_chunk_latents(latents, plan: list[int]) -> list[torch.Tensor] | None:

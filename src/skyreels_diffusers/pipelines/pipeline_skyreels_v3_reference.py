@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -146,6 +147,16 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
             cls._callback_tensor_inputs,
         )
 
+    @staticmethod
+    def load_references(ref_images, resolution: str, height: int | None, width: int | None) -> tuple[list, int, int]:
+        """Open the references (EXIF orientation applied); the output size is the first one's bucket unless given."""
+        if isinstance(ref_images, (str, bytes, PIL.Image.Image)) or not hasattr(ref_images, "__len__"):
+            ref_images = [ref_images]
+        images = [load_image(image, name=f"ref_images[{i}]") for i, image in enumerate(ref_images)]
+        if height is None:
+            height, width = bucket_size(images[0].height, images[0].width, resolution)
+        return images, height, width
+
     def prepare_references(
         self, images: list[PIL.Image.Image], height: int, width: int, generator, device: torch.device
     ) -> torch.Tensor:
@@ -164,9 +175,9 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
         latents: torch.Tensor,
         t: torch.Tensor,
         step: int,
-        references: torch.Tensor,
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor | None,
+        references: torch.Tensor,
         guidance_scale_img: float,
         keep_dtype: bool,
     ) -> torch.Tensor:
@@ -272,11 +283,7 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
             output_type,
             callback_on_step_end_tensor_inputs,
         )
-        if isinstance(ref_images, (str, bytes, PIL.Image.Image)) or not hasattr(ref_images, "__len__"):
-            ref_images = [ref_images]
-        images = [load_image(image, name=f"ref_images[{i}]") for i, image in enumerate(ref_images)]
-        if height is None:
-            height, width = bucket_size(images[0].height, images[0].width, resolution)
+        images, height, width = self.load_references(ref_images, resolution, height, width)
         self._start_call(guidance_scale, attention_kwargs)
         device = self._execution_device
 
@@ -307,6 +314,12 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
         references = references.expand(batch_size, -1, -1, -1, -1)
 
         # 5. Denoising loop
+        predict = partial(
+            self.predict_with_references,
+            references=references,
+            guidance_scale_img=guidance_scale_img,
+            keep_dtype=reproduce_original,
+        )
         self.scheduler.set_begin_index(0)  # no device-to-host sync to find the step index
         watch = FiniteWatch()
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -314,15 +327,8 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                noise_pred = self.predict_with_references(
-                    latents,
-                    t,
-                    i,
-                    references,
-                    prompt_embeds,
-                    negative_prompt_embeds,
-                    guidance_scale_img,
-                    keep_dtype=reproduce_original,
+                noise_pred = predict(
+                    latents, t, i, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
