@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-H200 measurements of issue 17 (the 8-bit Triton attention), in one device call:
+# One-H200 measurements of the 8-bit Triton attention, in one device call:
 #   bash bench/attention_8bit_suite.sh
 # 1. probe: do warp-specialised tile configs build and agree with the plain ones? (2026-11-29, Triton 3.6 on an
 #    H200: no, the NVGPUWarpSpecialization pass fails; if a Triton builds them, add them to CONFIGS)

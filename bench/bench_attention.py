@@ -7,7 +7,7 @@ call and output difference from cuDNN (the default, exact path).
 Kernels: PyTorch SDPA forced to cuDNN / flash / memory-efficient (diffusers' `_native_*` backends) and, when the
 package is installed, SageAttention's `sageattn` (8-bit QK). `--tiny --device cpu` checks the script.
 
-The 8-bit kernel table (issue 17): `--tokens` switches to it. For each token count and head count it times cuDNN
+The 8-bit kernel table: `--tokens` switches to it. For each token count and head count it times cuDNN
 SDPA and our Triton 8-bit kernel (each `--modes` entry: Q·K INT8/FP8, P·V FP8/bf16; the whole call with its
 quantisation pre-pass, and the pre-pass alone) and measures each kernel's relative error against float32
 attention (memory-efficient SDPA in float32 on the first `--error-queries` queries of two heads) on Gaussian

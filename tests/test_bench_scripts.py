@@ -145,7 +145,7 @@ def test_bench_attention_kernels(tmp_path):
 
 @pytest.mark.slow
 def test_bench_attention_8bit_table(tmp_path, monkeypatch):
-    """The issue-17 kernel table in Triton's interpreter: every (heads, tokens, kernel) row, sane values."""
+    """The 8-bit kernel table in Triton's interpreter: every (heads, tokens, kernel) row, sane values."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     out = tmp_path / "k.json"

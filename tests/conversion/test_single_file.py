@@ -18,7 +18,7 @@ from tests.conversion.community_files import T, wan_native_state, write_communit
 from tests.helpers import GoldenCase, tiny_inputs
 
 
-GOLDEN_VAE = Path("/work/shared/golden/pipelines/vae")
+GOLDEN_VAE = Path(__file__).resolve().parents[1] / "fixtures" / "pipelines" / "vae"
 FP32 = GGUFQuantizationConfig(compute_dtype=torch.float32)
 # a width-256 extension model (2 heads x 128, as in every real size): every linear fits 256-wide K-quant blocks
 WIDE = {

@@ -1,4 +1,4 @@
-"""The 8-bit Triton attention (issue 17) on CPU: the kernels in Triton's interpreter against float32 attention and
+"""The 8-bit Triton attention on CPU: the kernels in Triton's interpreter against float32 attention and
 against the PyTorch reference of their quantisation math, the diffusers backend's selection and fallbacks, the
 `--fast` preset's validation, and the clear error on a machine without a GPU."""
 

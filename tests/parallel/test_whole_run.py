@@ -1,4 +1,4 @@
-"""Whole runs across processes (issue 18), on CPU over gloo with 2 processes: the parallel VAE equals diffusers'
+"""Whole runs across processes, on CPU over gloo with 2 processes: the parallel VAE equals diffusers'
 one-rank tiled VAE exactly, encoders once give every rank the embeddings the pipeline computes itself (and rank 1
 loads no text or audio encoder), FSDP2 weight sharding gives the unsharded output (fp32 and bf16, rel. <= 1e-6),
 and the CLI under torchrun with `--shard-weights` gives the one-process video."""

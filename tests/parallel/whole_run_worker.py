@@ -1,4 +1,4 @@
-"""Worker of the whole-run parallel tests (issue 18): run under torchrun with 2 gloo processes (or alone, as the
+"""Worker of the whole-run parallel tests: run under torchrun with 2 gloo processes (or alone, as the
 one-process reference); writes `whole_<rank>.pt` with everything the tests compare.
 
 * parallel VAE: tiled decode and encode of a tiny Wan VAE with the tiles split over the ranks, and the one-rank
