@@ -259,12 +259,31 @@ class SkyReelsV3PipelineMixin:
         ):
             return self.transformer(**kwargs, attention_kwargs=self._attention_kwargs, return_dict=False)[0]
 
-    def _start_call(self, guidance_scale: float, attention_kwargs) -> None:
+    def step_callback(self, step: int, t, latents, prompt_embeds, negative_prompt_embeds) -> tuple:
+        """The user's `callback_on_step_end(pipe, step, t, {name: tensor})` with the requested tensors (when one was
+        given); returns (latents, prompt_embeds, negative_prompt_embeds), replaced where it returned new ones."""
+        callback, names = self._step_callback
+        if callback is None:
+            return latents, prompt_embeds, negative_prompt_embeds
+        tensors = {
+            "latents": latents,
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+        }
+        outputs = callback(self, step, t, {name: tensors[name] for name in names}) or {}
+        return tuple(
+            outputs.get(name, tensors[name]) for name in ("latents", "prompt_embeds", "negative_prompt_embeds")
+        )
+
+    def _start_call(
+        self, guidance_scale: float, attention_kwargs, callback_on_step_end=None, callback_on_step_end_tensor_inputs=()
+    ) -> None:
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
         self._num_timesteps = 0
+        self._step_callback = (callback_on_step_end, callback_on_step_end_tensor_inputs)
 
 
 class FiniteWatch:

@@ -192,14 +192,9 @@ class SkyReelsV3ExtensionPipeline(
                     i, prompt_embeds, negative_prompt_embeds, hidden_states=hidden_states, timestep=timestep
                 )[:, :, frames_c:]
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                latents, prompt_embeds, negative_prompt_embeds = self.step_callback(
+                    i, t, latents, prompt_embeds, negative_prompt_embeds
+                )
                 watch.update(latents, i)
                 progress_bar.update()
         self._current_timestep = None
@@ -298,7 +293,7 @@ class SkyReelsV3ExtensionPipeline(
         condition_frames = (NUM_CONDITION_FRAMES - 1) // self.vae_scale_factor_temporal + 1
         plan = chunk_latent_frames(duration, condition_frames, int(fps or 24) // self.vae_scale_factor_temporal)
         latents = self.check_chunk_latents(latents, plan)
-        self._start_call(guidance_scale, attention_kwargs)
+        self._start_call(guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
 
         # 2. Encode the prompt

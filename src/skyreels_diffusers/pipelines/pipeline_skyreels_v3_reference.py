@@ -284,7 +284,7 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
             callback_on_step_end_tensor_inputs,
         )
         images, height, width = self.load_references(ref_images, resolution, height, width)
-        self._start_call(guidance_scale, attention_kwargs)
+        self._start_call(guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
 
         # 2. Encode the prompt
@@ -307,11 +307,11 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
 
         # 4. Noise first, then the reference posterior samples from the same generator (the original's RNG order)
         num_latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        latents = self.prepare_latents(
-            self.latent_shape(batch_size, num_latent_frames, height, width), generator, device, latents
+        shape = self.latent_shape(batch_size, num_latent_frames, height, width)
+        latents = self.prepare_latents(shape, generator, device, latents)
+        references = self.prepare_references(images, height, width, generator, device).expand(
+            batch_size, -1, -1, -1, -1
         )
-        references = self.prepare_references(images, height, width, generator, device)
-        references = references.expand(batch_size, -1, -1, -1, -1)
 
         # 5. Denoising loop
         predict = partial(
@@ -331,14 +331,9 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
                     latents, t, i, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds
                 )
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                latents, prompt_embeds, negative_prompt_embeds = self.step_callback(
+                    i, t, latents, prompt_embeds, negative_prompt_embeds
+                )
                 watch.update(latents, i)
                 progress_bar.update()
         self._current_timestep = None

@@ -304,6 +304,38 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
         cropped = np.asarray(resized.crop((left, top, left + width, top + height)), dtype=np.float32) / 255.0
         return (torch.from_numpy(cropped).permute(2, 0, 1)[None, :, None] - 0.5) * 2
 
+    def encode_prompts(
+        self,
+        prompt,
+        negative_prompt,
+        window_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        window_prompt_embeds,
+        guidance: bool,
+        max_sequence_length: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """UMT5 embeddings of the user prompt (the keyframe clip), the negative prompt (the original's English one by
+        default; with text guidance only) and the window prompt (the user prompt when `window_prompt` is None)."""
+        device = self._execution_device
+        negative_prompt = negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            negative_prompt,
+            guidance,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        if window_prompt_embeds is None:
+            window_prompt_embeds = (
+                prompt_embeds
+                if window_prompt is None
+                else self.encode_prompt(window_prompt, max_sequence_length=max_sequence_length, device=device)[0]
+            )
+        return prompt_embeds, negative_prompt_embeds, window_prompt_embeds
+
     def encode_image(self, frame: torch.Tensor) -> torch.Tensor:
         """CLIP tokens of a `[1, 3, H, W]` frame in [-1, 1]: stretched to the encoder's size (bicubic, no crop),
         CLIP-normalised, penultimate layer -> `[1, 257, width]`."""
@@ -628,27 +660,22 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
         )
         if height is None:
             height, width = avatar_bucket_size(portrait.height, portrait.width, resolution)
-        self._start_call(guidance_scale, attention_kwargs)
+        self._start_call(guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
 
         # 2. Encode the prompts (the user prompt drives the keyframe clip), the portrait and the speech
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+        prompt_embeds, negative_prompt_embeds, window_prompt_embeds = self.encode_prompts(
             prompt,
-            negative_prompt if negative_prompt is not None else NEGATIVE_PROMPT,
+            negative_prompt,
+            window_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            window_prompt_embeds,
             guidance_scale > 1.0,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            max_sequence_length=max_sequence_length,
-            device=device,
+            max_sequence_length,
         )
-        if window_prompt_embeds is None:
-            window_prompt_embeds = (
-                prompt_embeds
-                if window_prompt is None
-                else self.encode_prompt(window_prompt, max_sequence_length=max_sequence_length, device=device)[0]
-            )
         reference = self.prepare_portrait(portrait, height, width).to(device)[0, :, 0]  # [3, H, W]
         run = AvatarRun(
             reference,
