@@ -195,8 +195,13 @@ def _check_run_options(request: GenerationRequest) -> None:
         raise _error("crf", f"must be an integer in [0, 51] (0 = lossless), got {request.crf!r}")
     if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise _error("seed", f"must be an integer in [0, 2^63), got {request.seed!r}")
-    if not isinstance(request.duration, int) or isinstance(request.duration, bool):
-        raise _error("duration", f"must be an integer number of seconds, got {request.duration!r}")
+    positive = request.spec.default_duration > 0  # the avatar's length is its audio's
+    if (
+        not isinstance(request.duration, int)
+        or isinstance(request.duration, bool)
+        or (positive and request.duration < 1)
+    ):
+        raise _error("duration", f"must be a positive integer number of seconds, got {request.duration!r}")
     if request.model != "tiny":
         _check_model_folder(Path(request.model), request.spec)
     if request.transformer is not None:
@@ -214,6 +219,7 @@ def _load_media(request: GenerationRequest) -> tuple[dict, float]:
     try:
         if spec.variant == "reference":
             refs = [p.strip() for item in request.ref_imgs for p in str(item).split(",") if p.strip()]
+            spec.pipeline_class.check_reference_count(refs)  # before any of them is opened
             return {"images": [load_image(path, name="ref_imgs") for path in refs]}, spec.fps
         if spec.variant == "extension":
             return _load_video(request)
@@ -229,6 +235,8 @@ def _load_media(request: GenerationRequest) -> tuple[dict, float]:
     except ValueError as error:
         if str(error).startswith("--"):
             raise
+        if getattr(error, "argument", None):  # a pipeline check
+            raise flag_error(error) from None
         argument, _, message = str(error).partition(": ")
         raise _error(argument.strip("`"), message) from None
 

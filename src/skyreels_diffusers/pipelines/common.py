@@ -4,6 +4,7 @@ and runs its own denoising loop."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,7 +312,7 @@ class SkyReelsV3VideoInputMixin:
     """Helpers of the two video-extension pipelines: input video checks, decoding, resizing and output assembly."""
 
     @classmethod
-    def check_video_inputs(cls, video, height, width, resize_mode, fps) -> None:
+    def check_video_inputs(cls, video, height, width, resize_mode, fps, num_condition_frames: int = 1) -> None:
         from .video_io import RESIZE_MODES
 
         check_size(height, width)
@@ -323,6 +324,10 @@ class SkyReelsV3VideoInputMixin:
             raise PipelineInputError("fps", f"must be a multiple of {cls.vae_scale_factor_temporal}, got {fps}.")
         if video is None:
             raise PipelineInputError("video", "is required.")
+        if not isinstance(video, (str, os.PathLike)) and len(video) < num_condition_frames:  # decoded frames
+            raise PipelineInputError(
+                "video", f"has {len(video)} frames; at least {num_condition_frames} condition frames are needed."
+            )
 
     @staticmethod
     def load_input_video(

@@ -148,7 +148,7 @@ class SkyReelsV3ExtensionPipeline(
             raise PipelineInputError(
                 "duration", f"must be an integer number of seconds in [1, {MAX_DURATION}], got {duration!r}."
             )
-        cls.check_video_inputs(video, height, width, resize_mode, fps)
+        cls.check_video_inputs(video, height, width, resize_mode, fps, NUM_CONDITION_FRAMES)
         if height is None:
             from .buckets import bucket_size
 

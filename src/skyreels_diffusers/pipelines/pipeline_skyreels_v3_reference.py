@@ -120,10 +120,7 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
         callback_on_step_end_tensor_inputs=None,
     ) -> None:
         """Validate every argument before any model work (needs no weights: a classmethod)."""
-        if isinstance(ref_images, (str, bytes, PIL.Image.Image)) or not hasattr(ref_images, "__len__"):
-            ref_images = [ref_images]
-        if not 1 <= len(ref_images) <= MAX_REFERENCES:
-            raise PipelineInputError("ref_images", f"must hold 1 to {MAX_REFERENCES} images, got {len(ref_images)}.")
+        cls.check_reference_count(ref_images)
         temporal = cls.vae_scale_factor_temporal
         if not isinstance(num_frames, int) or not 1 <= num_frames <= MAX_NUM_FRAMES or (num_frames - 1) % temporal:
             raise PipelineInputError(
@@ -146,6 +143,14 @@ class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReel
             callback_on_step_end_tensor_inputs,
             cls._callback_tensor_inputs,
         )
+
+    @staticmethod
+    def check_reference_count(ref_images) -> None:
+        """1 to 4 references (checked before any of them is opened)."""
+        if isinstance(ref_images, (str, bytes, PIL.Image.Image)) or not hasattr(ref_images, "__len__"):
+            ref_images = [ref_images]
+        if not 1 <= len(ref_images) <= MAX_REFERENCES:
+            raise PipelineInputError("ref_images", f"must hold 1 to {MAX_REFERENCES} images, got {len(ref_images)}.")
 
     @staticmethod
     def load_references(ref_images, resolution: str, height: int | None, width: int | None) -> tuple[list, int, int]:

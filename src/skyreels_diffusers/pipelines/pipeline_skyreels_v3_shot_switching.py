@@ -113,7 +113,7 @@ class SkyReelsV3ShotSwitchingPipeline(
             raise PipelineInputError(
                 "duration", f"must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} seconds, got {duration!r}."
             )
-        cls.check_video_inputs(video, height, width, resize_mode, fps)
+        cls.check_video_inputs(video, height, width, resize_mode, fps, SHOT_NUM_CONDITION_FRAMES_MAP[duration])
         if height is None:
             from .buckets import bucket_size
 
