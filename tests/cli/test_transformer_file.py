@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers.quantizers.gguf.utils import GGUFLinear
@@ -118,7 +120,6 @@ def test_bad_transformer_arguments_fail_before_loading(folder_and_files, tmp_pat
     if change.get("transformer") == "weights.txt":
         (tmp_path / "weights.txt").write_text("x")
         change = {"transformer": str(tmp_path / "weights.txt")}
-    for key, value in change.items():
-        setattr(request, key, value)
+    request = dataclasses.replace(request, **change)  # the request is frozen
     with pytest.raises(ValueError, match=argument):
         validate(request)
