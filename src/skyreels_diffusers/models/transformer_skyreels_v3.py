@@ -476,7 +476,6 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         tokens = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
         return tokens.flatten(2).transpose(1, 2)
 
-    @apply_lora_scale("attention_kwargs")
     def _check_inputs(
         self,
         hidden_states: torch.Tensor,
@@ -534,6 +533,7 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
             )
         return conditions, ranks
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
