@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from .parallel.encoders import MAIN_ONLY_ENCODERS, compute_on_main
-from .pipelines.pipeline_skyreels_v3_talking_avatar import NEGATIVE_PROMPT
 
 
 def world_info() -> tuple[int, int]:
@@ -57,16 +56,17 @@ def task_embeddings(
     """The pipeline keyword arguments that replace its own encoder calls (computed here, on this rank):
     UMT5 embeddings of the prompt (and negative prompt with guidance); for the avatar also the window prompt's, the
     portrait's CLIP tokens and the wav2vec2 features of `speech`. Equal to what the pipeline computes itself."""
-    avatar = task == "talking_avatar"
-    if avatar and negative_prompt is None:
-        negative_prompt = NEGATIVE_PROMPT
-    embeds, negative = pipe.encode_prompt(prompt, negative_prompt, guidance_scale > 1.0)
-    out = {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
-    if avatar:
-        out["window_prompt_embeds"] = embeds if window_prompt is None else pipe.encode_prompt(window_prompt)[0]
-        reference = pipe.prepare_portrait(portrait, height, width).to(pipe._execution_device)[0, :, 0]
-        out["image_embeds"] = pipe.encode_image(reference[None])
-        out["audio_embeds"] = pipe.encode_audio(speech)
+    if task != "talking_avatar":
+        embeds, negative = pipe.encode_prompt(prompt, negative_prompt, guidance_scale > 1.0)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    # the avatar's own prompt rules (its negative prompt, the window prompt)
+    embeds, negative, window = pipe.encode_prompts(
+        prompt, negative_prompt, window_prompt, None, None, None, guidance_scale > 1.0, 512
+    )
+    out = {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "window_prompt_embeds": window}
+    reference = pipe.prepare_portrait(portrait, height, width).to(pipe._execution_device)[0, :, 0]
+    out["image_embeds"] = pipe.encode_image(reference[None])
+    out["audio_embeds"] = pipe.encode_audio(speech)
     return out
 
 

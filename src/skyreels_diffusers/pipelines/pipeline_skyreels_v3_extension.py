@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -172,8 +171,6 @@ class SkyReelsV3ExtensionPipeline(
         timesteps: torch.Tensor,
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor | None,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One chunk's denoising loop: condition latents first (timestep 0), then the new latents."""
         frames_c, dtype = condition.shape[2], self.transformer.dtype
@@ -314,11 +311,6 @@ class SkyReelsV3ExtensionPipeline(
             generator = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         initial_state = generator.get_state() if reproduce_original else None
         new_frames, chunk_latents = [], []
-        denoise = partial(
-            self.denoise_chunk,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        )
         for index, num_latents in enumerate(plan):
             if initial_state is not None:
                 generator.set_state(initial_state)  # the original seeded a fresh generator for every chunk
@@ -327,7 +319,7 @@ class SkyReelsV3ExtensionPipeline(
             noise = self.prepare_latents(shape, generator, device, given, f"latents[{index}]")
             chunk_timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
             self._num_timesteps = len(chunk_timesteps)
-            chunk, prompt_embeds, negative_prompt_embeds = denoise(
+            chunk, prompt_embeds, negative_prompt_embeds = self.denoise_chunk(
                 noise, condition, chunk_timesteps, prompt_embeds, negative_prompt_embeds
             )
             chunk_latents.append(chunk)

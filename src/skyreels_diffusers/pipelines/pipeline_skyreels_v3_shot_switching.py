@@ -245,8 +245,6 @@ class SkyReelsV3ShotSwitchingPipeline(
             timesteps,
             prompt_embeds,
             negative_prompt_embeds,
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
         )
 
         # 6. Decode
@@ -270,8 +268,6 @@ class SkyReelsV3ShotSwitchingPipeline(
         timesteps: torch.Tensor,
         prompt_embeds: torch.Tensor,
         negative_prompt_embeds: torch.Tensor | None,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
     ) -> torch.Tensor:
         """The denoising loop: noisy tokens first, then the condition tokens at timestep 0 (the model's order)."""
         dtype = self.transformer.dtype
