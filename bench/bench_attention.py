@@ -85,13 +85,14 @@ def relative_error(out, q, k, v, queries: int) -> float:
     return ((got - ref).norm() / ref.norm()).item()
 
 
-MODES = ("int8_fp8", "int8_bf16", "fp8_fp8", "fp8_bf16", "int8_fp8_exp16")
+MODES = ("int8_fp8", "int8_bf16", "fp8_fp8", "fp8_bf16", "int8_fp8_exp16", "int8_fp8_mulp")
 
 
 def mode_options(mode: str) -> dict:
-    """`"qk_pv"` (e.g. `int8_fp8`) -> attention_8bit_impl's options; an `_exp16` suffix turns on the f16x2 `ex2`."""
+    """`"qk_pv"` (e.g. `int8_fp8`) -> attention_8bit_impl's options; an `_exp16` suffix turns on the f16x2 `ex2`,
+    `_mulp` scales P into FP8's range with a multiply per score (the kernel before 2026-11-29's second run)."""
     qk, pv, *rest = mode.split("_")
-    return dict(qk=qk, pv=pv, fast_exp=rest == ["exp16"])
+    return dict(qk=qk, pv=pv, fast_exp=rest == ["exp16"], fold_p_scale=rest != ["mulp"])
 
 
 def kernel_table(args) -> list[dict]:

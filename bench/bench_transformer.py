@@ -184,6 +184,13 @@ def prepare(mode: str, cfg: dict, device: torch.device, weights: dict | None = N
     return model
 
 
+def graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process so far (recompiles show up as jumps between modes)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on CPU); every timing in bench/ brackets its work with it."""
     if device.type == "cuda":
@@ -238,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", default=["baseline"], choices=MODES)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="build only this many of the transformer blocks (a step is identical blocks plus a small head: ratios "
+        "between modes carry over; ms do not)",
+    )
     add_run_arguments(parser)
     parser.add_argument(
         "--original",
@@ -267,11 +281,11 @@ def main(argv=None) -> int:
     configs = TINY_TRANSFORMER_CONFIGS if args.tiny else TRANSFORMER_CONFIGS
     rows = []
     for variant in args.variants:
-        cfg = configs[variant]
+        cfg = dict(configs[variant], **({"num_layers": args.layers} if args.layers else {}))
         for resolution in args.resolutions:
             frames, height, width = TINY_SHAPE if args.tiny else SHAPES[(variant, resolution)]
             inputs = make_inputs(variant, frames, height, width, cfg, device)
-            reference = weights = None
+            reference = eager = weights = None
             floor = floor_ms(variant, frames, height, width, cfg)
             for mode in args.modes:
                 try:
@@ -302,6 +316,8 @@ def main(argv=None) -> int:
                     continue
                 if reference is None:
                     reference = out
+                if mode == "baseline":
+                    eager = out
                 median = sorted(times)[len(times) // 2]
                 row = dict(
                     variant=variant,
@@ -316,14 +332,18 @@ def main(argv=None) -> int:
                     peak_gib=round(peak, 2),
                     warmup_s=round(warmup_s, 1),
                     rel_error=round(((out - reference).norm() / reference.norm()).item(), 5),
+                    layers=cfg["num_layers"],
+                    compiled_graphs=graphs_compiled(),
                 )
+                if eager is not None:  # against our eager bf16 forward (the first mode may be the original)
+                    row["rel_error_vs_baseline"] = round(((out - eager).norm() / eager.norm()).item(), 5)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 save()
                 del model, out
                 gc.collect()
                 torch.cuda.empty_cache() if device.type == "cuda" else None
-            del inputs, reference
+            del inputs, reference, eager
 
     env = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -54,12 +54,16 @@ def test_bench_transformer_modes(tmp_path):
         "baseline",
         "compile",
         "fp8_weight_only",
+        "--layers",
+        "1",
         "--json",
         str(out),
     )
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows] == ["baseline", "compile", "fp8_weight_only"]
     assert all(r["tokens"] == 5 * 8 * 12 // 4 and r["median_ms"] > 0 for r in rows)
+    assert all(r["layers"] == 1 and r["rel_error_vs_baseline"] == r["rel_error"] for r in rows)
+    assert rows[0]["compiled_graphs"] == 0 and rows[1]["compiled_graphs"] >= 1  # the eager mode compiles nothing
     errors = {r["mode"]: r["rel_error"] for r in rows}
     assert errors["baseline"] == 0 and errors["compile"] < 0.02 and 0 < errors["fp8_weight_only"] < 0.2
 

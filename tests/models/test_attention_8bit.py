@@ -73,6 +73,21 @@ def test_kernel_within_bound_of_fp32_attention(qk, pv, outlier):
     )
 
 
+def test_p_scale_in_the_exponent_matches_the_multiply():
+    """The default folds FP8's P scale into the exponent (2^8.8); the earlier multiply by 448 stays selectable. Both
+    round P to FP8 on a slightly different grid, so they agree closely, not bit for bit, and equally well with
+    float32 attention; the mode without FP8 P·V ignores the flag."""
+    q, k, v = make_qkv(outlier=True, seed=2)
+    ref = fp32_attention(q, k, v)
+    folded = kernel.attention_8bit_impl(q, k, v)
+    multiplied = kernel.attention_8bit_impl(q, k, v, fold_p_scale=False)
+    assert 0 < rel(folded, multiplied) < 0.02
+    assert rel(folded, ref) < BOUNDS[("int8", "fp8")] and rel(multiplied, ref) < BOUNDS[("int8", "fp8")]
+    assert abs(rel(folded, ref) - rel(multiplied, ref)) < 0.005
+    bf16_pv = [kernel.attention_8bit_impl(q, k, v, pv="bf16", fold_p_scale=f) for f in (True, False)]
+    assert torch.equal(*bf16_pv)
+
+
 def test_kernel_head_dim_64_and_softmax_scale():
     q, k, v = make_qkv(tokens=130, heads=1, dim=64, seed=1)
     out = kernel.attention_8bit_impl(q, k, v, scale=0.2, pv="bf16")

@@ -6,10 +6,9 @@
   the same constant `q · mean`, which softmax ignores, and the channel bias that makes 8-bit Q·K inaccurate is gone.
 * Q·Kᵀ in 8 bits, Q with one scale per token and K with one per block of 128 tokens: INT8 (default; exact integer
   products, converted to float32 with the 2^23 magic-number trick instead of an int-to-float instruction) or
-  FP8-e4m3. `sm_scale` and
-  log2(e) are folded into the Q scales, so the online softmax runs on `exp2` in float32.
-* P·V in FP8-e4m3 with float32 accumulation (P, in [0, 1], is scaled by 448 into the e4m3 range; V has one scale
-  per channel) or, in the accurate mode, in bf16.
+  FP8-e4m3. `sm_scale` and log2(e) are folded into the Q scales, so the online softmax runs on `exp2` in float32.
+* P·V in FP8-e4m3 with float32 accumulation (P, in [0, 1], is scaled by 2^8.8 into the e4m3 range inside the
+  exponent; V has one scale per channel) or, in the accurate mode, in bf16.
 * One pre-pass kernel reads Q, K and V once and writes the 8-bit copies and their scales (head-major, padded to a
   multiple of 128 tokens; V transposed to `(head_dim, tokens)`, the layout Hopper's FP8 MMA wants for P·V). The
   two reductions it needs first (K's mean, V's per-channel max) are PyTorch reductions.
@@ -42,6 +41,7 @@ PV_MODES = ("fp8", "bf16")
 CONFIGS = [(64, 128, 4, 3), (64, 128, 4, 2), (128, 128, 8, 3), (128, 64, 4, 3)]
 TUNING: dict[tuple, dict] = {}  # (flags) -> {config: ms or the error}, what `_best_config` measured
 INTERPRETER_CONFIG = (64, 64, 4, 1)
+P_LOG2_SCALE: tl.constexpr = tl.constexpr(8.8)  # FP8 P·V: P scaled by 2^8.8 (445.7, under e4m3's 448) in the exponent
 
 
 def interpreter_mode() -> bool:
@@ -169,6 +169,7 @@ def _attention_block(
     PV_FP8: tl.constexpr,
     MASK: tl.constexpr,
     FAST_EXP: tl.constexpr,
+    FOLD_P: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     """One key/value block of the online softmax: scores, running max and sum, P·V into `acc`.
@@ -189,7 +190,10 @@ def _attention_block(
     if MASK:
         raw = tl.where(cols[None, :] < L, raw, float("-inf"))
     m_new = tl.maximum(m_i, (tl.max(raw, 1) - bias) * sc)
-    exponent = raw * sc[:, None] - (bias * sc + m_new)[:, None]
+    # FOLD_P: FP8 P·V wants P scaled into e4m3's range; adding P_LOG2_SCALE to the exponent does it for free (P
+    # then peaks at 2^8.8 = 445.7 < 448, and the running sum carries the same factor, so it cancels in acc / l)
+    shift = P_LOG2_SCALE if FOLD_P else 0.0
+    exponent = raw * sc[:, None] - (bias * sc + m_new - shift)[:, None]
     if FAST_EXP:
         if INTERPRET:
             p = tl.math.exp2(exponent).to(tl.float16)
@@ -203,7 +207,8 @@ def _attention_block(
         v = tl.load(V + v_base + offs_d[:, None] * L_PAD + cols[None, :])  # (D, BLOCK_N) of Vᵀ
         # a fresh FP8 product per block, added in float32: Hopper's FP8 MMA accumulates with few bits, and
         # accumulating into the large running sum truncated it measurably
-        acc = acc * alpha[:, None] + tl.dot(_to_fp8(p * 448.0, INTERPRET), tl.trans(v))
+        p8 = _to_fp8(p if FOLD_P else p * 448.0, INTERPRET)
+        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(v))
     else:
         v = tl.load(V + v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=cols[:, None] < L, other=0.0)
         if INTERPRET:  # the interpreter's bf16 dot of a converted tile is wrong: same rounding, float32 product
@@ -239,6 +244,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FAST_EXP: tl.constexpr,
+    FOLD_P: tl.constexpr,
     INTERPRET: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
@@ -284,6 +290,7 @@ def _attention_kernel(
             PV_FP8,
             False,
             FAST_EXP,
+            FOLD_P,
             INTERPRET,
         )
     if L_FULL < L:
@@ -309,11 +316,13 @@ def _attention_kernel(
             PV_FP8,
             True,
             FAST_EXP,
+            FOLD_P,
             INTERPRET,
         )
     out = acc / l_i[:, None]
     if PV_FP8:
-        out = out * (tl.load(V_SCALE + bh * D + offs_d) / 448.0)[None, :] + tl.load(V_MEAN + bh * D + offs_d)[None, :]
+        v_scale = tl.load(V_SCALE + bh * D + offs_d)
+        out = out * (v_scale if FOLD_P else v_scale / 448.0)[None, :] + tl.load(V_MEAN + bh * D + offs_d)[None, :]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < L)
 
@@ -437,11 +446,13 @@ def attention_8bit_impl(
     pv: str = "fp8",
     config: tuple | None = None,
     fast_exp: bool = False,
+    fold_p_scale: bool = True,
 ) -> torch.Tensor:
     """8-bit attention on `(B, L, H, D)` tensors, returning `(B, L, H, D)` in the input dtype. `config` fixes
     `(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize])` instead of autotuning (benchmarks; the
     interpreter); `fast_exp` computes P with the half-precision `ex2` (measured no faster on an H200: off by
-    default)."""
+    default); `fold_p_scale=False` scales P into FP8's range with a multiply per score instead of inside the
+    exponent (the earlier kernel, kept for the benchmark's comparison)."""
     _check(query, key, value, qk, pv)
     batch, tokens, heads, dim = query.shape
     pre = quantize_qkv(query, key, value, qk, pv, scale)
@@ -467,6 +478,7 @@ def attention_8bit_impl(
         out.stride(2),
     )
     flags = dict(D=dim, QK_FP8=qk == "fp8", PV_FP8=pv == "fp8", FAST_EXP=fast_exp, INTERPRET=interpreter_mode())
+    flags["FOLD_P"] = fold_p_scale and pv == "fp8"
     if config is None and interpreter_mode():
         config = INTERPRETER_CONFIG
     if config is None:
@@ -507,7 +519,7 @@ def reference_attention_8bit(
 ) -> torch.Tensor:
     """The kernel's quantisation math in PyTorch (float32), on `(B, L, H, D)`: smoothed K, 8-bit Q per token and K
     per block of 128 tokens,
-    exact softmax, P (scaled by 448 against the row maximum) and V (per channel) in FP8 or P in bf16. The kernel
+    exact softmax, P (scaled by 2^8.8 against the row maximum) and V (per channel) in FP8 or P in bf16. The kernel
     quantises P against the running maximum of its key blocks instead, so the two agree closely, not exactly."""
     dim = query.shape[-1]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
@@ -525,9 +537,10 @@ def reference_attention_8bit(
     if pv == "fp8":
         v_max, v_min = v.amax(dim=2, keepdim=True), v.amin(dim=2, keepdim=True)
         v_mean, v_scale = (v_max + v_min) / 2, (v_max - v_min).clamp_min(1e-30) / (2 * FP8_MAX)
-        pq = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
+        p_scale = 2.0**P_LOG2_SCALE.value
+        pq = (p * p_scale).to(torch.float8_e4m3fn).float()
         vq = ((v - v_mean) / v_scale).to(torch.float8_e4m3fn).float()
-        return ((pq @ vq) * v_scale / FP8_MAX / denominator + v_mean).transpose(1, 2).to(query.dtype)
+        return ((pq @ vq) * v_scale / p_scale / denominator + v_mean).transpose(1, 2).to(query.dtype)
     else:
         out = p.to(query.dtype).float() @ v
     return (out / denominator).transpose(1, 2).to(query.dtype)
