@@ -1,0 +1,108 @@
+"""The written mp4: the permissions of a plain write (the umask's), no temporary file left by a failed, interrupted or
+killed write, and a file that exists is not replaced unless asked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import skyreels_diffusers.pipelines.video_io as video_io
+from skyreels_diffusers.pipelines.video_io import sweep_stale_temp_files, write_video
+
+
+FRAMES = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def umask():
+    """Set a umask for the test, restored afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+
+    def set_(mask):
+        os.umask(mask)
+
+    yield set_
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_the_output_has_the_umasks_permissions(tmp_path, umask, mask, mode):
+    """Before: always 0o600 (mkstemp's mode survived the rename)."""
+    umask(mask)
+    path = write_video(FRAMES, tmp_path / "out.mp4", fps=24)
+    assert path.stat().st_mode & 0o777 == mode
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name != "out.mp4")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("encoder broke"), KeyboardInterrupt(), SystemExit(143)])
+def test_an_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch, error):
+    def broken(filename, *args):
+        with open(filename, "wb") as file:
+            file.write(b"half an mp4")
+        raise error
+
+    monkeypatch.setattr(video_io, "_encode_mp4", broken)
+    with pytest.raises(type(error)):
+        write_video(FRAMES, tmp_path / "out.mp4", fps=24)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_the_next_write_sweeps_temporary_files_of_dead_writers_only(tmp_path):
+    """Before: a kill during the final write left `.out.XXXX.mp4` for ever, with nothing to tell whose it was."""
+    dead = tmp_path / f".out.mp4.{_dead_pid()}.1a2b3c4d.tmp"
+    alive = tmp_path / f".out.mp4.{os.getppid()}.5e6f7a8b.tmp"  # a live process (our parent) still writing
+    other_output = tmp_path / f".other.mp4.{_dead_pid()}.1a2b3c4d.tmp"  # another output's temp: not ours to judge
+    not_ours = tmp_path / ".out.mp4.notes.tmp"
+    for path in (dead, alive, other_output, not_ours):
+        path.write_bytes(b"x")
+    write_video(FRAMES, tmp_path / "out.mp4", fps=24)
+    assert (tmp_path / "out.mp4").is_file()
+    assert not dead.exists()
+    assert alive.exists() and other_output.exists() and not_ours.exists()
+    assert sweep_stale_temp_files(tmp_path / "other.mp4") == [other_output]
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_write_removes_the_temporary_file(tmp_path):
+    """A SIGTERM while the mp4 is encoded (the default action would kill past every clean-up) exits with 143 and
+    leaves nothing."""
+    script = f"""
+import os, signal, sys
+import numpy as np
+import skyreels_diffusers.pipelines.video_io as video_io
+
+def encode(filename, *args):
+    open(filename, "wb").write(b"half")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+video_io._encode_mp4 = encode
+video_io.write_video(np.zeros((1, 16, 16, 3), np.uint8), {str(tmp_path / "out.mp4")!r}, fps=24)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_false_never_replaces_a_file(tmp_path):
+    path = tmp_path / "out.mp4"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        write_video(FRAMES, path, fps=24, overwrite=False)
+    assert path.read_bytes() == b"precious" and _leftovers(tmp_path) == []
+    write_video(FRAMES, path, fps=24)  # the pipeline API's default replaces, as before
+    assert path.read_bytes() != b"precious"
