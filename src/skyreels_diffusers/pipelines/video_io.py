@@ -323,10 +323,10 @@ def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, path)  # atomic and never replaces: FileExistsError when `path` appeared meanwhile
     except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "File exists (pass overwrite=True to replace it)", str(path)) from None
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
     except OSError:  # a file system without hard links
         if path.exists():
-            raise FileExistsError(errno.EEXIST, "File exists (pass overwrite=True to replace it)", str(path)) from None
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
         os.replace(tmp, path)
         return
     tmp.unlink()
@@ -355,7 +355,7 @@ def write_video(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and path.exists():
-        raise FileExistsError(errno.EEXIST, "File exists (pass overwrite=True to replace it)", str(path))
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
     sweep_stale_temp_files(path)
     with _sigterm_as_exit():
         tmp = _create_temp_file(path)
