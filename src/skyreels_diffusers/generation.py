@@ -115,13 +115,15 @@ def flag_error(error: ValueError) -> ValueError:
     """A pipeline's argument error -> the same message under the flag that sets the argument."""
     message = str(error)
     argument = getattr(error, "argument", None)
-    match = re.match(r"`(\w+)(\[\d+\])?`:? ?", message)
+    match = re.match(r"`(\w+)(\[\d+\])?`(:)? ?", message)
     if argument is None and match:
         argument = match.group(1)
     if argument is None:
         return error
-    if match:
-        message = message[match.end() :] if message[match.end() : match.end() + 1].islower() else message
+    if match and (message[match.end() : match.end() + 1].islower() or (match.group(3) and not match.group(2))):
+        message = message[
+            match.end() :
+        ]  # "`name` must be ..." / "`name`: ..." -> "--flag: must be ..." / "--flag: ..."
     return _error(ARGUMENT_FLAGS.get(argument, argument), message)
 
 
@@ -589,7 +591,13 @@ def run(
         )
         if "audio_embeds" in extra:  # precomputed: the features and the window prompt's embeddings
             extra.update(audio=None, window_prompt=None)
-    out = pipe(**pipeline_kwargs(request, size, **extra))
+    try:
+        out = pipe(**pipeline_kwargs(request, size, **extra))
+    except ValueError as error:  # an argument refused during the run (e.g. a resume folder): under its flag
+        flagged = flag_error(error)
+        if flagged is error:
+            raise
+        raise flagged from None
     if not is_main_process() or (should_stop is not None and should_stop()):
         return None
     audio, rate = getattr(out, "audio", None), getattr(out, "audio_sample_rate", None)
