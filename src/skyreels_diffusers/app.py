@@ -346,25 +346,13 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 names = list(inputs)
                 error_names = list(errors)
 
-                def submit(
-                    request, *values, _task=task, _names=names, _error_names=error_names, progress=gr.Progress()
-                ):
-                    form = dict(zip(_names, values))
-                    job = getattr(request, "session_hash", None) or "default"
-                    path, shown, messages = submit_job(
-                        runner, _task, form, model, output_root, job, progress, **server
-                    )
-                    blank = dict.fromkeys(_error_names, "")
-                    for field_name, message in messages.items():
-                        blank[field_name if field_name in blank else "general"] = message
-                    return (path, path, shown, *[blank[n] for n in _error_names])
+                submit = job_handler(gr, runner, task, names, error_names, model, output_root, **server)
 
                 def cancel_job(request=None):
                     runner.cancel(getattr(request, "session_hash", None) or "default")
 
                 # Gradio passes the visitor's session to a leading positional parameter annotated gr.Request (set
                 # here as a class: this module's string annotations cannot name the locally imported `gr`)
-                submit.__annotations__ = {"request": gr.Request}
                 cancel_job.__annotations__ = {"request": gr.Request}
 
                 generate.click(
@@ -378,6 +366,40 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 cancel.click(cancel_job, None, None, queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def job_handler(
+    gr, runner: JobRunner, task: str, names: list[str], error_names: list[str], model, output_root, **server
+):
+    """The Generate handler of a tab as Gradio calls it: `handler(request, *form values, progress)`.
+
+    Gradio injects its special arguments by position only (it stops reading the signature at `*args`): the session
+    into the leading parameter annotated `gr.Request`, and its progress tracker into the positional parameter whose
+    default is a `gr.Progress()`. So the handler declares one positional parameter per input and `progress` last
+    (`__signature__`), and the tracker reaches the job's step and window callbacks."""
+    import inspect
+
+    def submit(request, *values_and_progress):
+        *values, progress = values_and_progress
+        form = dict(zip(names, values))
+        job = getattr(request, "session_hash", None) or "default"
+        path, shown, messages = submit_job(runner, task, form, model, output_root, job, progress, **server)
+        blank = dict.fromkeys(error_names, "")
+        for field_name, message in messages.items():
+            blank[field_name if field_name in blank else "general"] = message
+        return (path, path, shown, *[blank[n] for n in error_names])
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    submit.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("request", positional, annotation=gr.Request),
+            *[inspect.Parameter(name, positional) for name in names],
+            inspect.Parameter("progress", positional, default=gr.Progress()),
+        ]
+    )
+    submit.__annotations__ = {"request": gr.Request}
+    submit.__name__ = f"generate_{task}"
+    return submit
 
 
 def _settings_inputs(gr, task: str, inputs: dict, error_box) -> None:
