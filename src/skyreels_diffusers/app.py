@@ -440,12 +440,40 @@ def _media_inputs(gr, task: str, inputs: dict, error_box) -> None:
         inputs["input_video"] = gr.Video(label="Input video", sources=["upload"], elem_id=f"{task}-input-video")
         error_box("input_video")
     else:
-        inputs["input_image"] = gr.Image(label="Portrait", type="filepath", elem_id=f"{task}-input-image")
+        inputs["input_image"] = checked_by_the_request(
+            gr.Image(label="Portrait", type="filepath", image_mode=None, elem_id=f"{task}-input-image")
+        )
         error_box("input_image")
         inputs["input_audio"] = gr.Audio(label="Speech", type="filepath", elem_id=f"{task}-input-audio")
         audio_info = gr.Markdown("", elem_id=f"{task}-audio-info")
         inputs["input_audio"].change(_audio_duration, inputs["input_audio"], audio_info)
         error_box("input_audio")
+
+
+def checked_by_the_request(image):
+    """A `gr.Image(type="filepath", image_mode=None)` whose upload reaches the request's own image checks whatever
+    the file holds.
+
+    Gradio's `Image.preprocess` opens the upload with PIL before any handler runs: a decompression bomb (over twice
+    PIL's pixel limit), a truncated or an unreadable file raised there, and the visitor saw a bare "Error" (with the
+    upload copy left behind). Here the path is handed on instead, so that the request's check names the problem
+    under the portrait input (`--input-image: bomb.png has more pixels than the limit ...`) and the copy is deleted.
+    With `image_mode=None` Gradio reads only the header and passes the file as uploaded (no decode, no re-save).
+    (An instance attribute, not a subclass: Gradio writes a `.pyi` stub next to the module of any component class.)"""
+    import PIL.Image
+
+    preprocess = image.preprocess
+
+    def preprocess_or_pass_on(payload):
+        try:
+            return preprocess(payload)
+        except (PIL.Image.DecompressionBombError, PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            if payload is None or getattr(payload, "path", None) is None:
+                raise
+            return str(payload.path)
+
+    image.preprocess = preprocess_or_pass_on
+    return image
 
 
 def _audio_duration(path) -> str:
