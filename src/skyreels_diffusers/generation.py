@@ -21,6 +21,7 @@ import torch
 
 from .pipelines.buckets import RESOLUTIONS, avatar_bucket_size, bucket_size, scale_to_long_side
 from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
+from .pipelines.pipeline_skyreels_v3_reference import MAX_NUM_FRAMES as REFERENCE_MAX_FRAMES
 from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
 from .pipelines.tasks import TASKS, TaskSpec
 from .pipelines.tiny import TINY_LONG_SIDE, tiny_pipeline
@@ -205,6 +206,13 @@ def _check_run_options(request: GenerationRequest) -> None:
         or (positive and request.duration < 1)
     ):
         raise _error("duration", f"must be a positive integer number of seconds, got {request.duration!r}")
+    if request.spec.variant == "reference" and request.duration * MODEL_FPS + 1 > REFERENCE_MAX_FRAMES:
+        # in seconds, as the flag (the pipeline's own check counts `num_frames`)
+        raise _error(
+            "duration",
+            f"must be at most {(REFERENCE_MAX_FRAMES - 1) // MODEL_FPS} seconds for {request.task} (the model "
+            f"generates up to {REFERENCE_MAX_FRAMES} frames at {MODEL_FPS} fps), got {request.duration}",
+        )
     if request.model != "tiny":
         _check_model_folder(Path(request.model), request.spec)
     if request.transformer is not None:

@@ -80,6 +80,9 @@ def test_resume_errors_found_during_the_run_name_the_flag(tmp_path, avatar, caps
         (["--width", "32"], "error: --height: must be given with the other side"),
         (["--steps", "0"], "error: --steps: "),
         (["--duration", "0"], "error: --duration: "),
+        # before: "--duration: must be 4k+1 up to 721 (...), got 2400001." (frames, for a flag in seconds)
+        (["--duration", "100000"], "error: --duration: must be at most 30 seconds for reference_to_video"),
+        (["--duration", "31"], "error: --duration: must be at most 30 seconds"),
     ],
 )
 def test_size_and_step_errors_name_their_own_flag(tmp_path, capsys, flags, expected):
