@@ -109,6 +109,13 @@ class GenerationRequest:
 
 
 def _error(argument: str, message: str) -> ValueError:
+    """`--flag: message`, where the message's own mentions of pipeline arguments (`` `max_audio_seconds` ``) become
+    the flags that set them (`--max-audio-seconds`)."""
+    message = re.sub(
+        r"`(\w+)`",
+        lambda m: f"--{ARGUMENT_FLAGS[m.group(1)]}" if m.group(1) in ARGUMENT_FLAGS else m.group(0),
+        message,
+    )
     return ValueError(f"--{argument.replace('_', '-')}: {message}")
 
 

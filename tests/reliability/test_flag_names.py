@@ -90,3 +90,13 @@ def test_size_and_step_errors_name_their_own_flag(tmp_path, capsys, flags, expec
         ["--task", "reference_to_video", "--model", "tiny", *flags, "--output", str(tmp_path / "o.mp4")], capsys
     )
     assert code == 2 and len(err) == 1 and err[0].startswith(expected), err
+
+
+def test_hints_inside_a_message_name_flags_too(tmp_path, avatar, capsys):
+    """Before: `... over the limit of 1 s (raise `max_audio_seconds` to allow longer audio).`"""
+    code, err = _generate([*avatar, "--max-audio-seconds", "1", "--output", str(tmp_path / "x.mp4")], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (
+        "error: --input-audio: 4.0 s of audio is over the limit of 1 s (raise --max-audio-seconds to allow longer "
+        "audio)."
+    )
