@@ -5,15 +5,23 @@
   where they cannot be used anyway. Kept visible where CUDA is available (there a failed kernel load matters).
 * diffusers then logs "Unable to import `torchao` Tensor objects", which only concerns loading checkpoints that were
   serialised already quantised by torchao; this project quantises at load time and never loads those.
+* transformers (without torchvision) warns "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+  `CLIPImageProcessorPil` ..." and the same for `SiglipImageProcessor` when diffusers imports those names at import
+  time (its Stable Diffusion and IP-Adapter modules); this project never uses either processor. Only these two
+  fallback messages are dropped: any other image processor's fallback, and every other warning, stays visible.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 
 TORCHAO_KERNEL_PREFIX = "Failed to load "
 DIFFUSERS_TORCHAO_TENSORS = "Unable to import `torchao` Tensor objects"
+TORCHVISION_FALLBACK = re.compile(
+    r"^`(CLIP|Siglip)ImageProcessor` requires torchvision \(not installed\); falling back to `\1ImageProcessorPil` "
+)
 
 
 class _TorchaoKernelNoise(logging.Filter):
@@ -29,11 +37,19 @@ class _TorchaoKernelNoise(logging.Filter):
         return not (is_kernel and not self.cuda)
 
 
+class _TorchvisionFallbackNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not TORCHVISION_FALLBACK.match(record.getMessage())
+
+
 def silence_known_noise() -> None:
-    """Install the filters on the two loggers (idempotent); call before diffusers' model classes are imported."""
+    """Install the filters on their loggers (idempotent); call before diffusers' model classes are imported."""
     import torch
 
     for name in ("torchao", "diffusers.quantizers.torchao.torchao_quantizer"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _TorchaoKernelNoise) for f in logger.filters):
             logger.addFilter(_TorchaoKernelNoise(cuda=torch.cuda.is_available()))
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionFallbackNoise) for f in logger.filters):
+        logger.addFilter(_TorchvisionFallbackNoise())

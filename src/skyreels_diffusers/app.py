@@ -346,25 +346,13 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 names = list(inputs)
                 error_names = list(errors)
 
-                def submit(
-                    request, *values, _task=task, _names=names, _error_names=error_names, progress=gr.Progress()
-                ):
-                    form = dict(zip(_names, values))
-                    job = getattr(request, "session_hash", None) or "default"
-                    path, shown, messages = submit_job(
-                        runner, _task, form, model, output_root, job, progress, **server
-                    )
-                    blank = dict.fromkeys(_error_names, "")
-                    for field_name, message in messages.items():
-                        blank[field_name if field_name in blank else "general"] = message
-                    return (path, path, shown, *[blank[n] for n in _error_names])
+                submit = job_handler(gr, runner, task, names, error_names, model, output_root, **server)
 
                 def cancel_job(request=None):
                     runner.cancel(getattr(request, "session_hash", None) or "default")
 
                 # Gradio passes the visitor's session to a leading positional parameter annotated gr.Request (set
                 # here as a class: this module's string annotations cannot name the locally imported `gr`)
-                submit.__annotations__ = {"request": gr.Request}
                 cancel_job.__annotations__ = {"request": gr.Request}
 
                 generate.click(
@@ -378,6 +366,40 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 cancel.click(cancel_job, None, None, queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def job_handler(
+    gr, runner: JobRunner, task: str, names: list[str], error_names: list[str], model, output_root, **server
+):
+    """The Generate handler of a tab as Gradio calls it: `handler(request, *form values, progress)`.
+
+    Gradio injects its special arguments by position only (it stops reading the signature at `*args`): the session
+    into the leading parameter annotated `gr.Request`, and its progress tracker into the positional parameter whose
+    default is a `gr.Progress()`. So the handler declares one positional parameter per input and `progress` last
+    (`__signature__`), and the tracker reaches the job's step and window callbacks."""
+    import inspect
+
+    def submit(request, *values_and_progress):
+        *values, progress = values_and_progress
+        form = dict(zip(names, values))
+        job = getattr(request, "session_hash", None) or "default"
+        path, shown, messages = submit_job(runner, task, form, model, output_root, job, progress, **server)
+        blank = dict.fromkeys(error_names, "")
+        for field_name, message in messages.items():
+            blank[field_name if field_name in blank else "general"] = message
+        return (path, path, shown, *[blank[n] for n in error_names])
+
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    submit.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("request", positional, annotation=gr.Request),
+            *[inspect.Parameter(name, positional) for name in names],
+            inspect.Parameter("progress", positional, default=gr.Progress()),
+        ]
+    )
+    submit.__annotations__ = {"request": gr.Request}
+    submit.__name__ = f"generate_{task}"
+    return submit
 
 
 def _settings_inputs(gr, task: str, inputs: dict, error_box) -> None:
@@ -418,12 +440,40 @@ def _media_inputs(gr, task: str, inputs: dict, error_box) -> None:
         inputs["input_video"] = gr.Video(label="Input video", sources=["upload"], elem_id=f"{task}-input-video")
         error_box("input_video")
     else:
-        inputs["input_image"] = gr.Image(label="Portrait", type="filepath", elem_id=f"{task}-input-image")
+        inputs["input_image"] = checked_by_the_request(
+            gr.Image(label="Portrait", type="filepath", image_mode=None, elem_id=f"{task}-input-image")
+        )
         error_box("input_image")
         inputs["input_audio"] = gr.Audio(label="Speech", type="filepath", elem_id=f"{task}-input-audio")
         audio_info = gr.Markdown("", elem_id=f"{task}-audio-info")
         inputs["input_audio"].change(_audio_duration, inputs["input_audio"], audio_info)
         error_box("input_audio")
+
+
+def checked_by_the_request(image):
+    """A `gr.Image(type="filepath", image_mode=None)` whose upload reaches the request's own image checks whatever
+    the file holds.
+
+    Gradio's `Image.preprocess` opens the upload with PIL before any handler runs: a decompression bomb (over twice
+    PIL's pixel limit), a truncated or an unreadable file raised there, and the visitor saw a bare "Error" (with the
+    upload copy left behind). Here the path is handed on instead, so that the request's check names the problem
+    under the portrait input (`--input-image: bomb.png has more pixels than the limit ...`) and the copy is deleted.
+    With `image_mode=None` Gradio reads only the header and passes the file as uploaded (no decode, no re-save).
+    (An instance attribute, not a subclass: Gradio writes a `.pyi` stub next to the module of any component class.)"""
+    import PIL.Image
+
+    preprocess = image.preprocess
+
+    def preprocess_or_pass_on(payload):
+        try:
+            return preprocess(payload)
+        except (PIL.Image.DecompressionBombError, PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            if payload is None or getattr(payload, "path", None) is None:
+                raise
+            return str(payload.path)
+
+    image.preprocess = preprocess_or_pass_on
+    return image
 
 
 def _audio_duration(path) -> str:

@@ -116,7 +116,14 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Output, fidelity, memory, speed and parallel options of a run."""
-    _flag(parser, "output", default=None, help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4)")
+    _flag(
+        parser,
+        "output",
+        default=None,
+        help="mp4 path (default result/<task>/<seed>_<timestamp>.mp4, made unique); an existing file is not replaced "
+        "without --overwrite",
+    )
+    _flag(parser, "overwrite", action="store_true", help="replace the --output file when it exists")
     _flag(parser, "crf", type=int, default=10, help="H.264 quality, 0 (lossless) to 51 (default 10, the original's)")
     _flag(parser, "offload", action="store_true", help="model CPU offload: one component on the GPU at a time")
     _flag(

@@ -21,6 +21,7 @@ import torch
 
 from .pipelines.buckets import RESOLUTIONS, avatar_bucket_size, bucket_size, scale_to_long_side
 from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
+from .pipelines.pipeline_skyreels_v3_reference import MAX_NUM_FRAMES as REFERENCE_MAX_FRAMES
 from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
 from .pipelines.tasks import TASKS, TaskSpec
 from .pipelines.tiny import TINY_LONG_SIDE, tiny_pipeline
@@ -82,6 +83,7 @@ class GenerationRequest:
     return_input_video: bool = False
     reproduce_original: bool = False
     output: str | None = None
+    overwrite: bool = False  # replace an existing --output file
     crf: int = 10
     offload: bool = False
     low_vram: bool = False
@@ -107,6 +109,13 @@ class GenerationRequest:
 
 
 def _error(argument: str, message: str) -> ValueError:
+    """`--flag: message`, where the message's own mentions of pipeline arguments (`` `max_audio_seconds` ``) become
+    the flags that set them (`--max-audio-seconds`)."""
+    message = re.sub(
+        r"`(\w+)`",
+        lambda m: f"--{ARGUMENT_FLAGS[m.group(1)]}" if m.group(1) in ARGUMENT_FLAGS else m.group(0),
+        message,
+    )
     return ValueError(f"--{argument.replace('_', '-')}: {message}")
 
 
@@ -114,13 +123,15 @@ def flag_error(error: ValueError) -> ValueError:
     """A pipeline's argument error -> the same message under the flag that sets the argument."""
     message = str(error)
     argument = getattr(error, "argument", None)
-    match = re.match(r"`(\w+)(\[\d+\])?`:? ?", message)
+    match = re.match(r"`(\w+)(\[\d+\])?`(:)? ?", message)
     if argument is None and match:
         argument = match.group(1)
     if argument is None:
         return error
-    if match:
-        message = message[match.end() :] if message[match.end() : match.end() + 1].islower() else message
+    if match and (message[match.end() : match.end() + 1].islower() or (match.group(3) and not match.group(2))):
+        message = message[
+            match.end() :
+        ]  # "`name` must be ..." / "`name`: ..." -> "--flag: must be ..." / "--flag: ..."
     return _error(ARGUMENT_FLAGS.get(argument, argument), message)
 
 
@@ -202,6 +213,13 @@ def _check_run_options(request: GenerationRequest) -> None:
         or (positive and request.duration < 1)
     ):
         raise _error("duration", f"must be a positive integer number of seconds, got {request.duration!r}")
+    if request.spec.variant == "reference" and request.duration * MODEL_FPS + 1 > REFERENCE_MAX_FRAMES:
+        # in seconds, as the flag (the pipeline's own check counts `num_frames`)
+        raise _error(
+            "duration",
+            f"must be at most {(REFERENCE_MAX_FRAMES - 1) // MODEL_FPS} seconds for {request.task} (the model "
+            f"generates up to {REFERENCE_MAX_FRAMES} frames at {MODEL_FPS} fps), got {request.duration}",
+        )
     if request.model != "tiny":
         _check_model_folder(Path(request.model), request.spec)
     if request.transformer is not None:
@@ -378,13 +396,17 @@ def pipeline_kwargs(request: GenerationRequest, size: tuple[int | None, int | No
     return kwargs
 
 
-def check_output_writable(output: Path) -> None:
-    """Refuse, before any model work, an output whose folder cannot be created or written (a probe file is written
-    and removed)."""
+def check_output_writable(output: Path, overwrite: bool = False) -> None:
+    """Refuse, before any model work, an output that exists (unless `overwrite`) or whose folder cannot be created
+    or written (a probe file is written and removed)."""
     import tempfile
 
     if output.suffix.lower() != ".mp4":
         raise _error("output", f"must end in .mp4, got {output}")
+    if output.is_dir():
+        raise _error("output", f"{output} is a folder; give the path of an .mp4 file")
+    if output.exists() and not overwrite:
+        raise _error("output", f"{output} exists; pass --overwrite to replace it or pick another name")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".skyreels-v3-probe-"):
@@ -393,27 +415,47 @@ def check_output_writable(output: Path) -> None:
         raise _error("output", f"cannot write to {output.parent} ({error.strerror or error})") from None
 
 
-def write_or_keep(frames: np.ndarray, output: Path, **kwargs) -> Path:
-    """Write the mp4; if that still fails after a finished run, keep the frames in a temporary `.npy` file and say
-    where (a finished GPU run is never lost)."""
+def write_or_keep(frames: np.ndarray, output: Path, overwrite: bool = False, unique: bool = False, **kwargs) -> Path:
+    """Write the mp4 (never replacing a file unless `overwrite`; with `unique`, a name taken meanwhile gets the next
+    free suffix instead); if that still fails after a finished run, keep the frames in a temporary `.npy` file and
+    say where (a finished GPU run is never lost)."""
     import tempfile
 
-    try:
-        return write_video(frames, output, **kwargs)
-    except OSError as error:
-        fd, kept = tempfile.mkstemp(prefix="skyreels-v3-frames-", suffix=".npy")
-        with os.fdopen(fd, "wb") as file:
-            np.save(file, frames)
-        raise _error(
-            "output",
-            f"writing {output} failed ({error.strerror or error}); the {len(frames)} generated "
-            f"frames are kept in {kept} (numpy.load it, or write it with "
-            "skyreels_diffusers.pipelines.video_io.write_video)",
-        ) from None
+    while True:
+        try:
+            return write_video(frames, output, overwrite=overwrite, **kwargs)
+        except FileExistsError as error:
+            if unique and not overwrite:
+                output = unique_path(output)
+                continue
+            failure = OSError(error.errno, "it appeared during the run; pass --overwrite to replace it")
+        except OSError as error:
+            failure = error
+        break
+    fd, kept = tempfile.mkstemp(prefix="skyreels-v3-frames-", suffix=".npy")
+    with os.fdopen(fd, "wb") as file:
+        np.save(file, frames)
+    raise _error(
+        "output",
+        f"writing {output} failed ({failure.strerror or failure}); the {len(frames)} generated "
+        f"frames are kept in {kept} (numpy.load it, or write it with "
+        "skyreels_diffusers.pipelines.video_io.write_video)",
+    ) from None
+
+
+def unique_path(path: Path) -> Path:
+    """`path`, or the first of `<stem>-1<suffix>`, `<stem>-2<suffix>`, ... that does not exist."""
+    candidate, number = path, 0
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
 
 
 def default_output_path(request: GenerationRequest) -> Path:
-    return Path("result") / request.task / f"{request.seed}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.mp4"
+    """result/<task>/<seed>_<date>_<time>.mp4, with a -1, -2, ... suffix when that name is taken (two runs in one
+    second)."""
+    return unique_path(Path("result") / request.task / f"{request.seed}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.mp4")
 
 
 def load_pipeline(request: GenerationRequest):
@@ -530,7 +572,7 @@ def run(
     if not request.media:
         request = _validate_everywhere(request)
     output = Path(request.output) if request.output else default_output_path(request)
-    check_output_writable(output)
+    check_output_writable(output, overwrite=request.overwrite)
     pipe = pipe or load_pipeline(request)
     if world > 1:  # tokens, VAE tiles (and with --shard-weights the weights) over the ranks; once per pipeline
         parallelize(
@@ -564,7 +606,13 @@ def run(
         )
         if "audio_embeds" in extra:  # precomputed: the features and the window prompt's embeddings
             extra.update(audio=None, window_prompt=None)
-    out = pipe(**pipeline_kwargs(request, size, **extra))
+    try:
+        out = pipe(**pipeline_kwargs(request, size, **extra))
+    except ValueError as error:  # an argument refused during the run (e.g. a resume folder): under its flag
+        flagged = flag_error(error)
+        if flagged is error:
+            raise
+        raise flagged from None
     if not is_main_process() or (should_stop is not None and should_stop()):
         return None
     audio, rate = getattr(out, "audio", None), getattr(out, "audio_sample_rate", None)
@@ -572,7 +620,14 @@ def run(
         output_audio = request.output_audio or ("normalized" if request.reproduce_original else "original")
         audio, rate = muxed_audio(request.media["speech"], output_audio)
     return write_or_keep(
-        np.asarray(out.frames[0]), output, fps=request.fps, audio=audio, audio_sample_rate=rate, crf=request.crf
+        np.asarray(out.frames[0]),
+        output,
+        overwrite=request.overwrite,
+        unique=not request.output,  # a default name taken meanwhile (another run) -> the next free one
+        fps=request.fps,
+        audio=audio,
+        audio_sample_rate=rate,
+        crf=request.crf,
     )
 
 

@@ -167,8 +167,9 @@ def test_gradio_hands_each_handler_the_visitors_session(tmp_path):
     visitor = SimpleNamespace(session_hash="visitor-1")
     handlers = {fn.api_name: fn.fn for fn in demo.fns.values()}
     generate = handlers["generate_reference_to_video"]
-    inputs, _, _, _ = special_args(generate, inputs=["form-value"], request=visitor)
-    assert inputs[0] is visitor and inputs[1] == "form-value"
+    values = ["ref-imgs", "prompt", "resolution", "duration", "seed", "steps"]  # the tab's six inputs
+    inputs, _, _, _ = special_args(generate, inputs=list(values), request=visitor)
+    assert inputs[0] is visitor and inputs[1:7] == values
     cancels = [fn for name, fn in handlers.items() if "cancel" in name]
     assert len(cancels) == 4
     runner._cancels["visitor-1"] = threading.Event()

@@ -150,24 +150,53 @@ def cases(m: dict[str, Path], d: dict[str, Path]) -> list[tuple[str, list[str]]]
             "8-bit unsigned WAV (valid input; was decoded with a DC shift)",
             [*avatar, "--input-audio", str(m["speech_u8"]), "--height", "32", "--width", "32"],
         ),
+        (f"--output that exists, without --overwrite {EXISTING}", [*ref]),
+        (
+            f"--output that exists, with --overwrite {EXISTING}",
+            [*ref, "--overwrite", "--height", "32", "--width", "32"],
+        ),
+        ("--output /proc/x.mp4 (not writable)", [*ref, "--output", "/proc/x.mp4"]),
+        (
+            "a 750-token prompt (valid; the encoder reads 512)",
+            [*ref, "--prompt", "word " * 150, "--height", "32", "--width", "32"],
+        ),
+        ("--height 32 --width 33", [*ref, "--height", "32", "--width", "33"]),
+        ("--height 16000 --width 16000", [*ref, "--height", "16000", "--width", "16000"]),
+        ("--duration 100000 (reference_to_video)", [*ref, "--duration", "100000"]),
+        ("--guidance-scale inf", [*ref, "--guidance-scale", "inf"]),
     ]
 
 
-def run_case(argv: list[str], out_dir: Path) -> dict:
+#: in a case's label: its --output file exists before the run (a few bytes: "precious")
+EXISTING = "(out.mp4 there before)"
+
+
+def run_case(argv: list[str], out_dir: Path, existing: bool = False) -> dict:
     from skyreels_diffusers.cli import main
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if existing:
+        (out_dir / "out.mp4").write_bytes(b"precious")
     err, out = io.StringIO(), io.StringIO()
     start = time.perf_counter()
+    output = [] if "--output" in argv else ["--output", str(out_dir / "out.mp4")]
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
-            code = main(["generate", *argv, "--output", str(out_dir / "out.mp4")])
+            code = main(["generate", *argv, *output])
         except SystemExit as exit_:
             code = exit_.code
         except Exception as error:  # noqa: BLE001 (a traceback is what this table looks for)
             code, err = "traceback", io.StringIO(f"{type(error).__name__}: {error}")
-    lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("error:") or "Error" in ln]
+    lines = [
+        ln
+        for ln in err.getvalue().splitlines()
+        if ln.startswith("error:") or "Error" in ln or "tokens; the text encoder" in ln
+    ]
     left = sorted(p.name for p in out_dir.iterdir())
+    if existing and "out.mp4" in left:
+        left[left.index("out.mp4")] = (
+            "out.mp4 (" + ("kept" if (out_dir / "out.mp4").read_bytes() == b"precious" else "replaced") + ")"
+        )
     return {
         "exit": code,
         "message": (lines or [out.getvalue().strip().splitlines()[-1:] or [""]][0])[0][:300],
@@ -186,7 +215,7 @@ def main() -> None:
         damaged = _damaged(media, root)
         results = []
         for i, (label, argv) in enumerate(cases(media, damaged)):
-            result = {"case": label, **run_case(argv, root / f"out{i}")}
+            result = {"case": label, **run_case(argv, root / f"out{i}", existing=EXISTING in label)}
             results.append(result)
             print(json.dumps(result), flush=True)
         print("\n| input | exit | what the user sees | left in the output folder |\n|---|---|---|---|")

@@ -34,6 +34,7 @@ def test_help_prints_no_torchao_noise():
     output = result.stdout + result.stderr
     assert "Failed to load" not in output, output
     assert "Unable to import `torchao`" not in output, output
+    assert "requires torchvision" not in output, output  # transformers' CLIP/Siglip image-processor fallbacks
 
 
 def test_the_filter_drops_only_those_messages(caplog):
@@ -49,3 +50,20 @@ def test_the_filter_drops_only_those_messages(caplog):
 
     assert ("a real torchao problem" in messages) and ("Failed to load something else" in messages)
     assert any("_C_cutlass" in m for m in messages) == torch.cuda.is_available()
+
+
+def test_only_the_clip_and_siglip_fallback_messages_are_dropped(caplog):
+    import skyreels_diffusers  # noqa: F401  (installs the filters)
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    fallback = (
+        "`{0}ImageProcessor` requires torchvision (not installed); falling back to `{0}ImageProcessorPil` for "
+        "backward compatibility. Install torchvision to use the default backend, or import `{0}ImageProcessorPil` "
+        "directly to silence this warning."
+    )
+    with caplog.at_level(logging.WARNING, logger="transformers.utils.import_utils"):
+        for name in ("CLIP", "Siglip", "Blip"):
+            logger.warning(fallback.format(name))
+        logger.warning("`Foo` requires torchvision (not installed)")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [fallback.format("Blip"), "`Foo` requires torchvision (not installed)"]

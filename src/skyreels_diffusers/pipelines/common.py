@@ -143,7 +143,12 @@ class SkyReelsV3PipelineMixin:
     # Adapted from diffusers.pipelines.wan.pipeline_wan.WanPipeline._get_t5_prompt_embeds: runs the encoder where
     # it lives (offload hooks) and zeroes past each prompt's length by multiplying with the mask, as the original.
     def _get_t5_prompt_embeds(
-        self, prompt: list[str], max_sequence_length: int, device: torch.device, dtype: torch.dtype
+        self,
+        prompt: list[str],
+        max_sequence_length: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        name: str = "prompt",
     ) -> torch.Tensor:
         prompt = [prompt_clean(p) for p in prompt]
         inputs = self.tokenizer(
@@ -155,12 +160,25 @@ class SkyReelsV3PipelineMixin:
             return_attention_mask=True,
             return_tensors="pt",
         )
+        self._warn_truncated(prompt, inputs.attention_mask, max_sequence_length, name)
         text_device = get_module_execution_device(self.text_encoder)
         mask = inputs.attention_mask.to(text_device)
         embeds = self.text_encoder(inputs.input_ids.to(text_device), mask).last_hidden_state
         # zero past each prompt's length (all positions stay attended, as in the original)
         embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
         return embeds.to(device=device, dtype=dtype)
+
+    def _warn_truncated(self, prompt: list[str], mask: torch.Tensor, max_sequence_length: int, name: str) -> None:
+        """Warn, with the count, about each prompt longer than the text encoder reads (cut, not an error)."""
+        for text, used in zip(prompt, mask.sum(dim=1).tolist()):
+            if used < max_sequence_length:
+                continue  # padded: it fitted
+            count = len(self.tokenizer(text, add_special_tokens=True, truncation=False, verbose=False).input_ids)
+            if count > max_sequence_length:
+                logger.warning(
+                    f"{name} is {count} tokens; the text encoder reads the first {max_sequence_length} "
+                    "(the rest is ignored)"
+                )
 
     def encode_prompt(
         self,
@@ -188,7 +206,9 @@ class SkyReelsV3PipelineMixin:
             negative_prompt = [negative_prompt] * batch if isinstance(negative_prompt, str) else negative_prompt
             if len(negative_prompt) != batch:
                 raise PipelineInputError("negative_prompt", f"has {len(negative_prompt)} entries for {batch} prompts.")
-            negative_prompt_embeds = self._get_t5_prompt_embeds(negative_prompt, max_sequence_length, device, dtype)
+            negative_prompt_embeds = self._get_t5_prompt_embeds(
+                negative_prompt, max_sequence_length, device, dtype, name="negative prompt"
+            )
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(
                 num_videos_per_prompt, 0

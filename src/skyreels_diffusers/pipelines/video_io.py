@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import tempfile
+import re
+import secrets
+import signal
+import threading
+from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
@@ -235,6 +241,97 @@ def pixels_to_uint8(pixels: torch.Tensor, truncate: bool = False) -> np.ndarray:
     return to_uint8((pixels / 2 + 0.5).clamp(0, 1), truncate=truncate)
 
 
+#: a temporary file of `write_video` next to `path`: `.<name>.<pid>.<random>.tmp` (the pid tells whether its writer
+#: is still alive, so that a later write can sweep what a killed one left)
+TEMP_SUFFIX = ".tmp"
+
+
+def _temp_pattern(path: Path) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+{re.escape(TEMP_SUFFIX)}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def sweep_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that writes of `path` killed before their clean-up left next to it (only names
+    of `write_video`'s own pattern, only when the process named by their pid is gone); returns what was removed."""
+    path = Path(path)
+    pattern = _temp_pattern(path)
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _create_temp_file(path: Path) -> Path:
+    """A new empty file next to `path`, created with mode 0o666 minus the umask (as `open(path, "w")` would: the
+    final file gets the permissions a plain write would give it, not mkstemp's 0o600)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name next to {path}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """In the main thread, while the default SIGTERM action is in place: turn SIGTERM into `SystemExit(143)` so that
+    clean-up code runs (the default action would kill the process past every `finally`). Otherwise a no-op."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic and never replaces: FileExistsError when `path` appeared meanwhile
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
 def write_video(
     frames,
     path: str | os.PathLike,
@@ -242,50 +339,61 @@ def write_video(
     audio: np.ndarray | None = None,
     audio_sample_rate: int | None = None,
     crf: int = 10,
+    overwrite: bool = True,
 ) -> Path:
     """Write frames (`[F, H, W, 3]`, uint8 or float in [0, 1]) as H.264 mp4 (yuv420p, CRF 10 like the original),
-    optionally with a mono/stereo float waveform muxed in as AAC. The file appears atomically: it is written next
-    to `path` under a temporary name and renamed at the end, so a failure leaves no partial output."""
-    import av
+    optionally with a mono/stereo float waveform muxed in as AAC.
 
+    The file appears atomically with the permissions of a plain write (0o666 minus the umask): it is written next to
+    `path` under a hidden temporary name (`.<name>.<pid>.<random>.tmp`) and renamed at the end. The temporary file
+    is removed on any failure, Ctrl-C or SIGTERM (main thread); one left by a process killed outright is swept by the
+    next write of the same path. `overwrite=False` refuses to replace an existing file (`FileExistsError`, also when
+    it appears during the write)."""
     frames = to_uint8(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"frames must be a non-empty [F, H, W, 3] array, got {frames.shape}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        from fractions import Fraction
-
-        rate = Fraction(fps).limit_denominator(1001)
-        with av.open(tmp_name, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=rate)
-            stream.height, stream.width = frames.shape[1], frames.shape[2]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            audio_stream = None
-            if audio is not None:
-                if audio_sample_rate is None:
-                    raise ValueError("`audio_sample_rate` is required with `audio`.")
-                audio = np.asarray(audio, dtype=np.float32)
-                if audio.ndim == 2 and audio.shape[1] != 2:  # mono as [samples, 1], or more than two channels
-                    audio = audio.mean(axis=1)
-                audio_stream = container.add_stream("aac", rate=int(audio_sample_rate))
-                audio_stream.layout = "mono" if audio.ndim == 1 else "stereo"
-            for array in frames:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
-            if audio_stream is not None:
-                _mux_audio(container, audio_stream, np.asarray(audio, dtype=np.float32), int(audio_sample_rate))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    if not overwrite and path.exists():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+    sweep_stale_temp_files(path)
+    with _sigterm_as_exit():
+        tmp = _create_temp_file(path)
+        try:
+            _encode_mp4(str(tmp), frames, fps, audio, audio_sample_rate, crf)
+            _move_into_place(tmp, path, overwrite)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
+
+
+def _encode_mp4(filename: str, frames: np.ndarray, fps: float, audio, audio_sample_rate, crf: int) -> None:
+    import av
+
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(filename, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.height, stream.width = frames.shape[1], frames.shape[2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        audio_stream = None
+        if audio is not None:
+            if audio_sample_rate is None:
+                raise ValueError("`audio_sample_rate` is required with `audio`.")
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim == 2 and audio.shape[1] != 2:  # mono as [samples, 1], or more than two channels
+                audio = audio.mean(axis=1)
+            audio_stream = container.add_stream("aac", rate=int(audio_sample_rate))
+            audio_stream.layout = "mono" if audio.ndim == 1 else "stereo"
+        for array in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if audio_stream is not None:
+            _mux_audio(container, audio_stream, np.asarray(audio, dtype=np.float32), int(audio_sample_rate))
 
 
 def _mux_audio(container, stream, audio: np.ndarray, sample_rate: int) -> None:
