@@ -65,15 +65,19 @@ def test_the_next_write_sweeps_temporary_files_of_dead_writers_only(tmp_path):
     """Before: a kill during the final write left `.out.XXXX.mp4` for ever, with nothing to tell whose it was."""
     dead = tmp_path / f".out.mp4.{_dead_pid()}.1a2b3c4d.tmp"
     alive = tmp_path / f".out.mp4.{os.getppid()}.5e6f7a8b.tmp"  # a live process (our parent) still writing
-    other_output = tmp_path / f".other.mp4.{_dead_pid()}.1a2b3c4d.tmp"  # another output's temp: not ours to judge
-    not_ours = tmp_path / ".out.mp4.notes.tmp"
-    for path in (dead, alive, other_output, not_ours):
+    # another output's temp (the web app's unique names are never written twice): swept as well
+    other_output = tmp_path / f".other-1b2c.mp4.{_dead_pid()}.1a2b3c4d.tmp"
+    other_alive = tmp_path / f".other-1b2c.mp4.{os.getppid()}.1a2b3c4d.tmp"
+    not_ours = [tmp_path / ".out.mp4.notes.tmp", tmp_path / f".out.mp4.{_dead_pid()}.xyz.tmp", tmp_path / "a.tmp"]
+    for path in (dead, alive, other_output, other_alive, *not_ours):
         path.write_bytes(b"x")
     write_video(FRAMES, tmp_path / "out.mp4", fps=24)
     assert (tmp_path / "out.mp4").is_file()
-    assert not dead.exists()
-    assert alive.exists() and other_output.exists() and not_ours.exists()
-    assert sweep_stale_temp_files(tmp_path / "other.mp4") == [other_output]
+    assert not dead.exists() and not other_output.exists()
+    assert alive.exists() and other_alive.exists() and all(path.exists() for path in not_ours)
+    stale = tmp_path / f".third.mp4.{_dead_pid()}.00ff00ff.tmp"
+    stale.write_bytes(b"x")
+    assert sweep_stale_temp_files(tmp_path / "any.mp4") == [stale]
 
 
 @pytest.mark.slow

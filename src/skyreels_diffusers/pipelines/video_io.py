@@ -246,8 +246,8 @@ def pixels_to_uint8(pixels: torch.Tensor, truncate: bool = False) -> np.ndarray:
 TEMP_SUFFIX = ".tmp"
 
 
-def _temp_pattern(path: Path) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+{re.escape(TEMP_SUFFIX)}$")
+#: any output's temporary file (names with unique suffixes, as the web app's, would otherwise never be swept)
+_TEMP_PATTERN = re.compile(rf"^\..+\.(\d+)\.[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -265,10 +265,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_stale_temp_files(path: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files that writes of `path` killed before their clean-up left next to it (only names
-    of `write_video`'s own pattern, only when the process named by their pid is gone); returns what was removed."""
+    """Remove the temporary files that killed writes left in `path`'s folder (only names of `write_video`'s own
+    pattern, for any output name, and only when the process named by their pid is gone); returns what was
+    removed."""
     path = Path(path)
-    pattern = _temp_pattern(path)
+    pattern = _TEMP_PATTERN
     removed = []
     try:
         entries = list(path.parent.iterdir())
