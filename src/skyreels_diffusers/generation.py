@@ -128,10 +128,9 @@ def flag_error(error: ValueError) -> ValueError:
         argument = match.group(1)
     if argument is None:
         return error
+    # "`name` must be ..." / "`name`: ..." -> "--flag: must be ..." / "--flag: ..."
     if match and (message[match.end() : match.end() + 1].islower() or (match.group(3) and not match.group(2))):
-        message = message[
-            match.end() :
-        ]  # "`name` must be ..." / "`name`: ..." -> "--flag: must be ..." / "--flag: ..."
+        message = message[match.end() :]
     return _error(ARGUMENT_FLAGS.get(argument, argument), message)
 
 
