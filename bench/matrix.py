@@ -8,7 +8,9 @@ Each cell is the newest measurement of that (variant, resolution, mode) that has
 the newest one (files are ordered by name, which starts with the date). Its ratio is taken against the `baseline`
 row of that SAME file (same card, same run, same weights and inputs), never against a number from another run; a
 cell whose file has no baseline shows no ratio. The `default`
-mode is the package's default path, which today is the baseline path, so it shares the baseline column.
+mode is the package's default path, which today is the baseline path, so it shares the baseline column. Rows
+measured on fewer blocks than the model has (`bench_transformer.py --layers`) are ratio measurements, not
+whole-model times: they stay out of the matrix.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ MODE_COLUMNS = ("baseline", "compile", "fp8_weight_only", "fp8_dynamic", "group"
 VARIANTS = ("reference", "extension", "avatar")
 RESOLUTIONS = ("480P", "720P")
 BASELINE_MODES = ("baseline", "default")  # the package's default path is the baseline path today
+FULL_LAYERS = 40  # every real SkyReels-V3 transformer (models/configs.py); rows without `layers` are whole models
 
 
 def transformer_rows(path: Path) -> list[dict]:
@@ -31,7 +34,11 @@ def transformer_rows(path: Path) -> list[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return []
     rows = data.get("rows", []) if isinstance(data, dict) else []
-    return [r for r in rows if {"variant", "resolution", "mode", "median_ms"} <= set(r)]
+    return [
+        r
+        for r in rows
+        if {"variant", "resolution", "mode", "median_ms"} <= set(r) and r.get("layers", FULL_LAYERS) == FULL_LAYERS
+    ]
 
 
 def collect(results: Path) -> dict[tuple[str, str, str], dict]:

@@ -321,6 +321,8 @@ def test_matrix_takes_each_ratio_from_its_own_run(tmp_path):
         json.dumps({"env": {}, "rows": [row("avatar", "default", 1000.0), row("avatar", "low_vram", 1250.0)]})
     )
     (tmp_path / "2026-01-04_pipeline.json").write_text(json.dumps([{"task": "talking_avatar", "total_s": 1.0}]))
+    partial = [dict(row("avatar", "baseline", 40.0), layers=4), dict(row("avatar", "compile", 30.0), layers=4)]
+    (tmp_path / "2026-01-05_layers.json").write_text(json.dumps({"env": {}, "rows": partial}))  # 4 of 40 blocks
     cells = matrix.collect(tmp_path)
     assert cells[("avatar", "480P", "compile")]["ms"] == 320.0
     assert cells[("avatar", "480P", "compile")]["vs_baseline"] == 1.25
