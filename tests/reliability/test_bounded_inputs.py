@@ -180,3 +180,33 @@ def test_tail_seeks_instead_of_decoding_the_whole_clip(clip, monkeypatch):
     tail, _ = load_video_tail(clip, 25)
     assert len(tail) == 25 and decoded and sum(decoded) < FRAMES // 2, decoded
     monkeypatch.setattr(video_io, "_decode_ring", original)
+
+
+@pytest.mark.parametrize("return_input_video", [False, True])
+def test_the_pipeline_given_a_path_decodes_only_the_tail_it_uses(clip, monkeypatch, return_input_video):
+    """The pipeline API (not only the request layer) reads a video file's tail: before, `load_input_video` decoded
+    every frame of the file; with `return_input_video` the whole clip is needed and read."""
+    import torch
+
+    from skyreels_diffusers.pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
+    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+
+    converted = []
+    original = video_io._frame_array
+    monkeypatch.setattr(video_io, "_frame_array", lambda frame, rot: converted.append(1) or original(frame, rot))
+    pipe = tiny_pipeline("shot_switching_extension")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        video=str(clip),
+        prompt="x",
+        duration=2,
+        height=32,
+        width=48,
+        num_inference_steps=1,
+        return_input_video=return_input_video,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).frames
+    generated = 2 * 24 + 1
+    assert len(converted) == (FRAMES if return_input_video else SHOT_NUM_CONDITION_FRAMES_MAP[2])
+    assert out.shape[:2] == (1, generated + (FRAMES if return_input_video else 0))

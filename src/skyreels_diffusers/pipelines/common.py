@@ -351,13 +351,20 @@ class SkyReelsV3VideoInputMixin:
 
     @staticmethod
     def load_input_video(
-        video, num_condition_frames: int, resolution: str, height: int | None, width: int | None
+        video,
+        num_condition_frames: int,
+        resolution: str,
+        height: int | None,
+        width: int | None,
+        whole: bool = False,
     ) -> tuple[np.ndarray, int, int]:
-        """Decode the input video (at least `num_condition_frames`); returns (uint8 frames, height, width)."""
+        """Decode the input video's last `num_condition_frames` frames (a file: seeking to its tail, never holding
+        more decoded frames than that; `whole`: every frame, for `return_input_video`); returns (uint8 frames,
+        height, width)."""
         from .buckets import bucket_size
-        from .video_io import load_video
+        from .video_io import load_video_tail
 
-        frames, _ = load_video(video, name="video")
+        frames, _ = load_video_tail(video, None if whole else num_condition_frames, name="video")
         if len(frames) < num_condition_frames:
             raise PipelineInputError(
                 "video", f"has {len(frames)} frames; at least {num_condition_frames} condition frames are needed."

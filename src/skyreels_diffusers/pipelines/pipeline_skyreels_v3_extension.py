@@ -286,7 +286,9 @@ class SkyReelsV3ExtensionPipeline(
             callback_on_step_end_tensor_inputs,
         )
         resize_mode = resize_mode or ("nearest" if reproduce_original else "bilinear")
-        frames, height, width = self.load_input_video(video, NUM_CONDITION_FRAMES, resolution, height, width)
+        frames, height, width = self.load_input_video(
+            video, NUM_CONDITION_FRAMES, resolution, height, width, whole=return_input_video
+        )
         condition_frames = (NUM_CONDITION_FRAMES - 1) // self.vae_scale_factor_temporal + 1
         plan = chunk_latent_frames(duration, condition_frames, int(fps or 24) // self.vae_scale_factor_temporal)
         latents = self.check_chunk_latents(latents, plan)

@@ -208,7 +208,9 @@ class SkyReelsV3ShotSwitchingPipeline(
         )
         resize_mode = resize_mode or ("nearest" if reproduce_original else "bilinear")
         num_condition_frames = SHOT_NUM_CONDITION_FRAMES_MAP[duration]
-        frames, height, width = self.load_input_video(video, num_condition_frames, resolution, height, width)
+        frames, height, width = self.load_input_video(
+            video, num_condition_frames, resolution, height, width, whole=return_input_video
+        )
         num_latents = int(fps or 24) * duration // self.vae_scale_factor_temporal + 1
         self._start_call(guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
