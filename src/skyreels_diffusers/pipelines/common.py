@@ -332,7 +332,10 @@ class SkyReelsV3VideoInputMixin:
     """Helpers of the two video-extension pipelines: input video checks, decoding, resizing and output assembly."""
 
     @classmethod
-    def check_video_inputs(cls, video, height, width, resize_mode, fps, num_condition_frames: int = 1) -> None:
+    def check_video_inputs(
+        cls, video, resolution, height, width, resize_mode, fps, num_condition_frames: int = 1
+    ) -> None:
+        from .buckets import bucket_size
         from .video_io import RESIZE_MODES
 
         check_size(height, width)
@@ -348,6 +351,8 @@ class SkyReelsV3VideoInputMixin:
             raise PipelineInputError(
                 "video", f"has {len(video)} frames; at least {num_condition_frames} condition frames are needed."
             )
+        if height is None:
+            bucket_size(1, 1, resolution)  # validates `resolution`
 
     @staticmethod
     def load_input_video(

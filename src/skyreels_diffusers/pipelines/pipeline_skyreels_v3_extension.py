@@ -147,11 +147,7 @@ class SkyReelsV3ExtensionPipeline(
             raise PipelineInputError(
                 "duration", f"must be an integer number of seconds in [1, {MAX_DURATION}], got {duration!r}."
             )
-        cls.check_video_inputs(video, height, width, resize_mode, fps, NUM_CONDITION_FRAMES)
-        if height is None:
-            from .buckets import bucket_size
-
-            bucket_size(1, 1, resolution)  # validates `resolution`
+        cls.check_video_inputs(video, resolution, height, width, resize_mode, fps, NUM_CONDITION_FRAMES)
         check_common_inputs(
             prompt,
             negative_prompt,

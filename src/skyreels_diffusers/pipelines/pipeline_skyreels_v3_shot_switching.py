@@ -113,11 +113,9 @@ class SkyReelsV3ShotSwitchingPipeline(
             raise PipelineInputError(
                 "duration", f"must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} seconds, got {duration!r}."
             )
-        cls.check_video_inputs(video, height, width, resize_mode, fps, SHOT_NUM_CONDITION_FRAMES_MAP[duration])
-        if height is None:
-            from .buckets import bucket_size
-
-            bucket_size(1, 1, resolution)  # validates `resolution`
+        cls.check_video_inputs(
+            video, resolution, height, width, resize_mode, fps, SHOT_NUM_CONDITION_FRAMES_MAP[duration]
+        )
         check_common_inputs(
             prompt,
             negative_prompt,
