@@ -242,11 +242,9 @@ def pixels_to_uint8(pixels: torch.Tensor, truncate: bool = False) -> np.ndarray:
 
 
 #: a temporary file of `write_video` next to `path`: `.<name>.<pid>.<random>.tmp` (the pid tells whether its writer
-#: is still alive, so that a later write can sweep what a killed one left)
+#: is still alive, so that a later write can sweep what a killed one left); the pattern matches any output's name
+#: (names with unique suffixes, as the web app's, would otherwise never be swept)
 TEMP_SUFFIX = ".tmp"
-
-
-#: any output's temporary file (names with unique suffixes, as the web app's, would otherwise never be swept)
 _TEMP_PATTERN = re.compile(rf"^\..+\.(\d+)\.[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}$")
 
 
@@ -268,15 +266,13 @@ def sweep_stale_temp_files(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary files that killed writes left in `path`'s folder (only names of `write_video`'s own
     pattern, for any output name, and only when the process named by their pid is gone); returns what was
     removed."""
-    path = Path(path)
-    pattern = _TEMP_PATTERN
     removed = []
     try:
-        entries = list(path.parent.iterdir())
+        entries = list(Path(path).parent.iterdir())
     except OSError:
         return removed
     for entry in entries:
-        match = pattern.match(entry.name)
+        match = _TEMP_PATTERN.match(entry.name)
         if match and not _pid_alive(int(match.group(1))):
             try:
                 entry.unlink()
@@ -348,7 +344,7 @@ def write_video(
     The file appears atomically with the permissions of a plain write (0o666 minus the umask): it is written next to
     `path` under a hidden temporary name (`.<name>.<pid>.<random>.tmp`) and renamed at the end. The temporary file
     is removed on any failure, Ctrl-C or SIGTERM (main thread); one left by a process killed outright is swept by the
-    next write of the same path. `overwrite=False` refuses to replace an existing file (`FileExistsError`, also when
+    next write into the same folder. `overwrite=False` refuses to replace an existing file (`FileExistsError`, also when
     it appears during the write)."""
     frames = to_uint8(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
