@@ -19,12 +19,18 @@ import argparse
 import json
 from pathlib import Path
 
+from skyreels_diffusers.models.configs import TRANSFORMER_CONFIGS
+
 
 MODE_COLUMNS = ("baseline", "compile", "fp8_weight_only", "fp8_dynamic", "group", "low_vram", "original")
 VARIANTS = ("reference", "extension", "avatar")
 RESOLUTIONS = ("480P", "720P")
 BASELINE_MODES = ("baseline", "default")  # the package's default path is the baseline path today
-FULL_LAYERS = 40  # every real SkyReels-V3 transformer (models/configs.py); rows without `layers` are whole models
+
+
+def _full_layers(row: dict) -> int | None:
+    """The block count of the real transformer a row measured (rows without `layers` are whole models)."""
+    return TRANSFORMER_CONFIGS.get(row["variant"], {}).get("num_layers")
 
 
 def transformer_rows(path: Path) -> list[dict]:
@@ -37,7 +43,7 @@ def transformer_rows(path: Path) -> list[dict]:
     return [
         r
         for r in rows
-        if {"variant", "resolution", "mode", "median_ms"} <= set(r) and r.get("layers", FULL_LAYERS) == FULL_LAYERS
+        if {"variant", "resolution", "mode", "median_ms"} <= set(r) and r.get("layers") in (None, _full_layers(r))
     ]
 
 
