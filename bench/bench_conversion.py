@@ -40,9 +40,10 @@ def build(src: Path, layers: int, t5_layers: int) -> None:
     from diffusers import AutoencoderKLWan
     from safetensors.torch import save_file
 
-    from skyreels_diffusers.conversion.transformer import expected_state_shapes
+    from skyreels_diffusers.app.tiny import tiny_tokenizer
+    from skyreels_diffusers.loaders.transformer_conversion import expected_state_shapes
+    from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
     from skyreels_diffusers.models.configs import TRANSFORMER_CONFIGS
-    from skyreels_diffusers.pipelines.tiny import tiny_tokenizer
     from tests.conversion.community_files import wan_native_state
     from tests.conversion.original_repos import _vae_key_to_original
 
@@ -52,7 +53,9 @@ def build(src: Path, layers: int, t5_layers: int) -> None:
     src.mkdir(parents=True)
     tiny_tokenizer().save_pretrained(src / "google" / "umt5-xxl")
     config = {**TRANSFORMER_CONFIGS["extension"], "num_layers": layers}
-    wan = wan_native_state({k: rand(*shape) for k, shape in expected_state_shapes(config).items()})
+    wan = wan_native_state(
+        {k: rand(*shape) for k, shape in expected_state_shapes(SkyReelsV3Transformer3DModel, config).items()}
+    )
     (src / "transformer").mkdir()
     keys = sorted(wan)
     for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), start=1):

@@ -50,14 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import real_components, time_components
 from bench_transformer import add_run_arguments, device_name, sync, write_json
 
-from skyreels_diffusers.generation_parallel import (
+from skyreels_diffusers.app.distributed import (
     muxed_audio,
     parallelize,
     pipeline_text_kwargs,
     precomputed_embeddings,
 )
-from skyreels_diffusers.pipelines.tasks import TASKS
-from skyreels_diffusers.pipelines.tiny import tiny_components
+from skyreels_diffusers.app.tasks import TASKS
+from skyreels_diffusers.app.tiny import tiny_components
 
 
 # case: (task, (height, width), seconds, default steps)

@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import add_run_arguments, device_name, sync, write_json
 
+from skyreels_diffusers.app.tasks import TASKS
+from skyreels_diffusers.app.tiny import avatar_feature_extractor, tiny_components, tiny_tokenizer
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from skyreels_diffusers.models.configs import TRANSFORMER_CONFIGS
 from skyreels_diffusers.optimization import apply_memory_mode
-from skyreels_diffusers.pipelines.tasks import TASKS
-from skyreels_diffusers.pipelines.tiny import avatar_feature_extractor, tiny_components, tiny_tokenizer
 
 
 SIZES = {"480P": (480, 848), "540P": (544, 960), "720P": (720, 1280)}

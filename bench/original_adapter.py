@@ -167,7 +167,7 @@ def build_original(modules: dict, variant: str, ours: dict, device, dtype=torch.
 
 
 def our_state_dict(original, variant: str) -> dict[str, torch.Tensor]:
-    from skyreels_diffusers.conversion.transformer import KEY_MAPS, VARIANT_LAYOUT, rename_state_dict
+    from skyreels_diffusers.loaders.transformer_conversion import KEY_MAPS, VARIANT_LAYOUT, rename_state_dict
 
     return rename_state_dict(original.state_dict(), KEY_MAPS[VARIANT_LAYOUT[variant]], f"original {variant}")
 

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from skyreels_diffusers.pipelines.tasks import REPOS, TASKS
+from skyreels_diffusers.app.tasks import REPOS, TASKS
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from skyreels_diffusers.conversion import convert_repo, convert_transformer
+    from skyreels_diffusers.app.convert import convert_repo, convert_transformer
 
     try:
         if args.command == "transformer":

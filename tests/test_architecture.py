@@ -15,41 +15,46 @@ PACKAGE = "skyreels_diffusers"
 # top-level module has to be placed in a layer (and ARCHITECTURE.md) before it lands.
 LAYERS = {
     PACKAGE: "package",  # the public `__init__`: re-exports the library layers
+    f"{PACKAGE}._quiet": "package",
     f"{PACKAGE}.schedulers": "schedulers",
+    f"{PACKAGE}.loaders": "loaders",
     f"{PACKAGE}.kernels": "models",  # the models' own compute kernels (the 8-bit attention)
     f"{PACKAGE}.models": "models",
     f"{PACKAGE}.parallel": "parallel",
     f"{PACKAGE}.optimization": "optimization",
     f"{PACKAGE}.pipelines": "pipelines",
-    f"{PACKAGE}.conversion": "conversion",
-    f"{PACKAGE}.loading": "request",  # strict loading of pipeline folders, for the request
-    f"{PACKAGE}.generation": "request",
-    f"{PACKAGE}.generation_parallel": "request",
-    f"{PACKAGE}.cli": "cli",
+    # the application: the registry, the request, runs, the CLI, the web app, the converter
     f"{PACKAGE}.app": "app",
+    f"{PACKAGE}.app.tasks": "app.tasks",
+    f"{PACKAGE}.app.tiny": "app.tiny",
+    f"{PACKAGE}.app.request": "app.request",
+    f"{PACKAGE}.app.output": "app.run",
+    f"{PACKAGE}.app.distributed": "app.run",
+    f"{PACKAGE}.app.run": "app.run",
+    f"{PACKAGE}.app.convert": "app.convert",
+    f"{PACKAGE}.app.web": "app.web",
+    f"{PACKAGE}.app.cli": "app.cli",
 }
 
+LIBRARY = {"schedulers", "loaders", "models", "parallel", "optimization", "pipelines"}
 # Layer -> the layers it may import (its own included). Everything else is a violation.
 ALLOWED = {
     "schedulers": {"schedulers"},
-    "models": {"models"},
-    "parallel": {"parallel", "models"},
-    "optimization": {"optimization", "models"},
-    "pipelines": {"pipelines", "models", "schedulers"},
-    "conversion": {"conversion", "models", "schedulers", "pipelines"},
-    "package": {"package", "models", "schedulers", "pipelines", "parallel", "optimization", "conversion"},
-    "request": {"request", "models", "schedulers", "pipelines", "parallel", "optimization", "conversion"},
-    "app": {"app", "request", "models", "schedulers", "pipelines", "parallel", "optimization"},
-    "cli": {"cli", "app", "request", "models", "schedulers", "pipelines", "parallel", "optimization"},
+    "loaders": {"loaders"},
+    "models": {"models", "loaders"},
+    "parallel": {"parallel", "models", "loaders"},
+    "optimization": {"optimization", "models", "loaders"},
+    "pipelines": {"pipelines", "models", "schedulers", "loaders"},
+    "package": {"package", *LIBRARY},
+    "app": {"app"},
+    "app.tasks": {"app.tasks", *LIBRARY},
+    "app.tiny": {"app.tiny", "app.tasks", *LIBRARY},
+    "app.request": {"app.request", "app.tasks", "app.tiny", *LIBRARY},
+    "app.run": {"app.run", "app.request", "app.tasks", "app.tiny", *LIBRARY},
+    "app.convert": {"app.convert", "app.tasks", *LIBRARY},
+    "app.web": {"app.web", "app.run", "app.request", "app.tasks", "app.tiny", *LIBRARY},
+    "app.cli": {"app.cli", "app.web", "app.run", "app.request", "app.tasks", "app.tiny", *LIBRARY},
 }
-
-# The toy components are for `--model tiny`, tests and benchmarks: no library layer builds on them.
-TINY = f"{PACKAGE}.pipelines.tiny"
-TINY_IMPORTERS = {"request", "cli", "app"}
-
-# The one declared exception: diffusers' `from_single_file` API lives on the model class, and its key conversion is
-# the converter's (one source of truth), so the model reaches into conversion for that single method.
-EXCEPTIONS = {f"{PACKAGE}.models.transformer_skyreels_v3 -> {PACKAGE}.conversion.single_file"}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -94,13 +99,39 @@ def violations(graph: dict[str, set[str]]) -> set[str]:
     for importer, imported in graph.items():
         for target in imported:
             source_layer, target_layer = layer(importer), layer(target)
-            if f"{importer} -> {target}" in EXCEPTIONS:
-                continue
             if target_layer not in ALLOWED[source_layer]:
                 found.add(f"{importer} -> {target} ({source_layer} may not import {target_layer})")
-            elif (target == TINY or target.startswith(TINY + ".")) and importer != TINY:
-                if source_layer not in TINY_IMPORTERS:
-                    found.add(f"{importer} -> {target} ({source_layer} may not import the toy components)")
+    return found
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of `graph`: its strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
     return found
 
 
@@ -113,6 +144,25 @@ def test_every_module_has_a_layer():
 def test_import_rules():
     new = violations(import_graph(SRC, PACKAGE))
     assert not new, "imports against ARCHITECTURE.md's rules:\n" + "\n".join(sorted(new))
+
+
+def test_no_import_circle():
+    """No module reaches itself through imports (before: models -> conversion -> models, for `from_single_file`)."""
+    found = cycles(import_graph(SRC, PACKAGE))
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_library_never_imports_the_application():
+    graph = import_graph(SRC, PACKAGE)
+    library = {m for m in graph if layer(m) in LIBRARY}
+    reaching_up = sorted(f"{m} -> {t}" for m in library for t in graph[m] if layer(t).startswith("app"))
+    assert not reaching_up, "library modules importing the application:\n" + "\n".join(reaching_up)
+
+
+def test_cycle_finder_sees_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_graph_sees_every_kind_of_import(tmp_path):

@@ -26,7 +26,7 @@ def start_app(folder: Path, nproc: int = 1) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     command = [
         "-m",
-        "skyreels_diffusers.cli",
+        "skyreels_diffusers.app.cli",
         "app",
         "--model",
         "tiny",

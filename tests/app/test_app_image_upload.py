@@ -15,7 +15,7 @@ pytest.importorskip("gradio", reason="the web app extra (gradio) is not installe
 
 from gradio.data_classes import ImageData
 
-from skyreels_diffusers.app import JobRunner, build_app
+from skyreels_diffusers.app.web import JobRunner, build_app
 from tests.helpers import random_image
 
 

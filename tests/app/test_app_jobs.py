@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
 
-from skyreels_diffusers.app import (
+from skyreels_diffusers.app.web import (
     MAX_SHOWN_PROMPT,
     Cancelled,
     JobRunner,
@@ -160,7 +160,7 @@ def test_gradio_hands_each_handler_the_visitors_session(tmp_path):
 
     from gradio.helpers import special_args
 
-    from skyreels_diffusers.app import build_app
+    from skyreels_diffusers.app.web import build_app
 
     runner = JobRunner()
     demo = build_app(model="tiny", output_dir=str(tmp_path), runner=runner)

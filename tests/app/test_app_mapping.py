@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
 
-from skyreels_diffusers.app import Cancelled, JobRunner, build_request, cli_command, error_field  # noqa: E402
-from skyreels_diffusers.cli import build_parser  # noqa: E402
-from skyreels_diffusers.generation import validate  # noqa: E402
+from skyreels_diffusers.app.cli import build_parser  # noqa: E402
+from skyreels_diffusers.app.request import validate  # noqa: E402
+from skyreels_diffusers.app.web import Cancelled, JobRunner, build_request, cli_command, error_field  # noqa: E402
 from tests.helpers import random_image  # noqa: E402
 
 

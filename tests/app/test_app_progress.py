@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("gradio", reason="the web app extra (gradio) is not installed")
 
-from skyreels_diffusers.app import JobRunner, build_app
+from skyreels_diffusers.app.web import JobRunner, build_app
 
 
 def test_gradio_sees_a_progress_parameter_and_the_job_reports_each_step(tmp_path):

@@ -1,4 +1,4 @@
-"""`torchrun --nproc_per_node 2 -m skyreels_diffusers.cli app --ulysses-degree 2` on CPUs (gloo): rank 0 serves the
+"""`torchrun --nproc_per_node 2 -m skyreels_diffusers.app.cli app --ulysses-degree 2` on CPUs (gloo): rank 0 serves the
 page, both ranks compute each job (sharded), rank 0 alone writes, and the page shows the torchrun command.
 (That sharded results equal one process is tested in tests/parallel.)"""
 
@@ -22,7 +22,7 @@ def test_app_under_torchrun_generates(tmp_path):
         # shot switching without uploads uses the built-in example clip (tiny model)
         result = client.predict(None, "a cut", "default", 2, 42, 2, api_name="/generate_shot_switching_extension")
         video, download, command = result[:3]
-        assert command.startswith("torchrun --nproc_per_node 2 -m skyreels_diffusers.cli generate")
+        assert command.startswith("torchrun --nproc_per_node 2 -m skyreels_diffusers.app.cli generate")
         written = list((tmp_path / "results" / "shot_switching_extension").glob("*.mp4"))
         assert len(written) == 1  # rank 0 alone writes
     finally:

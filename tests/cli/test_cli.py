@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from skyreels_diffusers.cli import build_parser, main
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+from skyreels_diffusers.app.cli import build_parser, main
+from skyreels_diffusers.app.tiny import tiny_pipeline
 from skyreels_diffusers.pipelines.video_io import write_video
 from tests.helpers import random_image, random_video
 
@@ -158,9 +158,9 @@ def test_snake_case_and_comma_separated_spellings():
     ],
 )
 def test_bad_reference_input_fails_before_loading(media, tmp_path, capsys, monkeypatch, extra, argument):
-    import skyreels_diffusers.generation as generation
+    import skyreels_diffusers.app.run as run_module
 
-    monkeypatch.setattr(generation, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
+    monkeypatch.setattr(run_module, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
     notimage = tmp_path / "x.png"
     notimage.write_text("text")
     extra = [e.format(a=media["a"], b=media["b"], notimage=notimage) for e in extra]
@@ -184,9 +184,9 @@ def test_bad_reference_input_fails_before_loading(media, tmp_path, capsys, monke
     ],
 )
 def test_bad_extension_input(media, tmp_path, capsys, monkeypatch, task, extra, argument):
-    import skyreels_diffusers.generation as generation
+    import skyreels_diffusers.app.run as run_module
 
-    monkeypatch.setattr(generation, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
+    monkeypatch.setattr(run_module, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
     short = write_video(random_video(frames=10), tmp_path / "short.mp4", fps=24)
     extra = [e.format(video=media["video"], short=short) for e in extra]
     argv = ["generate", "--task", task, "--model", "tiny", "--output", str(tmp_path / "o.mp4"), *extra]
@@ -234,7 +234,7 @@ def test_converted_folder_runs_through_the_cli(media, tmp_path):
         [
             sys.executable,
             "-m",
-            "skyreels_diffusers.cli",
+            "skyreels_diffusers.app.cli",
             "generate",
             "--task",
             "shot_switching_extension",
@@ -358,9 +358,9 @@ def test_talking_avatar_mp4_carries_audio_of_matching_length(tmp_path, capsys):
     ],
 )
 def test_talking_avatar_bad_input(tmp_path, capsys, monkeypatch, extra, argument):
-    import skyreels_diffusers.generation as generation
+    import skyreels_diffusers.app.run as run_module
 
-    monkeypatch.setattr(generation, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
+    monkeypatch.setattr(run_module, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
     face = tmp_path / "face.png"
     random_image(64, 48).save(face)
     paths = {"face": face, "speech": write_wav(tmp_path / "s.wav", 2.0), "short": write_wav(tmp_path / "t.wav", 0.2)}

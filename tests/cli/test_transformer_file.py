@@ -9,9 +9,10 @@ import torch
 from diffusers.quantizers.gguf.utils import GGUFLinear
 from safetensors.torch import save_file
 
-from skyreels_diffusers.cli import main
-from skyreels_diffusers.generation import GenerationRequest, load_pipeline, validate
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+from skyreels_diffusers.app.cli import main
+from skyreels_diffusers.app.request import GenerationRequest, validate
+from skyreels_diffusers.app.run import load_pipeline
+from skyreels_diffusers.app.tiny import tiny_pipeline
 from skyreels_diffusers.pipelines.video_io import write_video
 from tests.conversion.community_files import T, wan_native_state, write_community_gguf
 from tests.helpers import random_video

@@ -15,8 +15,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
 
+from skyreels_diffusers.app.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS
-from skyreels_diffusers.pipelines.tiny import tiny_text_encoder, tiny_tokenizer, tiny_transformer, tiny_vae
 from tests.helpers import GoldenCase
 
 
@@ -242,7 +242,7 @@ def build_avatar_repo(folder: Path) -> dict:
     `.pth`, `chinese-wav2vec2-base/`, `google/umt5-xxl/`, `xlm-roberta-large/` (unused)."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from skyreels_diffusers.pipelines.tiny import TINY_WAV2VEC2_CONFIG, avatar_feature_extractor
+    from skyreels_diffusers.app.tiny import TINY_WAV2VEC2_CONFIG, avatar_feature_extractor
 
     parts = build_extension_repo(folder)
     for name in ("transformer", "shot_transformer"):

@@ -17,8 +17,8 @@ from skyreels_diffusers import (
     SkyReelsV3ShotSwitchingPipeline,
     SkyReelsV3Transformer3DModel,
 )
-from skyreels_diffusers.conversion import convert_repo, convert_transformer
-from skyreels_diffusers.pipelines.tasks import TASKS
+from skyreels_diffusers.app.convert import convert_repo, convert_transformer
+from skyreels_diffusers.app.tasks import TASKS
 from tests.conversion.original_repos import build_extension_repo, build_reference_repo, remove
 from tests.helpers import random_image, random_video
 
@@ -187,7 +187,7 @@ def test_avatar_repo_with_incomplete_wav2vec2_fails(tmp_path):
 def test_converted_clip_is_usable_without_a_save_round_trip(tmp_path):
     """`convert_clip` builds on the meta device: every buffer (the non-persistent position ids too) must hold real
     values, so the returned model gives the open-clip penultimate features directly, the same on every call."""
-    from skyreels_diffusers.conversion.repo import convert_clip
+    from skyreels_diffusers.loaders.components import convert_clip
     from tests.conversion.original_repos import open_clip_penultimate, open_clip_visual_state
 
     state = open_clip_visual_state()

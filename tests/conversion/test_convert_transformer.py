@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from skyreels_diffusers.conversion import WAN_NATIVE_KEY_MAP, convert_config, convert_transformer, map_keys
+from skyreels_diffusers.app.convert import convert_transformer
+from skyreels_diffusers.loaders import WAN_NATIVE_KEY_MAP, convert_config, map_keys
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from tests.helpers import GoldenCase
 

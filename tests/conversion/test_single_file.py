@@ -12,7 +12,7 @@ from diffusers import AutoencoderKLWan, GGUFQuantizationConfig
 from diffusers.quantizers.gguf.utils import GGUFLinear, dequantize_gguf_tensor
 from safetensors.torch import load_file, save_file
 
-from skyreels_diffusers.conversion import convert_transformer
+from skyreels_diffusers.app.convert import convert_transformer
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from tests.conversion.community_files import T, wan_native_state, write_community_gguf
 from tests.helpers import GoldenCase, tiny_inputs

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from skyreels_diffusers.conversion.tensor_io import PlannedTensor, TensorSource, write_safetensors_shards
+from skyreels_diffusers.loaders.tensor_io import PlannedTensor, TensorSource, write_safetensors_shards
 
 
 def _state() -> dict[str, torch.Tensor]:

@@ -212,25 +212,22 @@ def test_transformer_with_8bit_backend_eager_and_compiled():
 
 
 def test_fast_preset_fills_in_and_checks_before_loading(monkeypatch, capsys):
-    from skyreels_diffusers import generation
-    from skyreels_diffusers.cli import main
+    from skyreels_diffusers.app import run as run_module
+    from skyreels_diffusers.app.cli import main
+    from skyreels_diffusers.app.request import GenerationRequest, validate
     from skyreels_diffusers.optimization import FAST_PRESET
 
-    request = generation.validate(generation.GenerationRequest(task="reference_to_video", model="tiny", fast=True))
+    request = validate(GenerationRequest(task="reference_to_video", model="tiny", fast=True))
     assert {name: getattr(request, name) for name in FAST_PRESET} == {
         "attention_backend": "triton_8bit",
         "quantize": "fp8_dynamic",
         "compile": True,
     }
     with pytest.raises(ValueError, match="--fast: --fast sets --quantize fp8_dynamic"):
-        generation.validate(
-            generation.GenerationRequest(
-                task="reference_to_video", model="tiny", fast=True, quantize="fp8_weight_only"
-            )
-        )
+        validate(GenerationRequest(task="reference_to_video", model="tiny", fast=True, quantize="fp8_weight_only"))
     if torch.cuda.is_available():
         return
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU machine outside the interpreter: refused before loading
-    monkeypatch.setattr(generation, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
+    monkeypatch.setattr(run_module, "load_pipeline", lambda request: pytest.fail("model loaded before validation"))
     assert main(["generate", "--task", "reference_to_video", "--model", "tiny", "--fast"]) == 2
     assert "--attention-backend: attention backend 'triton_8bit' needs a CUDA GPU" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from skyreels_diffusers.conversion import convert_transformer
+from skyreels_diffusers.app.convert import convert_transformer
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from tests.helpers import FIXTURES, GoldenCase
 

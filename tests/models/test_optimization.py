@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from skyreels_diffusers import SkyReelsV3Transformer3DModel
+from skyreels_diffusers.app.tiny import tiny_pipeline
 from skyreels_diffusers.optimization import (
     apply_memory_mode,
     enable_fast_path,
@@ -14,7 +15,6 @@ from skyreels_diffusers.optimization import (
     streamed_modules,
     torchao_quantization_config,
 )
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 from tests.helpers import tiny_inputs, tiny_transformer
 
 

@@ -90,8 +90,8 @@ def uneven_error(backend: str) -> str:
 
 
 def run_pipeline(parallel: bool) -> torch.Tensor:
+    from skyreels_diffusers.app.tiny import tiny_pipeline
     from skyreels_diffusers.parallel import enable_context_parallel
-    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
     from tests.helpers import random_video
 
     pipe = tiny_pipeline("single_shot_extension")

@@ -120,7 +120,7 @@ def torchrun(args, tmp_path, nproc=2):
         "--master_port",
         str(free_port()),
         "-m",
-        "skyreels_diffusers.cli",
+        "skyreels_diffusers.app.cli",
         "generate",
         *args,
     ]
@@ -148,7 +148,7 @@ def test_torchrun_cli_matches_one_process(tmp_path):
     single = tmp_path / "single.mp4"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # the thread count torchrun gives workers
     one = subprocess.run(
-        [sys.executable, "-m", "skyreels_diffusers.cli", "generate", *args, "--output", str(single)],
+        [sys.executable, "-m", "skyreels_diffusers.app.cli", "generate", *args, "--output", str(single)],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from skyreels_diffusers.generation import GenerationRequest, validate
+from skyreels_diffusers.app.request import GenerationRequest, validate
 from skyreels_diffusers.parallel.sharding import sharding_plan
 from tests.helpers import tiny_transformer
 from tests.parallel.test_context_parallel import free_port
@@ -74,7 +74,7 @@ def test_encoders_once_only_rank_0_loads_the_text_and_audio_encoders(ranks):
 
 def own_embeddings(task: str) -> dict:
     """What the tiny pipeline computes itself, in this process, through its own encoder calls."""
-    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+    from skyreels_diffusers.app.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(task, seed=0)
     threads = torch.get_num_threads()
@@ -123,7 +123,7 @@ def test_encoders_once_every_rank_gets_the_pipelines_own_embeddings(ranks, task)
 @pytest.mark.slow
 def test_pipeline_with_received_embeddings_equals_its_own_encoding(ranks):
     """Rank 1 (no text encoder) passes the broadcast embeddings; the video equals the one from the prompt."""
-    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+    from skyreels_diffusers.app.tiny import tiny_pipeline
     from tests.parallel.whole_run_worker import portrait
 
     pipe = tiny_pipeline("reference_to_video", seed=0)
@@ -240,7 +240,7 @@ def test_torchrun_cli_with_shard_weights_matches_one_process(tmp_path):
         "0",
     ]
     one = subprocess.run(
-        [sys.executable, "-m", "skyreels_diffusers.cli", "generate", *args, "--output", str(tmp_path / "one.mp4")],
+        [sys.executable, "-m", "skyreels_diffusers.app.cli", "generate", *args, "--output", str(tmp_path / "one.mp4")],
         check=False,
         cwd=tmp_path,
         env=ENV,
@@ -261,7 +261,7 @@ def test_torchrun_cli_with_shard_weights_matches_one_process(tmp_path):
             "--master_port",
             str(free_port()),
             "-m",
-            "skyreels_diffusers.cli",
+            "skyreels_diffusers.app.cli",
             "generate",
             *args,
             "--ulysses-degree",

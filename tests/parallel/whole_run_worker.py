@@ -55,8 +55,8 @@ def embedding_kwargs(task: str) -> dict:
 
 
 def vae_outputs() -> dict:
+    from skyreels_diffusers.app.tiny import tiny_vae
     from skyreels_diffusers.parallel.vae import ParallelAutoencoderKLWan
-    from skyreels_diffusers.pipelines.tiny import tiny_vae
 
     vae = tiny_vae(seed=3)
     vae.enable_tiling(**TILES)
@@ -78,8 +78,8 @@ def vae_outputs() -> dict:
 
 
 def embeddings() -> dict:
-    from skyreels_diffusers.generation_parallel import drop_main_only_encoders, precomputed_embeddings
-    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+    from skyreels_diffusers.app.distributed import drop_main_only_encoders, precomputed_embeddings
+    from skyreels_diffusers.app.tiny import tiny_pipeline
 
     out = {}
     for task in ("reference_to_video", "talking_avatar"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+from skyreels_diffusers.app.tiny import tiny_pipeline
 from tests.helpers import random_image, random_video
 
 

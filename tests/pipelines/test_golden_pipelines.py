@@ -19,10 +19,10 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 
 from skyreels_diffusers import SkyReelsV3ReferencePipeline, SkyReelsV3ShotSwitchingPipeline
-from skyreels_diffusers.conversion import convert_transformer
+from skyreels_diffusers.app.convert import convert_transformer
+from skyreels_diffusers.app.tiny import tiny_components
 from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from skyreels_diffusers.pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
-from skyreels_diffusers.pipelines.tiny import tiny_components
 from skyreels_diffusers.pipelines.video_io import letterbox, load_image, load_video, resize_frames, to_uint8
 from tests.helpers import FIXTURES
 

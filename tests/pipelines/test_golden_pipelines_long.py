@@ -21,9 +21,9 @@ from diffusers import AutoencoderKLWan
 from safetensors.torch import load_file
 
 from skyreels_diffusers import SkyReelsV3ExtensionPipeline, SkyReelsV3TalkingAvatarPipeline
-from skyreels_diffusers.conversion.repo import convert_clip, load_wav2vec2
+from skyreels_diffusers.app.tiny import tiny_components
+from skyreels_diffusers.loaders.components import convert_clip, load_wav2vec2
 from skyreels_diffusers.pipelines.audio_io import load_speech, wav2vec2_features
-from skyreels_diffusers.pipelines.tiny import tiny_components
 from skyreels_diffusers.pipelines.video_io import to_uint8
 from tests.pipelines.test_golden_pipelines import PipelineCase, assert_latents_close
 

@@ -8,7 +8,7 @@ import torch
 
 peft = pytest.importorskip("peft", reason="LoRA needs peft")
 
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline  # noqa: E402
+from skyreels_diffusers.app.tiny import tiny_pipeline  # noqa: E402
 from tests.helpers import random_image  # noqa: E402
 
 

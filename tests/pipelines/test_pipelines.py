@@ -11,9 +11,9 @@ from skyreels_diffusers import (
     SkyReelsV3ReferencePipeline,
     SkyReelsV3ShotSwitchingPipeline,
 )
+from skyreels_diffusers.app.tiny import tiny_components, tiny_pipeline
 from skyreels_diffusers.pipelines.buckets import ASPECT_RATIO_CONFIG, bucket_size
 from skyreels_diffusers.pipelines.pipeline_skyreels_v3_extension import chunk_latent_frames, chunk_seconds
-from skyreels_diffusers.pipelines.tiny import tiny_components, tiny_pipeline
 from tests.helpers import random_image, random_video
 
 

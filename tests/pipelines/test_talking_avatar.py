@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from skyreels_diffusers import SkyReelsV3FlowEulerScheduler
+from skyreels_diffusers.app.tiny import TINY_WAV2VEC2_CONFIG, tiny_pipeline
 from skyreels_diffusers.pipelines.audio_io import audio_windows, load_speech, loudness_normalize, wav2vec2_features
 from skyreels_diffusers.pipelines.buckets import avatar_bucket_size
 from skyreels_diffusers.pipelines.color import lab_to_rgb, match_colors, rgb_to_lab
 from skyreels_diffusers.pipelines.pipeline_skyreels_v3_talking_avatar import extend_audio, plan_windows
-from skyreels_diffusers.pipelines.tiny import TINY_WAV2VEC2_CONFIG, tiny_pipeline
 from tests.helpers import FIXTURES, random_image
 
 

@@ -1,4 +1,4 @@
-"""Bad inputs through the real command line (in-process `skyreels_diffusers.cli.main`, `--model tiny` or tiny
+"""Bad inputs through the real command line (in-process `skyreels_diffusers.app.cli.main`, `--model tiny` or tiny
 folders): exit code, the first line the user sees, and whether anything was left in the output folder.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=src:. python -m tests.reliability.fault_cases [--json out.json]
@@ -36,7 +36,7 @@ def _wav(path: Path, seconds: float, rate: int = 16000, bits: int = 16) -> Path:
 
 
 def _media(root: Path) -> dict[str, Path]:
-    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+    from skyreels_diffusers.app.tiny import tiny_pipeline
     from skyreels_diffusers.pipelines.video_io import write_video
 
     m = {}
@@ -172,7 +172,7 @@ EXISTING = "(out.mp4 there before)"
 
 
 def run_case(argv: list[str], out_dir: Path, existing: bool = False) -> dict:
-    from skyreels_diffusers.cli import main
+    from skyreels_diffusers.app.cli import main
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if existing:

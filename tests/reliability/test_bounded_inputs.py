@@ -188,8 +188,8 @@ def test_the_pipeline_given_a_path_decodes_only_the_tail_it_uses(clip, monkeypat
     every frame of the file; with `return_input_video` the whole clip is needed and read."""
     import torch
 
+    from skyreels_diffusers.app.tiny import tiny_pipeline
     from skyreels_diffusers.pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
-    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 
     converted = []
     original = video_io._frame_array

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from skyreels_diffusers.cli import main
+from skyreels_diffusers.app.cli import main
 from tests.helpers import random_image
 
 

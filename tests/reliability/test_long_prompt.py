@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+from skyreels_diffusers.app.tiny import tiny_pipeline
 
 
 LOGGER = "skyreels_diffusers.pipelines.common"

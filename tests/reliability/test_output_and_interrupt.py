@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import skyreels_diffusers.generation as generation
-from skyreels_diffusers.cli import main
+import skyreels_diffusers.app.output as output
+import skyreels_diffusers.app.run as run_module
+from skyreels_diffusers.app.cli import main
 
 
 def test_unwritable_output_is_refused_before_any_model_work(monkeypatch, capsys):
     monkeypatch.setattr(
-        generation, "load_pipeline", lambda request: pytest.fail("model loaded before the output check")
+        run_module, "load_pipeline", lambda request: pytest.fail("model loaded before the output check")
     )
     code = main(["generate", "--task", "reference_to_video", "--model", "tiny", "--output", "/proc/x.mp4"])
     assert code == 2
@@ -26,9 +27,9 @@ def test_a_failed_final_write_keeps_the_frames(monkeypatch, tmp_path):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(generation, "write_video", disk_full)
+    monkeypatch.setattr(output, "write_video", disk_full)
     with pytest.raises(ValueError, match="--output: writing .* failed \\(No space left on device\\)") as error:
-        generation.write_or_keep(frames, tmp_path / "out.mp4", fps=24)
+        output.write_or_keep(frames, tmp_path / "out.mp4", fps=24)
     kept = Path(str(error.value).split("kept in ")[1].split(" ")[0])
     try:
         np.testing.assert_array_equal(np.load(kept), frames)
@@ -43,7 +44,7 @@ def test_ctrl_c_prints_one_line_with_what_to_do(monkeypatch, capsys, tmp_path, r
     def interrupted(request):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("skyreels_diffusers.cli.run", interrupted)
+    monkeypatch.setattr("skyreels_diffusers.app.cli.run", interrupted)
     argv = ["generate", "--task", "talking_avatar", "--model", "tiny"]
     if resume:
         argv += ["--resume-dir", str(tmp_path / "r")]

@@ -126,10 +126,10 @@ class _FakePipe:
 
 def test_an_existing_output_is_refused_before_any_model_work(tmp_path, monkeypatch, capsys):
     """Before: --output silently replaced the file at the end of the run."""
-    import skyreels_diffusers.generation as generation
-    from skyreels_diffusers.cli import main
+    import skyreels_diffusers.app.run as run_module
+    from skyreels_diffusers.app.cli import main
 
-    monkeypatch.setattr(generation, "load_pipeline", lambda request: pytest.fail("model loaded before the check"))
+    monkeypatch.setattr(run_module, "load_pipeline", lambda request: pytest.fail("model loaded before the check"))
     output = tmp_path / "out.mp4"
     output.write_bytes(b"precious")
     code = main(["generate", "--task", "reference_to_video", "--model", "tiny", "--output", str(output)])
@@ -138,7 +138,7 @@ def test_an_existing_output_is_refused_before_any_model_work(tmp_path, monkeypat
     assert err == [f"error: --output: {output} exists; pass --overwrite to replace it or pick another name"]
     assert output.read_bytes() == b"precious"
 
-    monkeypatch.setattr(generation, "load_pipeline", lambda request: _FakePipe())
+    monkeypatch.setattr(run_module, "load_pipeline", lambda request: _FakePipe())
     code = main(
         ["generate", "--task", "reference_to_video", "--model", "tiny", "--output", str(output), "--overwrite"]
     )
@@ -149,12 +149,12 @@ def test_default_names_within_one_second_do_not_collide(tmp_path, monkeypatch, c
     """Before: result/<task>/<seed>_<second>.mp4: a second run in the same second replaced the first's video."""
     import time
 
-    import skyreels_diffusers.generation as generation
-    from skyreels_diffusers.cli import main
+    import skyreels_diffusers.app.run as run_module
+    from skyreels_diffusers.app.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda fmt, *args: "2026-11-29_12-00-00")
-    monkeypatch.setattr(generation, "load_pipeline", lambda request: _FakePipe())
+    monkeypatch.setattr(run_module, "load_pipeline", lambda request: _FakePipe())
     argv = ["generate", "--task", "reference_to_video", "--model", "tiny", "--steps", "1"]
     paths = []
     for _ in range(3):
@@ -170,16 +170,16 @@ def test_default_names_within_one_second_do_not_collide(tmp_path, monkeypatch, c
 
 def test_a_default_name_taken_during_the_run_gets_the_next_one(tmp_path):
     """Another process may finish under the same default name while this run generates: neither video is lost."""
-    import skyreels_diffusers.generation as generation
+    import skyreels_diffusers.app.output as output
 
     taken = tmp_path / "42_now.mp4"
     taken.write_bytes(b"the other run's video")
-    path = generation.write_or_keep(FRAMES, taken, unique=True, fps=24)
+    path = output.write_or_keep(FRAMES, taken, unique=True, fps=24)
     assert path == tmp_path / "42_now-1.mp4" and path.is_file() and taken.read_bytes() == b"the other run's video"
     with pytest.raises(
         ValueError, match="--output: writing .*42_now.mp4 failed \\(it appeared during the run; pass --overwrite"
     ) as error:
-        generation.write_or_keep(FRAMES, taken, fps=24)  # an explicit --output: kept, reported, never replaced
+        output.write_or_keep(FRAMES, taken, fps=24)  # an explicit --output: kept, reported, never replaced
     kept = str(error.value).split("kept in ")[1].split(" ")[0]
     np.testing.assert_array_equal(np.load(kept), FRAMES)
     os.unlink(kept)

@@ -116,7 +116,7 @@ def test_finite_watch_remembers_the_first_bad_step():
 def test_a_diverged_run_stops_before_decoding(task):
     """NaN latents (here injected by a callback at step 2) end the run with an error naming the step; the VAE never
     decodes them."""
-    from skyreels_diffusers.pipelines.tiny import tiny_pipeline
+    from skyreels_diffusers.app.tiny import tiny_pipeline
     from tests.helpers import random_image, random_video
 
     pipe = tiny_pipeline(task)

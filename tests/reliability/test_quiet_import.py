@@ -23,7 +23,7 @@ def test_help_prints_no_torchao_noise():
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "skyreels_diffusers.cli", "--help"],
+        [sys.executable, "-m", "skyreels_diffusers.app.cli", "--help"],
         check=False,
         capture_output=True,
         text=True,

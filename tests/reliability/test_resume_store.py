@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from skyreels_diffusers.app.tiny import tiny_pipeline, tiny_transformer
 from skyreels_diffusers.pipelines.resume import ResumeStore, fingerprint, module_identity
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline, tiny_transformer
 from tests.helpers import random_image
 from tests.pipelines.test_talking_avatar import features
 

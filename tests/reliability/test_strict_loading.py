@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from skyreels_diffusers import loading
-from skyreels_diffusers.loading import load_pipeline_folder
+from skyreels_diffusers.app.tiny import tiny_pipeline
+from skyreels_diffusers.loaders import pipeline_folder as loading
+from skyreels_diffusers.loaders.pipeline_folder import load_pipeline_folder
 from skyreels_diffusers.pipelines import SkyReelsV3ReferencePipeline, SkyReelsV3TalkingAvatarPipeline
-from skyreels_diffusers.pipelines.tiny import tiny_pipeline
 
 
 AVATAR = SkyReelsV3TalkingAvatarPipeline
@@ -139,8 +139,8 @@ def test_missing_folder_parts(folder, tmp_path):
 @pytest.mark.parametrize("task", ["reference_to_video", "talking_avatar"])
 def test_converted_folders_pass_the_strict_checks(tmp_path, task):
     """Folders written by the converter (from stand-ins of the original repositories) load strictly, unchanged."""
-    from skyreels_diffusers.conversion import convert_repo
-    from skyreels_diffusers.pipelines.tasks import TASKS
+    from skyreels_diffusers.app.convert import convert_repo
+    from skyreels_diffusers.app.tasks import TASKS
     from tests.conversion import original_repos
 
     build = {

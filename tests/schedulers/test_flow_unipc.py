@@ -18,7 +18,7 @@ from skyreels_diffusers import (
     SkyReelsV3ReferencePipeline,
     SkyReelsV3ShotSwitchingPipeline,
 )
-from skyreels_diffusers.pipelines.tiny import tiny_components
+from skyreels_diffusers.app.tiny import tiny_components
 from skyreels_diffusers.schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32, SIGMA_MAX_FP64
 from tests.helpers import FIXTURES
 

@@ -40,6 +40,7 @@ from diffusers.models.transformers.transformer_wan import WanImageEmbedding
 from diffusers.utils import apply_lora_scale
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 
+from ..loaders.single_file import SkyReelsV3SingleFileMixin
 from .attention_processor import SkyReelsV3Attention, SkyReelsV3AttnProcessor, SkyReelsV3AudioAttention
 from .audio_projection import SkyReelsV3AudioProjection
 
@@ -297,7 +298,9 @@ TransformerBlockRegistry.register(
 )
 
 
-class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
+class SkyReelsV3Transformer3DModel(
+    ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin, SkyReelsV3SingleFileMixin
+):
     r"""
     The SkyReels-V3 video diffusion transformer (Wan2.1 architecture with per-frame timesteps, appended condition
     tokens, dual text/image cross-attention and per-frame audio cross-attention, each switched on by config).
@@ -446,31 +449,6 @@ class SkyReelsV3Transformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
             )
             raise ValueError(f"Checkpoint {pretrained_model_name_or_path} does not match {cls.__name__}: {details}")
         return (model, info) if output_loading_info else model
-
-    @classmethod
-    def from_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs):
-        """Load an original single-file or sharded checkpoint, or a community GGUF file, strictly.
-
-        Args:
-            pretrained_model_link_or_path_or_dict: a local `.safetensors` / `.pth` / `.gguf` file, a list of
-                shards, a shard `*.index.json`, a folder of shards, or a state dict. Keys are the original ones
-                (Wan-native for extension / avatar, diffusers-style for reference; a ComfyUI
-                `model.diffusion_model.` prefix is removed), renamed with the converter's tables.
-            variant (`str`, *optional*): `"reference"`, `"extension"` or `"avatar"`; detected from the keys if not
-                given.
-            config (*optional*): our config dict, an original `config.json` dict, or a folder / file holding one;
-                inferred from the tensor shapes if not given (head width 128, as in every Wan2.1 size).
-            torch_dtype (`torch.dtype`, *optional*): compute dtype (modules in `_keep_in_fp32_modules` stay fp32).
-            quantization_config (*optional*): `GGUFQuantizationConfig(compute_dtype=torch.bfloat16)` for `.gguf`
-                files: the linears stay quantised and are dequantised on the fly.
-            device (*optional*): where to put the weights (default CPU).
-
-        Raises `KeyError` / `ValueError` naming the file and the missing, unexpected or misshapen keys, a GGUF
-        file of another architecture, or a truncated file; nothing is ever left randomly initialised.
-        """
-        from ..conversion.single_file import load_transformer_single_file
-
-        return load_transformer_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs)
 
     def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))

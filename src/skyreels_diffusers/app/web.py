@@ -1,6 +1,6 @@
 """`skyreels-v3 app`: a local web app for the four tasks (Gradio), thin over the same request code as the CLI.
 
-Every form becomes a `GenerationRequest` validated by `generation.validate` (the CLI's checks, one implementation);
+Every form becomes a `GenerationRequest` validated by `request.validate` (the CLI's checks, one implementation);
 an error is shown under the input it names. One job runs at a time (Gradio's queue, with its position shown); a job
 reports progress from the pipelines' step/window callbacks and can be cancelled between steps. Results are written
 atomically under the output folder with unique names and shown in the page with the equivalent CLI command.
@@ -17,9 +17,10 @@ import time
 import uuid
 from pathlib import Path
 
-from .generation import DEFAULT_PROMPT, GenerationRequest, run
-from .parallel.context_parallel import broadcast_from_main
-from .pipelines.tasks import TASKS
+from ..parallel.context_parallel import broadcast_from_main
+from .request import DEFAULT_PROMPT, GenerationRequest
+from .run import run
+from .tasks import TASKS
 
 
 TASK_LABELS = {name: spec.label for name, spec in TASKS.items()}
@@ -124,7 +125,7 @@ def cli_command(request: GenerationRequest) -> str:
             "--nproc_per_node",
             str(request.ulysses_degree),
             "-m",
-            "skyreels_diffusers.cli",
+            "skyreels_diffusers.app.cli",
             *args[1:],
             "--ulysses-degree",
             str(request.ulysses_degree),
@@ -226,7 +227,7 @@ class JobRunner:
             pass
 
     def pipeline(self, request: GenerationRequest):
-        from .generation import load_pipeline
+        from .run import load_pipeline
 
         key = request.task
         if key not in self.pipes:
@@ -246,7 +247,7 @@ class JobRunner:
                 self._cancels.pop(job, None)
 
     def _run(self, request: GenerationRequest, progress, event: threading.Event) -> Path:
-        from .generation import validate
+        from .request import validate
 
         if event.is_set():  # cancelled while queued
             raise Cancelled("cancelled")
@@ -510,7 +511,7 @@ def launch(
     **server,
 ) -> None:
     """Serve the app; under torchrun with `ulysses_degree` > 1 rank 0 serves and every rank computes."""
-    from .parallel import init_distributed
+    from ..parallel import init_distributed
 
     rank, world, device = init_distributed()
     if world > 1:

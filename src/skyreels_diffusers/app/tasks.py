@@ -14,11 +14,11 @@ from typing import Any, Callable
 import numpy as np
 import PIL.Image
 
+from ..pipelines.pipeline_skyreels_v3_extension import SkyReelsV3ExtensionPipeline
+from ..pipelines.pipeline_skyreels_v3_reference import SkyReelsV3ReferencePipeline
+from ..pipelines.pipeline_skyreels_v3_shot_switching import SkyReelsV3ShotSwitchingPipeline
+from ..pipelines.pipeline_skyreels_v3_talking_avatar import DEFAULT_WINDOW_PROMPT, SkyReelsV3TalkingAvatarPipeline
 from ..schedulers import SkyReelsV3FlowEulerScheduler, SkyReelsV3FlowUniPCScheduler
-from .pipeline_skyreels_v3_extension import SkyReelsV3ExtensionPipeline
-from .pipeline_skyreels_v3_reference import SkyReelsV3ReferencePipeline
-from .pipeline_skyreels_v3_shot_switching import SkyReelsV3ShotSwitchingPipeline
-from .pipeline_skyreels_v3_talking_avatar import DEFAULT_WINDOW_PROMPT, SkyReelsV3TalkingAvatarPipeline
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def speech_like(seconds: float, rate: int = 16000) -> np.ndarray:
 
 def _example_portrait() -> dict:
     """A drawn face and 3.5 s of a speech-like tone."""
-    from .audio_io import load_speech
+    from ..pipelines.audio_io import load_speech
 
     y, x = np.mgrid[0:480, 0:360]
     face = np.full((480, 360, 3), 240, np.uint8)

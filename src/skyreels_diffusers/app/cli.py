@@ -2,7 +2,7 @@
 
     skyreels-v3 generate --task reference_to_video --model tiny --ref-imgs a.png b.png --prompt "..."
     skyreels-v3 generate --task single_shot_extension --model PATH --input-video in.mp4 --duration 10
-    torchrun --nproc_per_node 4 -m skyreels_diffusers.cli generate ... --ulysses-degree 4
+    torchrun --nproc_per_node 4 -m skyreels_diffusers.app.cli generate ... --ulysses-degree 4
 
 Flags are kebab-case; the original's snake_case spellings (`--task_type`, `--model_id`, `--ref_imgs`,
 `--input_video`, ...) are accepted too. The written path is printed last.
@@ -14,8 +14,9 @@ import argparse
 import os
 import sys
 
-from .generation import DEFAULT_PROMPT, GenerationRequest, check_parallel, request_fields, run
-from .pipelines.tasks import TASKS
+from .request import DEFAULT_PROMPT, GenerationRequest, check_parallel, request_fields
+from .run import run
+from .tasks import TASKS
 
 
 def _flag(parser, name: str, *aliases: str, **kwargs):
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     check_parallel(
                         GenerationRequest(task=task, model=args.model, ulysses_degree=args.ulysses_degree), world
                     )
-            from .app import launch
+            from .web import launch
 
             launch(
                 model=args.model,
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None:
             print("error: --model: pass --model tiny (random weights) or a converted pipeline folder", file=sys.stderr)
             return 2
-        from .parallel import is_main_process
+        from ..parallel import is_main_process
 
         try:
             path = run(GenerationRequest(**values))

@@ -2,7 +2,7 @@
 weight of every component found in the checkpoint; otherwise one `ValueError` naming the component, the file and
 what is wrong, raised before (or instead of) running anything with random weights.
 
-Layer: above the pipelines, below the request (`generation.py`). Each component is loaded from its subfolder with
+Layer: the loaders (imports nothing of the package). Each component is loaded from its subfolder with
 its own library's `from_pretrained(..., output_loading_info=True)` (diffusers and transformers both report missing,
 unexpected and mismatched keys there instead of failing), then the pipeline is built from the components.
 """

@@ -1,4 +1,4 @@
-"""Whole runs across processes (request layer): what `generation.run` and `bench/bench_e2e.py` do under torchrun
+"""Whole runs across processes (request layer): what `run.run` and `bench/bench_e2e.py` do under torchrun
 besides sharding the transformer's tokens.
 
 * Encoders once: `precomputed_embeddings` runs the text encoder (and the avatar's CLIP and wav2vec2) on rank 0 and
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .parallel.encoders import MAIN_ONLY_ENCODERS, compute_on_main
+from ..parallel.encoders import MAIN_ONLY_ENCODERS, compute_on_main
 
 
 def world_info() -> tuple[int, int]:
@@ -92,9 +92,9 @@ def parallelize(
     pipeline), share the VAE's tiles over the ranks, and with `shard_weights` shard the transformer's blocks (FSDP2,
     onto `device`; the transformer must not have been moved there whole). `shard_weights` also works on one rank
     (one shard: the whole model; the same code path, for baselines)."""
-    from .parallel import enable_context_parallel, enable_xfuser_parallel
-    from .parallel.sharding import is_sharded, shard_transformer
-    from .parallel.vae import enable_parallel_vae
+    from ..parallel import enable_context_parallel, enable_xfuser_parallel
+    from ..parallel.sharding import is_sharded, shard_transformer
+    from ..parallel.vae import enable_parallel_vae
 
     _, world = world_info()
     if world > 1 and pipe.transformer._parallel_config is None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .transformer import (
+from .transformer_conversion import (
     KEY_MAPS,
     VARIANT_LAYOUT,
     check_mapped_keys,
@@ -222,7 +222,7 @@ def infer_config(state: dict, variant: str) -> dict:
     return convert_config(original, variant)
 
 
-def resolve_config(config: Any, variant: str, state: dict) -> dict:
+def resolve_config(model_class: type, config: Any, variant: str, state: dict) -> dict:
     """`config`: None (inferred from the tensors), our config dict, an original config dict, or a folder /
     `config.json` path holding either (a pipeline folder's `transformer/` is found too)."""
     if config is None:
@@ -237,13 +237,9 @@ def resolve_config(config: Any, variant: str, state: dict) -> dict:
             raise FileNotFoundError(f"config={str(path)!r}: no config.json there (nor in its transformer/)")
     if not isinstance(config, dict):
         raise TypeError(f"config must be None, a dict or a path, got {type(config).__name__}")
-    from ..models import SkyReelsV3Transformer3DModel
-
-    ours = set(inspect.signature(SkyReelsV3Transformer3DModel.__init__).parameters) - {"self"}
+    ours = set(inspect.signature(model_class.__init__).parameters) - {"self"}
     fields = {k: v for k, v in config.items() if not k.startswith("_")}
-    if config.get("_class_name") == SkyReelsV3Transformer3DModel.__name__ or (
-        "dim" not in fields and set(fields) <= ours
-    ):
+    if config.get("_class_name") == model_class.__name__ or ("dim" not in fields and set(fields) <= ours):
         return fields
     return convert_config(config, variant)
 
@@ -251,13 +247,15 @@ def resolve_config(config: Any, variant: str, state: dict) -> dict:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def convert_checkpoint(state: dict, variant: str, config: dict, what: str) -> dict[str, torch.Tensor]:
+def convert_checkpoint(
+    model_class: type, state: dict, variant: str, config: dict, what: str
+) -> dict[str, torch.Tensor]:
     """Original keys -> ours through the converter's table, strictly, with every shape checked."""
     try:
         mapped = map_keys(list(state), KEY_MAPS[VARIANT_LAYOUT[variant]])
     except KeyError as error:
         raise KeyError(f"{what}: {error.args[0]}") from None
-    shapes = expected_state_shapes(config)
+    shapes = expected_state_shapes(model_class, config)
     check_mapped_keys(mapped, set(shapes), what, variant)
     converted = {item.target: item.take(state[item.source]) for item in mapped}
     wrong = {k: (tensor_shape(v), shapes[k]) for k, v in converted.items() if tensor_shape(v) != shapes[k]}
@@ -289,7 +287,7 @@ def load_transformer_single_file(
     device: str | torch.device | None = None,
     **unused,
 ):
-    """See `SkyReelsV3Transformer3DModel.from_single_file`."""
+    """See `SkyReelsV3SingleFileMixin.from_single_file` (`cls`: the model class)."""
     from accelerate import init_empty_weights
     from diffusers.models.model_loading_utils import load_model_dict_into_meta
     from diffusers.quantizers import DiffusersAutoQuantizer
@@ -317,10 +315,10 @@ def load_transformer_single_file(
         except ValueError as error:
             raise ValueError(f"{what}: {error}") from None
     try:
-        model_config = resolve_config(config, variant, state)
+        model_config = resolve_config(cls, config, variant, state)
     except KeyError as error:
         raise KeyError(f"{what}: tensor {error.args[0]!r}, needed to infer the config, is missing") from None
-    converted = convert_checkpoint(state, variant, model_config, what)
+    converted = convert_checkpoint(cls, state, variant, model_config, what)
     del state
 
     with init_empty_weights():
@@ -331,7 +329,7 @@ def load_transformer_single_file(
         hf_quantizer = DiffusersAutoQuantizer.from_config(quantization_config)
         hf_quantizer.validate_environment()
         torch_dtype = hf_quantizer.update_torch_dtype(torch_dtype)
-        _dequantize_non_linear(model, converted, expected_state_shapes(model_config))
+        _dequantize_non_linear(model, converted, expected_state_shapes(cls, model_config))
         hf_quantizer.preprocess_model(
             model=model, device_map=None, state_dict=converted, keep_in_fp32_modules=keep_in_fp32
         )
@@ -351,3 +349,31 @@ def load_transformer_single_file(
     if left_on_meta:  # cannot happen after the strict key check; never return random or empty weights
         raise RuntimeError(f"{what}: parameters left unloaded: {left_on_meta}")
     return model.eval()
+
+
+class SkyReelsV3SingleFileMixin:
+    """`from_single_file` for the transformer (the role of diffusers' `FromOriginalModelMixin`): the model class
+    inherits it, so the loader never imports the model."""
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs):
+        """Load an original single-file or sharded checkpoint, or a community GGUF file, strictly.
+
+        Args:
+            pretrained_model_link_or_path_or_dict: a local `.safetensors` / `.pth` / `.gguf` file, a list of
+                shards, a shard `*.index.json`, a folder of shards, or a state dict. Keys are the original ones
+                (Wan-native for extension / avatar, diffusers-style for reference; a ComfyUI
+                `model.diffusion_model.` prefix is removed), renamed with the converter's tables.
+            variant (`str`, *optional*): `"reference"`, `"extension"` or `"avatar"`; detected from the keys if not
+                given.
+            config (*optional*): our config dict, an original `config.json` dict, or a folder / file holding one;
+                inferred from the tensor shapes if not given (head width 128, as in every Wan2.1 size).
+            torch_dtype (`torch.dtype`, *optional*): compute dtype (modules in `_keep_in_fp32_modules` stay fp32).
+            quantization_config (*optional*): `GGUFQuantizationConfig(compute_dtype=torch.bfloat16)` for `.gguf`
+                files: the linears stay quantised and are dequantised on the fly.
+            device (*optional*): where to put the weights (default CPU).
+
+        Raises `KeyError` / `ValueError` naming the file and the missing, unexpected or misshapen keys, a GGUF
+        file of another architecture, or a truncated file; nothing is ever left randomly initialised.
+        """
+        return load_transformer_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs)

@@ -1,4 +1,4 @@
-"""Original SkyReels-V3 transformer checkpoints -> `SkyReelsV3Transformer3DModel` folders.
+"""Original SkyReels-V3 transformer checkpoints -> the keys and config of `SkyReelsV3Transformer3DModel`.
 
 Key maps are data: ordered `(pattern, target)` rules matched with `re.fullmatch` against each original key. A
 target is a replacement string, or a tuple of replacement strings meaning "chunk the tensor into that many equal
@@ -11,18 +11,11 @@ files are read by an unpickler that allows only tensor-rebuilding globals.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-from .tensor_io import PlannedTensor, TensorSource, write_safetensors_shards
 
 
 _B = r"blocks\.(\d+)\."
@@ -272,12 +265,10 @@ def convert_config(original: dict, variant: str) -> dict:
 # --------------------------------------------------------------------------------------------- tensors
 
 
-def expected_state_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every key the model with `config` expects and its shape (built on the meta device: no memory)."""
-    from ..models import SkyReelsV3Transformer3DModel
-
+def expected_state_shapes(model_class: type, config: dict) -> dict[str, tuple[int, ...]]:
+    """Every key a `model_class` with `config` expects and its shape (built on the meta device: no memory)."""
     with torch.device("meta"):
-        model = SkyReelsV3Transformer3DModel.from_config(config)
+        model = model_class.from_config(config)
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
@@ -291,73 +282,3 @@ def check_mapped_keys(mapped: list[MappedKey], expected: set[str], what: str, va
             f"Checkpoint {what} does not match the {variant!r} model: missing keys {missing}, unexpected keys "
             f"{unexpected}, duplicated keys {duplicates}"
         )
-
-
-def _planned_tensors(source: TensorSource, mapped: list[MappedKey], shapes: dict, dtype: torch.dtype | None):
-    planned = []
-    for item in mapped:
-        info = source.info(item.source)
-        target_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
-        shape = (info.shape[0] // item.num_chunks, *info.shape[1:]) if info.shape else ()
-        if shape != shapes[item.target]:
-            raise ValueError(f"{item.source} has shape {info.shape}; {item.target} needs {shapes[item.target]}")
-        planned.append(
-            PlannedTensor(item.target, shape, target_dtype, lambda item=item: item.take(source.get(item.source)))
-        )
-    return planned
-
-
-def convert_transformer(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    variant: str,
-    dtype: torch.dtype | None = None,
-    max_shard_size: int | str = "5GB",
-) -> dict:
-    """Convert an original transformer folder (`config.json` + weights) into a `from_pretrained` folder.
-
-    Streams: shapes come from the file headers, each tensor is read, renamed, cast and written on its own (peak
-    memory: the largest tensor plus a constant), with a progress bar.
-
-    Args:
-        src: original folder; extension/avatar in Wan-native keys, reference in diffusers keys.
-        dst: output folder (created); gets `config.json`, `diffusion_pytorch_model*.safetensors` (+ index).
-        variant: `"reference"`, `"extension"` (also shot switching) or `"avatar"`.
-        dtype: cast floating tensors to this dtype; `None` keeps the checkpoint's.
-        max_shard_size: largest shard, bytes or a string like `"5GB"`.
-
-    Returns the written config. Raises `KeyError` naming missing/unexpected keys (nothing is left at `dst` then).
-    """
-    from ..models import SkyReelsV3Transformer3DModel
-
-    src, dst = Path(src), Path(dst)
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found")
-    config = convert_config(json.loads(config_path.read_text()), variant)
-
-    source = TensorSource(src)
-    mapped = map_keys(source.keys(), KEY_MAPS[VARIANT_LAYOUT[variant]])
-    shapes = expected_state_shapes(config)
-    check_mapped_keys(mapped, set(shapes), str(src), variant)
-    planned = _planned_tensors(source, mapped, shapes, dtype)
-
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty")
-
-    # Write into a temporary sibling folder and move it into place at the end: no half-written output.
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        write_safetensors_shards(
-            tmp, planned, "diffusion_pytorch_model", max_shard_size, description=f"transformer ({variant})"
-        )
-        full_config = {"_class_name": SkyReelsV3Transformer3DModel.__name__, **config}
-        (tmp / "config.json").write_text(json.dumps(full_config, indent=2) + "\n")
-        if dst.exists():
-            dst.rmdir()
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return config

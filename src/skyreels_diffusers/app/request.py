@@ -12,20 +12,16 @@ import dataclasses
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from .pipelines.buckets import RESOLUTIONS, avatar_bucket_size, bucket_size, scale_to_long_side
-from .pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
-from .pipelines.pipeline_skyreels_v3_reference import MAX_NUM_FRAMES as REFERENCE_MAX_FRAMES
-from .pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
-from .pipelines.tasks import TASKS, TaskSpec
-from .pipelines.tiny import TINY_LONG_SIDE, tiny_pipeline
-from .pipelines.video_io import load_image, load_video_tail, write_video
+from ..pipelines.buckets import RESOLUTIONS, avatar_bucket_size, bucket_size, scale_to_long_side
+from ..pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
+from ..pipelines.pipeline_skyreels_v3_reference import MAX_NUM_FRAMES as REFERENCE_MAX_FRAMES
+from ..pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
+from ..pipelines.video_io import load_image, load_video_tail
+from .tasks import TASKS, TaskSpec
+from .tiny import TINY_LONG_SIDE
 
 
 DEFAULT_PROMPT = "A man is making his way forward slowly, leaning on a white cane to prop himself up."
@@ -137,7 +133,7 @@ def flag_error(error: ValueError) -> ValueError:
 def _apply_fast_preset(request: GenerationRequest) -> GenerationRequest:
     """`--fast`: fill in `optimization.FAST_PRESET` (8-bit attention, FP8 linears, compile); conflicting choices
     are an error naming the flag."""
-    from .optimization import FAST_PRESET
+    from ..optimization import FAST_PRESET
 
     if request.low_vram:
         raise _error("fast", "--fast quantizes with fp8_dynamic; --low-vram quantizes weight-only: choose one")
@@ -172,14 +168,14 @@ def validate(request: GenerationRequest) -> GenerationRequest:
 
 def _check_run_options(request: GenerationRequest) -> None:
     """What only a run has: the model folder, memory, quantisation, parallel and output options."""
-    from .optimization import QUANTIZATION_MODES
+    from ..optimization import QUANTIZATION_MODES
 
     if sum([request.offload, request.low_vram, request.group_offload, request.sequential_offload]) > 1:
         raise _error("offload", "choose one of --offload, --group-offload, --sequential-offload, --low-vram")
     if request.quantize is not None and request.quantize not in QUANTIZATION_MODES:
         raise _error("quantize", f"must be one of {QUANTIZATION_MODES}, got {request.quantize!r}")
     if request.attention_backend is not None:
-        from .models.attention_8bit_backend import check_8bit_backend_available
+        from ..models.attention_8bit_backend import check_8bit_backend_available
 
         try:
             check_8bit_backend_available(request.attention_backend)
@@ -194,7 +190,7 @@ def _check_run_options(request: GenerationRequest) -> None:
                 "xfuser shards over several processes: run under torchrun with "
                 "--ulysses-degree and/or --ring-degree > 1",
             )
-        from .parallel.xfuser import import_xfuser
+        from ..parallel.xfuser import import_xfuser
 
         try:
             import_xfuser()
@@ -240,7 +236,7 @@ def _load_media(request: GenerationRequest) -> tuple[dict, float]:
             return {"images": [load_image(path, name="ref_imgs") for path in refs]}, spec.fps
         if spec.variant == "extension":
             return _load_video(request)
-        from .pipelines.audio_io import load_speech
+        from ..pipelines.audio_io import load_speech
 
         if request.input_image is None:
             raise _error("input_image", "is required for talking_avatar")
@@ -259,7 +255,6 @@ def _load_media(request: GenerationRequest) -> tuple[dict, float]:
 
 
 def _validate_shard_weights(request: GenerationRequest) -> None:
-    import os
 
     if not request.shard_weights:
         return
@@ -332,25 +327,6 @@ def _check_transformer_file(request: GenerationRequest) -> None:
             raise _error("transformer", "GGUF files need the gguf package: pip install 'skyreels-diffusers[gguf]'")
 
 
-def load_transformer_file(request: GenerationRequest):
-    """`--transformer FILE`: the transformer from an original single file or a community GGUF (kept quantised,
-    bf16 compute), configured by the pipeline folder's `transformer/config.json`."""
-    from .models import SkyReelsV3Transformer3DModel
-
-    kwargs = {}
-    if request.transformer.endswith(".gguf"):
-        from diffusers import GGUFQuantizationConfig
-
-        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
-    return SkyReelsV3Transformer3DModel.from_single_file(
-        request.transformer,
-        variant=request.spec.variant,
-        config=Path(request.model) / "transformer",
-        torch_dtype=torch.bfloat16,
-        **kwargs,
-    )
-
-
 def output_size(request: GenerationRequest) -> tuple[int | None, int | None]:
     """(height, width): explicit, else the bucket; `--model tiny` without `--resolution` shrinks the 480P bucket to
     a long side of 256 px so that a CPU run takes seconds. (None, None) while the input's size is unknown."""
@@ -395,126 +371,10 @@ def pipeline_kwargs(request: GenerationRequest, size: tuple[int | None, int | No
     return kwargs
 
 
-def check_output_writable(output: Path, overwrite: bool = False) -> None:
-    """Refuse, before any model work, an output that exists (unless `overwrite`) or whose folder cannot be created
-    or written (a probe file is written and removed)."""
-    import tempfile
-
-    if output.suffix.lower() != ".mp4":
-        raise _error("output", f"must end in .mp4, got {output}")
-    if output.is_dir():
-        raise _error("output", f"{output} is a folder; give the path of an .mp4 file")
-    if output.exists() and not overwrite:
-        raise _error("output", f"{output} exists; pass --overwrite to replace it or pick another name")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".skyreels-v3-probe-"):
-            pass
-    except OSError as error:
-        raise _error("output", f"cannot write to {output.parent} ({error.strerror or error})") from None
-
-
-def write_or_keep(frames: np.ndarray, output: Path, overwrite: bool = False, unique: bool = False, **kwargs) -> Path:
-    """Write the mp4 (never replacing a file unless `overwrite`; with `unique`, a name taken meanwhile gets the next
-    free suffix instead); if that still fails after a finished run, keep the frames in a temporary `.npy` file and
-    say where (a finished GPU run is never lost)."""
-    import tempfile
-
-    while True:
-        try:
-            return write_video(frames, output, overwrite=overwrite, **kwargs)
-        except FileExistsError as error:
-            if unique and not overwrite:
-                output = unique_path(output)
-                continue
-            failure = OSError(error.errno, "it appeared during the run; pass --overwrite to replace it")
-        except OSError as error:
-            failure = error
-        break
-    fd, kept = tempfile.mkstemp(prefix="skyreels-v3-frames-", suffix=".npy")
-    with os.fdopen(fd, "wb") as file:
-        np.save(file, frames)
-    raise _error(
-        "output",
-        f"writing {output} failed ({failure.strerror or failure}); the {len(frames)} generated "
-        f"frames are kept in {kept} (numpy.load it, or write it with "
-        "skyreels_diffusers.pipelines.video_io.write_video)",
-    ) from None
-
-
-def unique_path(path: Path) -> Path:
-    """`path`, or the first of `<stem>-1<suffix>`, `<stem>-2<suffix>`, ... that does not exist."""
-    candidate, number = path, 0
-    while candidate.exists():
-        number += 1
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
-    return candidate
-
-
-def default_output_path(request: GenerationRequest) -> Path:
-    """result/<task>/<seed>_<date>_<time>.mp4, with a -1, -2, ... suffix when that name is taken (two runs in one
-    second)."""
-    return unique_path(Path("result") / request.task / f"{request.seed}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.mp4")
-
-
-def load_pipeline(request: GenerationRequest):
-    """The task's pipeline: tiny random weights in-process, or a converted folder (bf16, VAE in fp32)."""
-    from .generation_parallel import drop_main_only_encoders, encoder_kwargs_to_skip, world_info
-
-    if request.model == "tiny":
-        print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
-        pipe = tiny_pipeline(request.task, seed=0)
-        drop_main_only_encoders(pipe)  # under torchrun, rank 0 alone runs the text and audio encoders
-    else:
-        from .loading import load_pipeline_folder
-
-        given = encoder_kwargs_to_skip(*world_info()[::-1])
-        if request.transformer is not None:
-            given["transformer"] = load_transformer_file(request)
-        # strict: the folder's pipeline class, every file and every weight checked (wav2vec2 in float32, as in the
-        # original; the VAE in float32)
-        pipe = load_pipeline_folder(
-            request.model,
-            request.spec.pipeline_class,
-            {"default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32},
-            **given,
-        )
-    from .optimization import apply_memory_mode, enable_fast_path, quantize_transformer
-
-    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if request.quantize is not None:
-        quantize_transformer(pipe.transformer, request.quantize, compute_dtype=pipe.transformer.dtype)
-    mode = (
-        "low_vram"
-        if request.low_vram
-        else "group"
-        if request.group_offload
-        else "sequential"
-        if request.sequential_offload
-        else "offload"
-        if request.offload
-        else "resident"
-    )
-    if request.shard_weights:  # the transformer goes to the GPU as shards (generation_parallel.parallelize)
-        from .generation_parallel import place_all_but_transformer
-
-        place_all_but_transformer(pipe, torch.device(device))
-    else:
-        apply_memory_mode(pipe, mode, device)
-    # xfuser's attention is a graph break (`torch.compiler.disable`): its blocks compile in pieces
-    enable_fast_path(
-        pipe,
-        compile=request.compile,
-        attention_backend=request.attention_backend,
-        fullgraph=request.parallel_backend != "xfuser",
-    )
-    return pipe
-
-
 def num_attention_heads(request: GenerationRequest) -> int:
     """The transformer's head count (what sequence-parallel degrees must divide)."""
     if request.model == "tiny":
-        from .models.configs import TINY_TRANSFORMER_CONFIGS
+        from ..models.configs import TINY_TRANSFORMER_CONFIGS
 
         return TINY_TRANSFORMER_CONFIGS[request.spec.variant]["num_attention_heads"]
     config = json.loads((Path(request.model) / "transformer" / "config.json").read_text())
@@ -523,111 +383,12 @@ def num_attention_heads(request: GenerationRequest) -> int:
 
 def check_parallel(request: GenerationRequest, world_size: int) -> None:
     """The sequence-parallel degrees against the model's heads and the number of processes."""
-    from .parallel.context_parallel import check_degrees
+    from ..parallel.context_parallel import check_degrees
 
     try:
         check_degrees(num_attention_heads(request), request.ulysses_degree, request.ring_degree, world_size)
     except ValueError as error:
         raise _error("ulysses_degree", str(error)) from None
-
-
-def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
-    """Validate on rank 0 (which alone reads the inputs) and hand the result, or the error, to every rank."""
-    import torch.distributed as dist
-
-    from .parallel.context_parallel import broadcast_from_main
-
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world == 1 and request.ulysses_degree * request.ring_degree == 1:
-        return validate(request)
-    outcome = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            outcome = validate(request)
-            check_parallel(outcome, world)
-        except ValueError as error:
-            outcome = error
-    outcome = broadcast_from_main(outcome)
-    if isinstance(outcome, Exception):
-        raise outcome
-    return outcome
-
-
-def run(
-    request: GenerationRequest,
-    pipe=None,
-    callback_on_step_end=None,
-    callback_on_window_end=None,
-    should_stop=None,
-) -> Path | None:
-    """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun, and
-    when `should_stop()` turned true during the run: a cancelled job writes nothing)."""
-    from .generation_parallel import muxed_audio, parallelize, pipeline_text_kwargs, precomputed_embeddings
-    from .parallel import init_distributed, is_main_process
-
-    rank, world, device = init_distributed()
-    if world > 1 and request.device is None:
-        request = dataclasses.replace(request, device=str(device))
-    if not request.media:
-        request = _validate_everywhere(request)
-    output = Path(request.output) if request.output else default_output_path(request)
-    check_output_writable(output, overwrite=request.overwrite)
-    pipe = pipe or load_pipeline(request)
-    if world > 1:  # tokens, VAE tiles (and with --shard-weights the weights) over the ranks; once per pipeline
-        parallelize(
-            pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend, request.shard_weights, device
-        )
-        pipe.set_progress_bar_config(disable=not is_main_process())
-    extra = {
-        "callback_on_step_end": callback_on_step_end,
-        "generator": torch.Generator(device="cpu").manual_seed(request.seed),
-    }
-    if request.task == "talking_avatar":
-        extra.update(callback_on_window_end=callback_on_window_end, write_resume=is_main_process())
-    size = output_size(request)
-    if world > 1:  # encoders once: rank 0 encodes, every rank receives the embeddings
-        extra.update(
-            pipeline_text_kwargs(
-                precomputed_embeddings(
-                    pipe,
-                    request.task,
-                    device,
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    guidance_scale=request.guidance_scale,
-                    height=size[0],
-                    width=size[1],
-                    window_prompt=pipeline_kwargs(request, size).get("window_prompt"),
-                    portrait=request.media.get("image"),
-                    speech=request.media.get("speech"),
-                )
-            )
-        )
-        if "audio_embeds" in extra:  # precomputed: the features and the window prompt's embeddings
-            extra.update(audio=None, window_prompt=None)
-    try:
-        out = pipe(**pipeline_kwargs(request, size, **extra))
-    except ValueError as error:  # an argument refused during the run (e.g. a resume folder): under its flag
-        flagged = flag_error(error)
-        if flagged is error:
-            raise
-        raise flagged from None
-    if not is_main_process() or (should_stop is not None and should_stop()):
-        return None
-    audio, rate = getattr(out, "audio", None), getattr(out, "audio_sample_rate", None)
-    if audio is None and request.media.get("speech") is not None:
-        output_audio = request.output_audio or ("normalized" if request.reproduce_original else "original")
-        audio, rate = muxed_audio(request.media["speech"], output_audio)
-    return write_or_keep(
-        np.asarray(out.frames[0]),
-        output,
-        overwrite=request.overwrite,
-        unique=not request.output,  # a default name taken meanwhile (another run) -> the next free one
-        fps=request.fps,
-        audio=audio,
-        audio_sample_rate=rate,
-        crf=request.crf,
-    )
 
 
 def request_fields() -> list[str]:

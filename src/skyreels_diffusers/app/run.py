@@ -1,0 +1,186 @@
+"""One run of a validated request: load the task's pipeline (tiny or a converted folder, with the memory, speed and
+parallel options), generate, and write the mp4. Under torchrun every rank runs this; rank 0 writes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .output import check_output_writable, default_output_path, write_or_keep
+from .request import GenerationRequest, check_parallel, flag_error, output_size, pipeline_kwargs, validate
+from .tiny import tiny_pipeline
+
+
+def load_transformer_file(request: GenerationRequest):
+    """`--transformer FILE`: the transformer from an original single file or a community GGUF (kept quantised,
+    bf16 compute), configured by the pipeline folder's `transformer/config.json`."""
+    from ..models import SkyReelsV3Transformer3DModel
+
+    kwargs = {}
+    if request.transformer.endswith(".gguf"):
+        from diffusers import GGUFQuantizationConfig
+
+        kwargs["quantization_config"] = GGUFQuantizationConfig(compute_dtype=torch.bfloat16)
+    return SkyReelsV3Transformer3DModel.from_single_file(
+        request.transformer,
+        variant=request.spec.variant,
+        config=Path(request.model) / "transformer",
+        torch_dtype=torch.bfloat16,
+        **kwargs,
+    )
+
+
+def load_pipeline(request: GenerationRequest):
+    """The task's pipeline: tiny random weights in-process, or a converted folder (bf16, VAE in fp32)."""
+    from .distributed import drop_main_only_encoders, encoder_kwargs_to_skip, world_info
+
+    if request.model == "tiny":
+        print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
+        pipe = tiny_pipeline(request.task, seed=0)
+        drop_main_only_encoders(pipe)  # under torchrun, rank 0 alone runs the text and audio encoders
+    else:
+        from ..loaders.pipeline_folder import load_pipeline_folder
+
+        given = encoder_kwargs_to_skip(*world_info()[::-1])
+        if request.transformer is not None:
+            given["transformer"] = load_transformer_file(request)
+        # strict: the folder's pipeline class, every file and every weight checked (wav2vec2 in float32, as in the
+        # original; the VAE in float32)
+        pipe = load_pipeline_folder(
+            request.model,
+            request.spec.pipeline_class,
+            {"default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32},
+            **given,
+        )
+    from ..optimization import apply_memory_mode, enable_fast_path, quantize_transformer
+
+    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if request.quantize is not None:
+        quantize_transformer(pipe.transformer, request.quantize, compute_dtype=pipe.transformer.dtype)
+    mode = (
+        "low_vram"
+        if request.low_vram
+        else "group"
+        if request.group_offload
+        else "sequential"
+        if request.sequential_offload
+        else "offload"
+        if request.offload
+        else "resident"
+    )
+    if request.shard_weights:  # the transformer goes to the GPU as shards (distributed.parallelize)
+        from .distributed import place_all_but_transformer
+
+        place_all_but_transformer(pipe, torch.device(device))
+    else:
+        apply_memory_mode(pipe, mode, device)
+    # xfuser's attention is a graph break (`torch.compiler.disable`): its blocks compile in pieces
+    enable_fast_path(
+        pipe,
+        compile=request.compile,
+        attention_backend=request.attention_backend,
+        fullgraph=request.parallel_backend != "xfuser",
+    )
+    return pipe
+
+
+def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
+    """Validate on rank 0 (which alone reads the inputs) and hand the result, or the error, to every rank."""
+    import torch.distributed as dist
+
+    from ..parallel.context_parallel import broadcast_from_main
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1 and request.ulysses_degree * request.ring_degree == 1:
+        return validate(request)
+    outcome = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            outcome = validate(request)
+            check_parallel(outcome, world)
+        except ValueError as error:
+            outcome = error
+    outcome = broadcast_from_main(outcome)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def run(
+    request: GenerationRequest,
+    pipe=None,
+    callback_on_step_end=None,
+    callback_on_window_end=None,
+    should_stop=None,
+) -> Path | None:
+    """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun, and
+    when `should_stop()` turned true during the run: a cancelled job writes nothing)."""
+    from ..parallel import init_distributed, is_main_process
+    from .distributed import muxed_audio, parallelize, pipeline_text_kwargs, precomputed_embeddings
+
+    rank, world, device = init_distributed()
+    if world > 1 and request.device is None:
+        request = dataclasses.replace(request, device=str(device))
+    if not request.media:
+        request = _validate_everywhere(request)
+    output = Path(request.output) if request.output else default_output_path(request)
+    check_output_writable(output, overwrite=request.overwrite)
+    pipe = pipe or load_pipeline(request)
+    if world > 1:  # tokens, VAE tiles (and with --shard-weights the weights) over the ranks; once per pipeline
+        parallelize(
+            pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend, request.shard_weights, device
+        )
+        pipe.set_progress_bar_config(disable=not is_main_process())
+    extra = {
+        "callback_on_step_end": callback_on_step_end,
+        "generator": torch.Generator(device="cpu").manual_seed(request.seed),
+    }
+    if request.task == "talking_avatar":
+        extra.update(callback_on_window_end=callback_on_window_end, write_resume=is_main_process())
+    size = output_size(request)
+    if world > 1:  # encoders once: rank 0 encodes, every rank receives the embeddings
+        extra.update(
+            pipeline_text_kwargs(
+                precomputed_embeddings(
+                    pipe,
+                    request.task,
+                    device,
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    guidance_scale=request.guidance_scale,
+                    height=size[0],
+                    width=size[1],
+                    window_prompt=pipeline_kwargs(request, size).get("window_prompt"),
+                    portrait=request.media.get("image"),
+                    speech=request.media.get("speech"),
+                )
+            )
+        )
+        if "audio_embeds" in extra:  # precomputed: the features and the window prompt's embeddings
+            extra.update(audio=None, window_prompt=None)
+    try:
+        out = pipe(**pipeline_kwargs(request, size, **extra))
+    except ValueError as error:  # an argument refused during the run (e.g. a resume folder): under its flag
+        flagged = flag_error(error)
+        if flagged is error:
+            raise
+        raise flagged from None
+    if not is_main_process() or (should_stop is not None and should_stop()):
+        return None
+    audio, rate = getattr(out, "audio", None), getattr(out, "audio_sample_rate", None)
+    if audio is None and request.media.get("speech") is not None:
+        output_audio = request.output_audio or ("normalized" if request.reproduce_original else "original")
+        audio, rate = muxed_audio(request.media["speech"], output_audio)
+    return write_or_keep(
+        np.asarray(out.frames[0]),
+        output,
+        overwrite=request.overwrite,
+        unique=not request.output,  # a default name taken meanwhile (another run) -> the next free one
+        fps=request.fps,
+        audio=audio,
+        audio_sample_rate=rate,
+        crf=request.crf,
+    )
