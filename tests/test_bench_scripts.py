@@ -431,3 +431,30 @@ def test_bench_e2e_two_processes_with_sharded_weights(tmp_path):
     assert {"max_abs_diff_vs_1gpu", "mean_abs_diff_vs_1gpu"} <= set(row)
     one, two = (np.load(frames / f"reference_720p_default_tiny_{n}gpu.npy") for n in (1, 2))
     assert one.shape == two.shape == (5, 32, 48, 3) and two.dtype == np.uint8
+
+
+def test_random_components_do_not_depend_on_which_encoders_a_rank_builds():
+    """Under torchrun rank 0 alone builds the text and audio encoders: every component the ranks share (the
+    transformer, the VAE, CLIP) must get the same random weights on every rank, whatever was built before it, or
+    the ranks run different models (the whole-run comparison with one GPU then measures that, not the parallelism)."""
+    import torch
+
+    from skyreels_diffusers.app import tiny
+    from skyreels_diffusers.models.configs import TINY_TRANSFORMER_CONFIGS
+
+    bench = load_bench_script("bench_pipeline.py")
+    sizes = {
+        "text_encoder": tiny.TINY_TEXT_ENCODER_CONFIG,
+        "image_encoder": tiny.TINY_CLIP_CONFIG,
+        "audio_encoder": tiny.TINY_WAV2VEC2_CONFIG,
+        "vae": tiny.TINY_VAE_CONFIG,
+        "transformer": TINY_TRANSFORMER_CONFIGS["avatar"],
+    }
+    main, other = (
+        bench.real_components("talking_avatar", "cpu", main_encoders=main, sizes=sizes) for main in (True, False)
+    )
+    assert main["text_encoder"] is not None and other["text_encoder"] is None and other["audio_encoder"] is None
+    for name in ("transformer", "vae", "image_encoder"):
+        ours, theirs = main[name].state_dict(), other[name].state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
