@@ -426,11 +426,12 @@ def test_bench_e2e_two_processes_with_sharded_weights(tmp_path):
     (row,) = json.loads(out.read_text())
     assert (row["gpus"], row["ulysses"], row["shard_weights"], row["frames"]) == (2, 2, True, 5)
     assert len(row["peak_gib_per_rank"]) == 2 and len(row["step_s"]) == 1
-    # compared with the one-process frames of the same case (the sharded build fills its shards with other random
-    # values, so only the comparison's presence and the saved frames' shape are checked)
-    assert {"max_abs_diff_vs_1gpu", "mean_abs_diff_vs_1gpu"} <= set(row)
+    # the one-process frames of the same case: the same model (each shard holds its rows of the values the
+    # one-process build draws), so the frames agree to float rounding (a level here and there)
     one, two = (np.load(frames / f"reference_720p_default_tiny_{n}gpu.npy") for n in (1, 2))
     assert one.shape == two.shape == (5, 32, 48, 3) and two.dtype == np.uint8
+    difference = np.abs(one.astype(int) - two.astype(int))
+    assert row["max_abs_diff_vs_1gpu"] == difference.max() <= 1 and (difference > 0).mean() < 1e-3
 
 
 def test_random_components_do_not_depend_on_which_encoders_a_rank_builds():
