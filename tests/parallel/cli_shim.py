@@ -1,12 +1,13 @@
 """`skyreels-v3 generate` for the multi-node tests, with two test-only switches in front of the CLI's own arguments:
 
-    python -m tests.parallel.cli_shim [--cpu-ring] [--tiled-vae] generate --task ... (the CLI's arguments)
+    python -m tests.parallel.cli_shim [--cpu-ring] [--tiled-vae] [--placement DIR] generate --task ... (the CLI's)
 
 * `--cpu-ring` registers `cpu_flash_lse`, an attention backend for CPUs that returns the log-sum-exp ring attention
   merges partial results with (PyTorch's CPU flash kernel), and passes `--attention-backend cpu_flash_lse`:
   diffusers' CPU backend (`native`, SDPA) returns none, so `--ring-degree` cannot run on gloo otherwise.
 * `--tiled-vae` (one process) runs the same request through `app.run.run` with the VAE tiled exactly as the
   parallel VAE tiles it (diffusers' default tiles): the one-process video a multi-process run must equal.
+* `--placement DIR` writes `DIR/<global rank>.txt` holding the node (torchrun's `GROUP_RANK`) the rank runs on.
 """
 
 from __future__ import annotations
@@ -107,8 +108,15 @@ def run_tiled(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    import os
+    from pathlib import Path
+
     from skyreels_diffusers.app.cli import main as cli_main
 
+    if "--placement" in argv:
+        at = argv.index("--placement")
+        folder, argv = Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
+        (folder / f"{os.environ['RANK']}.txt").write_text(os.environ["GROUP_RANK"])
     if "--cpu-ring" in argv:
         argv = [a for a in argv if a != "--cpu-ring"] + ["--attention-backend", CPU_LSE_BACKEND]
         register_cpu_lse_backend()
