@@ -256,6 +256,7 @@ def speed_suite_stages() -> list[str]:
 def load_bench_script(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / name)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         spec.loader.exec_module(module)
