@@ -12,7 +12,8 @@ rank 0 (broadcast), context parallelism over the ranks, the parallel VAE, option
 Cases: reference_720p (5 s, 121 frames, 8 steps), extension_720p (5 s: one chunk of 7 + 33 latent frames, 8
 steps), avatar_480p / avatar_720p (keyframe clip + windows of 81 frames, 4 steps each; `--avatar-seconds` of audio,
 default 4 s = 2 windows). Presets: default (bf16 eager), compile (regional torch.compile), fp8 (torchao FP8
-weight-only, eager), fp8_compile (FP8 dynamic activations + compile).
+weight-only, eager), fp8_compile (FP8 dynamic activations + compile), fast (`--fast`: `optimization.FAST_PRESET`,
+8-bit self-attention + FP8 dynamic + compile).
 
 Per run (rank 0's clock; every stage is device-synchronised): encoders (rank 0 + broadcast), the time before the
 first step (inputs, VAE encode), every transformer forward (= step, no CFG), the decode after the last step (VAE
@@ -68,7 +69,7 @@ CASES = {
     "avatar_480p": ("talking_avatar", (480, 832), 4, 4),
     "avatar_720p": ("talking_avatar", (720, 1280), 4, 4),
 }
-PRESETS = ("default", "compile", "fp8", "fp8_compile")
+PRESETS = ("default", "compile", "fp8", "fp8_compile", "fast")
 TINY_SIZE = (32, 48)
 AVATAR_PROJECTION_SECONDS = 200
 
@@ -171,8 +172,12 @@ def build_pipeline(task: str, device: torch.device, tiny: bool, shard: bool, mai
 
 
 def apply_preset(pipe, preset: str) -> None:
-    from skyreels_diffusers.optimization import enable_fast_path, quantize_transformer
+    from skyreels_diffusers.optimization import FAST_PRESET, enable_fast_path, quantize_transformer
 
+    if preset == "fast":  # what `skyreels-v3 generate --fast` applies
+        quantize_transformer(pipe.transformer, FAST_PRESET["quantize"])
+        enable_fast_path(pipe, compile=FAST_PRESET["compile"], attention_backend=FAST_PRESET["attention_backend"])
+        return
     if preset in ("fp8", "fp8_compile"):
         quantize_transformer(pipe.transformer, "fp8_weight_only" if preset == "fp8" else "fp8_dynamic")
     enable_fast_path(pipe, compile=preset in ("compile", "fp8_compile"))

@@ -460,3 +460,31 @@ def test_random_components_do_not_depend_on_which_encoders_a_rank_builds():
         ours, theirs = main[name].state_dict(), other[name].state_dict()
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+@pytest.mark.parametrize("case", ["reference_720p", "extension_720p", "avatar_480p"])
+def test_e2e_suite_rows_pass_bench_e2e_parser(tmp_path, case):
+    """Every row of bench/e2e_suite.sh (one device call: the one-GPU baseline, then N GPUs) asks bench_e2e.py for
+    arguments it accepts, with the baseline's VAE tiled and JSON in the device's output folder."""
+    bench = load_bench_script("bench_e2e.py")
+    env = {**os.environ, "E2E_SUITE_DRY_RUN": "1", "OUT": str(tmp_path)}
+    for preset in ("default", "compile", "fast", "shard"):
+        done = subprocess.run(
+            ["bash", "bench/e2e_suite.sh", case, preset, "4"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        one, many = (shlex.split(line) for line in done.stdout.splitlines())
+        assert one[:2] == ["python3", "bench/bench_e2e.py"]
+        assert many[:6] == ["python3", "-m", "torch.distributed.run", "--nproc_per_node", "4", "bench/bench_e2e.py"]
+        baseline, parallel = bench.build_parser().parse_args(one[2:]), bench.build_parser().parse_args(many[6:])
+        assert baseline.cases == parallel.cases == [case] and baseline.presets == parallel.presets
+        assert baseline.vae_tiling and not baseline.shard_weights and parallel.shard_weights == (preset == "shard")
+        assert baseline.save_frames == parallel.save_frames  # the N-GPU row compares with the baseline's frames
+        assert str(tmp_path) in baseline.json and str(tmp_path) in parallel.json
+    assert not list(tmp_path.iterdir())
