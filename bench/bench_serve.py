@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     for phase, replicas in enumerate(args.replicas):
         start(dataclasses.replace(settings, replicas=replicas))
         wait_ready(base_url, replicas, args.task, timeout=600)
-        run_phase(base_url, dataclasses.replace(args, jobs_per_client=1), job, 100 + phase)  # warm-up
+        run_phase(base_url, argparse.Namespace(**{**vars(args), "jobs_per_client": 1}), job, 100 + phase)  # warm-up
         results["phases"][replicas] = run_phase(base_url, args, job, phase)
         print(f"{replicas} replica(s): {json.dumps(results['phases'][replicas])}", flush=True)
     if 1 in results["phases"] and 2 in results["phases"]:
@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     target = args.json or (os.path.join(os.environ["OUT"], "bench_serve.json") if os.environ.get("OUT") else None)
     if target:
         Path(target).write_text(json.dumps(results, indent=2))
+    import ray
     from ray import serve
 
     serve.shutdown()
+    ray.shutdown()
     return 0
 
 

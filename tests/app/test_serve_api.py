@@ -289,3 +289,54 @@ def test_a_failed_job_tells_why_without_server_paths(served):
     assert video["status"] == "failed" and video["error"]["code"] == "invalid_request"
     assert "face.png" in video["error"]["message"] and str(store.root) not in json.dumps(video)
     assert "/" not in video["error"]["message"].split(":", 1)[1], video["error"]["message"]
+
+
+def test_the_serve_command_refuses_bad_settings_before_starting_ray(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from skyreels_diffusers.app.cli import main
+
+    monkeypatch.delenv("SKYREELS_API_KEYS", raising=False)
+    ray_before = "ray" in sys.modules
+    store = ["--store", str(tmp_path / "store")]
+    assert main(["serve", "--host", "0.0.0.0", *store]) == 2
+    assert "API keys" in capsys.readouterr().err
+    assert main(["serve", "--task", "text_to_video", *store]) == 2
+    assert "--task: must be among" in capsys.readouterr().err
+    assert main(["serve", "--task", "reference_to_video=" + str(tmp_path / "missing"), *store]) == 2
+    assert "--model:" in capsys.readouterr().err
+    assert main(["serve", "--replicas", "talking_avatar=2", "--task", "reference_to_video", *store]) == 2
+    assert "--replicas" in capsys.readouterr().err
+    assert ("ray" in sys.modules) == ray_before  # refused before Ray is imported
+
+
+def test_serve_settings_from_the_command_line(tmp_path, monkeypatch):
+    from skyreels_diffusers.app.cli import build_parser
+    from skyreels_diffusers.app.serve import settings_from_args
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nkey-one\n\nkey-two\n")
+    monkeypatch.setenv("SKYREELS_API_KEYS", "key-three")
+    args = build_parser().parse_args(
+        ["serve", "--task", "reference_to_video", "--task", "talking_avatar=tiny", "--api-key-file", str(keys)]
+        + ["--replicas", "2", "--replicas", "talking_avatar=3", "--low-vram", "--input-dir", str(tmp_path)]
+    )
+    settings = settings_from_args(args)
+    assert settings.deployments == {"reference_to_video": "tiny", "talking_avatar": "tiny"}
+    assert settings.api_keys == ("key-three", "key-one", "key-two")
+    assert settings.replicas == 2 and settings.task_replicas == {"talking_avatar": 3}
+    assert settings.options == {"low_vram": True} and settings.input_dirs == (str(tmp_path.resolve()),)
+    assert settings.host == "127.0.0.1"
+
+
+def test_the_serve_config_builder_requires_keys_beyond_loopback(monkeypatch):
+    from skyreels_diffusers.app import serve
+
+    built = []
+    monkeypatch.setattr(serve, "build_application", built.append)
+    monkeypatch.delenv("SKYREELS_API_KEYS", raising=False)
+    with pytest.raises(ValueError, match="API keys"):
+        serve.app_builder({"deployments": {"talking_avatar": "tiny"}})
+    monkeypatch.setenv("SKYREELS_API_KEYS", "k1, k2")
+    serve.app_builder({"deployments": {"talking_avatar": "tiny"}, "store": "/shared/jobs", "task_replicas": {}})
+    assert built[0].api_keys == ("k1", "k2") and built[0].store == "/shared/jobs"

@@ -223,7 +223,7 @@ def test_a_replica_killed_mid_job_and_a_full_queue(server, tmp_path):
     from skyreels_diffusers.app.jobs import JobStore
 
     store = JobStore(server["settings"].store)
-    long_job = body("talking_avatar", seed=21, steps=8)
+    long_job = body("talking_avatar", seed=21, steps=5)
     job = client.post("/v1/videos", json=long_job, headers=auth()).json()["id"]
     wait_for(client, job, lambda v: (v["progress_detail"] or {}).get("window", 0) >= 1 or v["status"] != "queued")
     queued = [client.post("/v1/videos", json=body("talking_avatar", seed=30 + i), headers=auth()) for i in range(3)]
@@ -266,7 +266,7 @@ def test_a_restarted_server_keeps_results_and_reruns_unfinished_jobs(server, tmp
         job = client.post("/v1/videos", json=body("talking_avatar", seed=50), headers=auth()).json()["id"]
         assert wait_for(client, job)["status"] == "completed"
         server["completed"][job] = content(client, job)
-    running_body, queued_body = body("talking_avatar", seed=51, steps=6), body("talking_avatar", seed=52)
+    running_body, queued_body = body("talking_avatar", seed=51, steps=5), body("talking_avatar", seed=52)
     running = client.post("/v1/videos", json=running_body, headers=auth()).json()["id"]
     queued = client.post("/v1/videos", json=queued_body, headers=auth()).json()["id"]
     wait_for(client, running, lambda v: v["status"] != "queued")

@@ -177,6 +177,19 @@ def build_application(settings: ServeSettings):
     return ingress.bind(settings, handles)
 
 
+def app_builder(args: dict):
+    """The application from a Serve config (`import_path: skyreels_diffusers.app.serve:app_builder`, e.g. a
+    KubeRay RayService): `args` are `ServeSettings` fields; API keys come from `SKYREELS_API_KEYS` (a Kubernetes
+    secret) unless given, and are required unless `host` is a loopback address (Serve's own `http_options` bind
+    the port)."""
+    values = dict(args)
+    keys = values.pop("api_keys", None) or os.environ.get("SKYREELS_API_KEYS", "").split(",")
+    values["api_keys"] = tuple(k.strip() for k in keys if k.strip())
+    values["input_dirs"] = tuple(values.get("input_dirs", ()))
+    values.setdefault("host", "0.0.0.0")
+    return build_application(ServeSettings(**values))
+
+
 def init_ray(address: str | None = None, **kwargs) -> None:
     """Connect to the Ray cluster at `address`, or start a local instance bound to 127.0.0.1 with no dashboard.
 
