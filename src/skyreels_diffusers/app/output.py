@@ -111,12 +111,14 @@ def write_windows(pipe, kwargs: dict, output: Path, request: GenerationRequest, 
                 announced = True
             writer.append(window.frames)
         writer.close()
-    except BaseException:
+    except BaseException as error:
         try:
             writer.close()
         finally:
             if should_stop is not None and should_stop():
                 writer.path.unlink(missing_ok=True)
+        if isinstance(error, KeyboardInterrupt) and writer.path.is_file():  # Ctrl-C: say where the video is
+            raise KeyboardInterrupt(f"the video so far is in {writer.path}") from None
         raise
     if should_stop is not None and should_stop():
         writer.path.unlink(missing_ok=True)

@@ -431,8 +431,9 @@ class GrowingVideoWriter:
     Each `append(frames)` (uint8 or float in [0, 1] `[n, H, W, 3]`) is encoded on a background thread, so the
     caller goes on (generating the next window) meanwhile; at most `queue_size` windows wait, which bounds the
     memory. Every window is encoded by its own H.264 encoder (CRF `crf`, a closed group of pictures starting with a
-    keyframe): the same frames give the same bytes whether they come from a generator or from a resume folder, and
-    each window is in the file, whole, once the next fragment starts (at the latest `FRAGMENT_SECONDS` of video
+    keyframe): a window is the same video whether it comes from a generator or from a resume folder (its bytes may
+    differ: x264 through PyAV is not byte-reproducible from run to run here), and each window is in the file, whole,
+    once the next fragment starts (at the latest `FRAGMENT_SECONDS` of video
     later, or at `close`). The audio (mono or stereo float waveform, optional) is one AAC stream, muxed as the video
     grows. The file is `path` (e.g. `partial_path(output)`); it is created with the first window. An error of the
     background thread is raised by the next `append` or `close`; `close` (also on leaving a `with` block) ends the
