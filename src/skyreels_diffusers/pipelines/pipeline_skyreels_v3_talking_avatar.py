@@ -216,7 +216,7 @@ class AvatarWindow:
     state: AvatarState | None = None
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False)
 class AvatarRun:
     """One encoded run (from `SkyReelsV3TalkingAvatarPipeline.windows`): iterate it for its `AvatarWindow`s, the
     keyframe clip first. The pipeline makes one run at a time."""
@@ -674,9 +674,8 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             motion=kept[-MOTION_FRAMES:].clone() if clip.window is not None else None,  # not a view of all
             generator=run.generator.get_state(),
         )
-        return AvatarWindow(
-            clip.index, run.num_clips, clip.window, frames, clip.start + clip.keep[0], latents, next_state
-        )
+        first_frame = clip.start + clip.keep[0] if clip.new_video else 0
+        return AvatarWindow(clip.index, run.num_clips, clip.window, frames, first_frame, latents, next_state)
 
     # ---------------------------------------------------------------------------------------------- windows
     def generate_windows(self, run: AvatarRun, resume_from: AvatarState | None = None) -> Iterator[AvatarWindow]:
