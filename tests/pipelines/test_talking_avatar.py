@@ -214,8 +214,16 @@ def test_windows_checks_and_encodes_but_generates_only_when_iterated():
     assert isinstance(run, AvatarRun) and (run.num_frames, run.num_clips, run.height, run.width) == (146, 4, 32, 48)
     assert run.audio is None and run.fps == 25
     with pytest.raises(ValueError, match="resolution"):
-        pipe.windows(image=random_image(), audio_embeds=features(10), resolution="1080P")
+        pipe.windows(image=random_image(), audio_embeds=features(10), prompt="x", resolution="1080P")
     pipe.transformer.forward = forward
+    short = pipe.windows(
+        image=random_image(60, 40), audio_embeds=features(20), prompt="x", num_inference_steps=1, **SMALL
+    )
+    assert torch.is_grad_enabled()  # iterated outside any no_grad block, as the command line does
+    (window,) = list(short)
+    # before: the windows' VAE and transformer calls recorded autograd graphs (1 GB more per window at 96 x 160,
+    # chained from window to window through the motion frames)
+    assert window.latents.grad_fn is None and not window.latents.requires_grad and window.frames.shape[0] == 20
 
 
 @pytest.mark.slow

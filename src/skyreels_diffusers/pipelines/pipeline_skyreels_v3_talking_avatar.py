@@ -678,6 +678,7 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
         return AvatarWindow(clip.index, run.num_clips, clip.window, frames, first_frame, latents, next_state)
 
     # ---------------------------------------------------------------------------------------------- windows
+    @torch.no_grad()  # on a generator: every step of the iteration, wherever the caller iterates it
     def generate_windows(self, run: AvatarRun, resume_from: AvatarState | None = None) -> Iterator[AvatarWindow]:
         """The loop of a run: the keyframe clip, then every sliding window (from the one after `resume_from`), each
         yielded when finished; `callback_on_window_end(pipe, index, num_clips)` runs once its consumer is done with
