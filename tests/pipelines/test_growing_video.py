@@ -236,3 +236,34 @@ def test_resume_dir_continues_the_same_output(tmp_path):
     assert windows_made == [3, 4] and not partial_path(resumed).exists()
     np.testing.assert_array_equal(decoded(resumed), decoded(whole))  # lossless: the same frames
     assert probe(resumed)[1] == probe(whole)[1]
+
+
+def test_a_failed_final_write_keeps_the_growing_video_and_says_where(tmp_path, monkeypatch):
+    from skyreels_diffusers.app.output import finish_or_keep
+    from skyreels_diffusers.pipelines import video_io
+
+    writer = GrowingVideoWriter(tmp_path / "run.partial.mp4", FPS)
+    writer.append(moving_windows((8,))[0])
+
+    def disk_full(source, target):
+        Path(target).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(video_io, "remux_mp4", disk_full)
+    with pytest.raises(ValueError, match=r"^--output: writing .*run\.mp4 failed \(No space left on device\)") as error:
+        finish_or_keep(writer, tmp_path / "run.mp4")
+    assert f"the video is kept in {writer.path} (a playable mp4" in str(error.value)
+    assert probe(writer.path)[0] == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["run.partial.mp4"]
+
+
+def test_ctrl_c_during_a_growing_run_says_where_the_video_is(monkeypatch, capsys, tmp_path):
+    from skyreels_diffusers.app.cli import main
+
+    def interrupted(request):
+        raise KeyboardInterrupt(f"the video so far is in {tmp_path / 'x.partial.mp4'}")
+
+    monkeypatch.setattr("skyreels_diffusers.app.cli.run", interrupted)
+    for extra, tail in (([], "x.partial.mp4."), (["--resume-dir", str(tmp_path / "r")], "resume from --resume-dir.")):
+        assert main(["generate", "--task", "talking_avatar", "--model", "tiny", *extra]) == 130
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("interrupted: the video so far is in ") and line.endswith(tail), line
