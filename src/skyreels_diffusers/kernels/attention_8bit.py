@@ -13,6 +13,9 @@
   multiple of 128 tokens; V transposed to `(head_dim, tokens)`, the layout Hopper's FP8 MMA wants for P·V). The
   two reductions it needs first (K's mean, V's per-channel max) are PyTorch reductions.
 
+* `rotate=True` (off by default) first multiplies Q and K by a ±1 Hadamard matrix (`rotation.py`): the scores are
+  unchanged, K's outlier channels are spread over all channels, so the per-token / per-block 8-bit scales waste less.
+
 `attention_8bit` is the entry point (a `torch.library` custom op, opaque to `torch.compile`). With
 `TRITON_INTERPRET=1` the same kernels run on CPU tensors in Triton's interpreter (tests; slow).
 `reference_attention_8bit` is the same quantisation math in plain PyTorch.
@@ -26,6 +29,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .rotation import rotate as rotate_qk
 
 
 LOG2E = 1.4426950408889634
@@ -447,13 +452,17 @@ def attention_8bit_impl(
     config: tuple | None = None,
     fast_exp: bool = False,
     fold_p_scale: bool = True,
+    rotate: bool = False,
 ) -> torch.Tensor:
     """8-bit attention on `(B, L, H, D)` tensors, returning `(B, L, H, D)` in the input dtype. `config` fixes
     `(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize])` instead of autotuning (benchmarks; the
     interpreter); `fast_exp` computes P with the half-precision `ex2` (measured no faster on an H200: off by
     default); `fold_p_scale=False` scales P into FP8's range with a multiply per score instead of inside the
-    exponent (the earlier kernel, kept for the benchmark's comparison)."""
+    exponent (the earlier kernel, kept for the benchmark's comparison); `rotate` Hadamard-rotates Q and K first
+    (see the module docstring)."""
     _check(query, key, value, qk, pv)
+    if rotate:
+        query, key, scale = rotate_qk(query, key, scale)
     batch, tokens, heads, dim = query.shape
     pre = quantize_qkv(query, key, value, qk, pv, scale)
     out = torch.empty_like(query)
@@ -495,13 +504,14 @@ def attention_8bit(
     scale: float | None = None,
     qk: str = "int8",
     pv: str = "fp8",
+    rotate: bool = False,
 ) -> torch.Tensor:
     """8-bit self-attention (see the module docstring), as an op `torch.compile` keeps whole."""
-    return attention_8bit_impl(query, key, value, scale, qk, pv)
+    return attention_8bit_impl(query, key, value, scale, qk, pv, rotate=rotate)
 
 
 @attention_8bit.register_fake
-def _(query, key, value, scale=None, qk="int8", pv="fp8"):
+def _(query, key, value, scale=None, qk="int8", pv="fp8", rotate=False):
     return torch.empty_like(query)
 
 
@@ -515,12 +525,14 @@ def _quantize_reference(x: torch.Tensor, qk: str) -> tuple[torch.Tensor, torch.T
 
 
 def reference_attention_8bit(
-    query, key, value, scale: float | None = None, qk: str = "int8", pv: str = "fp8"
+    query, key, value, scale: float | None = None, qk: str = "int8", pv: str = "fp8", rotate: bool = False
 ) -> torch.Tensor:
     """The kernel's quantisation math in PyTorch (float32), on `(B, L, H, D)`: smoothed K, 8-bit Q per token and K
     per block of 128 tokens,
     exact softmax, P (scaled by 2^8.8 against the row maximum) and V (per channel) in FP8 or P in bf16. The kernel
     quantises P against the running maximum of its key blocks instead, so the two agree closely, not exactly."""
+    if rotate:
+        query, key, scale = rotate_qk(query, key, scale)
     dim = query.shape[-1]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     q, k, v = (x.float().transpose(1, 2) for x in (query, key, value))  # (B, H, L, D)
