@@ -161,7 +161,8 @@ def quantize_fp8_inputs(
       the same `q · mean`, which softmax ignores, and the channel bias that dominates K's 8-bit rounding is gone.
     * `rotate_qk`: Q and K are multiplied by a ±1 Hadamard matrix (`kernels.rotation`; the softmax scale takes the
       factor back), spreading K's outlier channels over all channels before rounding.
-    * `smooth_v`: V's per-channel mean is subtracted and added back to the output (the weights of a row sum to 1).
+    * `smooth_v`: V's per-channel mean is subtracted and added back to the output (the weights of a row sum to 1),
+      less V's mean FP8 rounding error over the tokens (what dominates the error of rows spread over many keys).
     * `scaled`: one scale per (batch, head) maps each of Q, K, V's largest magnitude to e4m3's 448 (FA3 takes
       descales of that shape only: no per-token or per-block scales), so no value overflows and few underflow.
       Without it (and without the rest) this is the plain cast FA3's FP8 mode takes by default.
@@ -178,11 +179,10 @@ def quantize_fp8_inputs(
     softmax_scale = scale
     if rotate_qk:
         query, key, softmax_scale = rotate(query, key, scale)
-    v_mean = None
+    original_value = value
     if smooth_v:
-        v_mean = value.mean(dim=1, keepdim=True, dtype=torch.float32).to(value.dtype)
-        value = value - v_mean
-    out = dict(softmax_scale=softmax_scale, v_mean=v_mean)
+        value = value - value.mean(dim=1, keepdim=True, dtype=torch.float32).to(value.dtype)
+    out = dict(softmax_scale=softmax_scale, v_mean=None)
     for name, x in (("q", query), ("k", key), ("v", value)):
         descale = None
         if scaled:
@@ -190,6 +190,10 @@ def quantize_fp8_inputs(
             x = x / descale[:, None, :, None]
         out[name] = x.to(torch.float8_e4m3fn)
         out[f"{name}_descale"] = descale
+    if smooth_v:  # what the output gets back: V's mean, less the mean FP8 rounding error of V over the tokens
+        dequantised = out["v"].float() if descale is None else out["v"].float() * descale[:, None, :, None]
+        v_mean = original_value.mean(dim=1, keepdim=True, dtype=torch.float32) - dequantised.mean(dim=1, keepdim=True)
+        out["v_mean"] = v_mean.to(original_value.dtype)
     if with_lse:
         if k_mean is None:
             out["lse_shift"] = original_query.new_zeros((), dtype=torch.float32)
