@@ -28,6 +28,12 @@ descales, K and V smoothed), `fa3_fp8` (also Q/K Hadamard-rotated: the `fa3_fp8`
     PYTHONPATH=src python bench/bench_attention.py --tokens 75600 --heads 40 --json kernels.json
     PYTHONPATH=src python bench/bench_attention.py --tokens 75600 --heads 40 --modes int8_fp8 --configs  # tile configs
     TRITON_INTERPRET=1 PYTHONPATH=src python bench/bench_attention.py --device cpu --tokens 130 --heads 1  # smoke
+
+`--emulate` (CPU): no timing; each mode's error from its quantisation math in float32 PyTorch (`emulated_attention`)
+on the first `--error-queries` queries of two heads: what the kernels should give, before a GPU run.
+
+    PYTHONPATH=src python bench/bench_attention.py --device cpu --emulate --tokens 75600 --error-queries 256 \
+        --modes fa3_fp8_naive fa3_fp8_scaled fa3_fp8 int8_fp8 int8_fp8_nocomp int8_fp8_rot int8_bf16 int8_bf16_rot
 """
 
 from __future__ import annotations
@@ -251,6 +257,61 @@ def measure_mode(mode: str, config, suites: dict, references: dict, args, device
     return row
 
 
+def emulated_attention(mode: str, q, k, v, queries: int) -> torch.Tensor:
+    """A mode's quantisation math in float32 PyTorch on the first `queries` queries (CPU: no FA3, no Triton): FA3's FP8
+    kernel as `fa3_fp8_attention` prepares its inputs, P = 2^(s - max + 8) rounded to e4m3 (FA3's `Max_offset`), the
+    row sum of the unrounded P; ours as `reference_attention_8bit` (P against the row maximum, not the running one).
+    Rounding inside the MMAs and the kernels' own orders of summation are not modelled."""
+    from skyreels_diffusers.models import attention_backends as fa3
+
+    if mode in OUR_MODES:
+        from skyreels_diffusers.kernels.attention_8bit import reference_attention_8bit
+
+        options = mode_options(mode)
+        return reference_attention_8bit(
+            q[:, :queries], k, v, None, options["qk"], options["pv"], options["rotate"], options["compensate_v"]
+        )
+    if mode == "fa3":  # exact: the output's rounding to bf16
+        return reference_attention(q, k, v, queries).to(q.dtype).float()
+    pre = fa3.quantize_fp8_inputs(q, k, v, **(FA3_MODES[mode] or fa3.FA3_FP8_OPTIONS))
+
+    def dequantised(name):
+        x, descale = pre[name].float(), pre[f"{name}_descale"]
+        return x if descale is None else x * descale[:, None, :, None]
+
+    scores = torch.einsum("bqhd,bkhd->bhqk", dequantised("q")[:, :queries], dequantised("k"))
+    scores = scores * (pre["softmax_scale"] * 1.4426950408889634)  # log2 units, as the kernel's exp2
+    p = torch.exp2(scores - scores.amax(-1, keepdim=True) + 8)
+    out = torch.einsum("bhqk,bkhd->bqhd", p.to(torch.float8_e4m3fn).float(), dequantised("v"))
+    out = (out / p.sum(-1).permute(0, 2, 1)[..., None]).to(q.dtype).float()
+    return out if pre["v_mean"] is None else out + pre["v_mean"].float()
+
+
+def emulated_table(args) -> list[dict]:
+    """`--emulate`: each mode's error from its quantisation math (`emulated_attention`), two heads, no timing."""
+    rows = []
+    for tokens in args.tokens:
+        suites = {suite: make_qkv(tokens, 2, suite, args.device) for suite in args.suites}
+        row_stats = {suite: row_statistics(*qkv[:2], args.error_queries) for suite, qkv in suites.items()}
+        print(f"rows at {tokens} tokens:", json.dumps(row_stats), flush=True)
+        for mode in args.modes:
+            row = dict(tokens=tokens, heads=2, kernel=mode, emulated=True, queries=args.error_queries)
+            for suite, (q, k, v) in suites.items():
+                reference = reference_attention(q, k, v, args.error_queries)
+                out = emulated_attention(mode, q[:, :, :2], k[:, :, :2], v[:, :, :2], args.error_queries)
+                row[f"rel_error_{suite}"] = round(relative_error(out, reference), 5)
+            row.update(row_statistics=row_stats, device=device_name(torch.device(args.device)))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write_json(args.json, rows)
+    errors = " | ".join(f"rel. err. {suite}" for suite in args.suites)
+    print(f"\n| tokens | kernel (emulated) | {errors} |\n|---|---|" + "---|" * len(args.suites))
+    for r in rows:
+        cells = " | ".join(f"{100 * r[f'rel_error_{suite}']:.2f}%" for suite in args.suites)
+        print(f"| {r['tokens']} | {r['kernel']} | {cells} |")
+    return rows
+
+
 def kernel_table(args) -> list[dict]:
     """cuDNN SDPA against every `--modes` kernel at every (heads, tokens): ms, TFLOP/s, ratio, errors per suite."""
     from skyreels_diffusers.kernels.attention_8bit import CONFIGS
@@ -326,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES, help="kernel table: kernels")
     parser.add_argument("--suites", nargs="+", default=list(SUITES), choices=SUITES, help="kernel table: inputs")
     parser.add_argument("--configs", action="store_true", help="kernel table: time our kernel at every tile config")
+    parser.add_argument(
+        "--emulate",
+        action="store_true",
+        help="kernel table: errors from each mode's quantisation math in PyTorch (CPU; two heads, no timing)",
+    )
     parser.add_argument("--error-queries", type=int, default=2048)
     add_run_arguments(parser)
     return parser
@@ -335,7 +401,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.tokens:
-        write_json(args.json, kernel_table(args))
+        write_json(args.json, emulated_table(args) if args.emulate else kernel_table(args))
         return 0
     device = torch.device(args.device)
     rows = []

@@ -314,6 +314,21 @@ def test_speed_suite_stages_pass_their_scripts_parsers(tmp_path):
     assert done.returncode == 2 and "unknown stage" in done.stderr
 
 
+def test_bench_attention_emulated_errors(tmp_path):
+    """`--emulate`: each mode's quantisation math in PyTorch (no FA3, no Triton): exact FA3 at bf16 rounding, the
+    prepared FP8 inputs well below the plain cast on the outlier suite, ours with bf16 P·V below its FP8 P·V."""
+    bench = load_bench_script("bench_attention.py")
+    out = tmp_path / "e.json"
+    modes = ["fa3", "fa3_fp8_naive", "fa3_fp8", "int8_fp8", "int8_bf16"]
+    args = ["--device", "cpu", "--emulate", "--tokens", "512", "--error-queries", "64", "--json", str(out)]
+    assert bench.main([*args, "--modes", *modes]) == 0
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == modes and all(r["emulated"] and r["heads"] == 2 for r in rows.values())
+    assert all(0 < rows["fa3"][f"rel_error_{suite}"] < 0.005 for suite in ("gaussian", "outlier", "trained"))
+    assert rows["fa3_fp8"]["rel_error_outlier"] < 0.5 * rows["fa3_fp8_naive"]["rel_error_outlier"]
+    assert rows["int8_bf16"]["rel_error_gaussian"] < 0.5 * rows["int8_fp8"]["rel_error_gaussian"]
+
+
 def test_fa3_suite_parts_pass_their_scripts_parsers(tmp_path):
     """Every part of bench/fa3_suite.sh (one GPU call each) asks its scripts only for arguments, modes and shapes
     they accept, writes its JSON to the device's output folder and stays under the call limit."""
