@@ -341,6 +341,9 @@ def _register(name: str, run) -> None:
 for _backend, _run in ((FA3, _run_fa3), (FA3_FP8, _run_fa3_fp8)):
     if _add_backend_name(_backend) not in _AttentionBackendRegistry._backends:
         _register(_backend, _run)
+# members, so that code `torch.compile` traces (the processors' `cross_attention_backend`) never calls the Enum
+_FA3_MEMBER = AttentionBackendName(FA3)
+_NATIVE_MEMBER = AttentionBackendName.NATIVE
 
 
 # ----------------------------------------------------------------------------------------------- choosing
@@ -351,9 +354,9 @@ def cross_attention_backend(backend):
     diffusers' `native` SDPA for the Triton 8-bit backends, `backend` itself otherwise (None stays None)."""
     name = _name(backend)
     if name == FA3_FP8:
-        return AttentionBackendName(FA3)
+        return _FA3_MEMBER
     if name in TRITON_8BIT_BACKENDS:
-        return AttentionBackendName.NATIVE
+        return _NATIVE_MEMBER
     return backend
 
 
