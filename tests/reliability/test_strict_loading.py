@@ -84,7 +84,7 @@ def test_a_missing_weight_names_the_component_and_the_key(folder, component, key
     with pytest.raises(ValueError) as error:
         load_pipeline_folder(folder, AVATAR, torch.float32)
     message = str(error.value)
-    assert f"component `{component}` ({component}/)" in message and "missing" in message, message
+    assert f"component `{component}` ({component}/" in message and "missing" in message, message
     assert key in message  # the transformer reports its own check ("missing keys: [...]"), the others ours
 
 
