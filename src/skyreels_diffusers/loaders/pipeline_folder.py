@@ -2,9 +2,13 @@
 weight of every component found in the checkpoint; otherwise one `ValueError` naming the component, the file and
 what is wrong, raised before (or instead of) running anything with random weights.
 
-Layer: the loaders (imports nothing of the package). Each component is loaded from its subfolder with
-its own library's `from_pretrained(..., output_loading_info=True)` (diffusers and transformers both report missing,
-unexpected and mismatched keys there instead of failing), then the pipeline is built from the components.
+Layer: the loaders (imports nothing of the package). Before any weight is read, `check_pipeline_folder` checks
+`model_index.json`, every subfolder, shard and safetensors header, and compares every model's tensors (names and
+shapes from the headers) with the model its config describes, built on the meta device. `load_pipeline_folder`
+(the command line) then loads each component with its own library's `from_pretrained(...,
+output_loading_info=True)` and checks that report too. `StrictPipelineLoadingMixin` gives the pipelines'
+`from_pretrained` the same checks, and `DiffusionPipeline.from_pretrained(folder)` a check of every loaded model
+against its files.
 """
 
 from __future__ import annotations
@@ -241,7 +245,7 @@ def check_weights_against_config(folder: Path, name: str, cls: type) -> None:
     model = _model_on_meta(folder, name, cls)
     if model is None:
         return
-    problems = weight_problems(model, checkpoint_shapes(folder / name))
+    problems = weight_problems(model, _component_shapes(folder, name))
     if problems:
         raise _fail(folder, name, _weights_label(folder / name), _mismatch_message(problems, cls))
 
@@ -332,10 +336,23 @@ def checkpoint_shapes(sub: Path) -> dict[str, list[int]]:
     for path in safetensors or files:
         if path.suffix == ".safetensors":
             shapes.update(safetensors_shapes(path))
-        else:
+            continue
+        try:
             state = torch.load(path, map_location="meta", weights_only=True)
-            shapes.update({k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+        except Exception as error:  # noqa: BLE001 (a damaged pickle raises many types)
+            raise ValueError(f"{path.name}: unreadable ({error})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path.name}: holds a {type(state).__name__}, not a state dict")
+        shapes.update({k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
     return shapes
+
+
+def _component_shapes(folder: Path, name: str) -> dict[str, list[int]]:
+    try:
+        return checkpoint_shapes(folder / name)
+    except ValueError as error:
+        file, what = str(error).split(": ", 1)
+        raise _fail(folder, name, f"{name}/{file}", what) from None
 
 
 def _tied_keys(model, shapes: dict) -> set[str]:
@@ -380,11 +397,7 @@ def check_loaded_component(model, name: str) -> None:
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "peft_config", None):
         return
     sub = Path(source)
-    try:
-        shapes = checkpoint_shapes(sub)
-    except ValueError as error:
-        raise _fail(sub.parent, name, f"{name}/{str(error).split(': ', 1)[0]}", str(error).split(": ", 1)[1]) from None
-    problems = weight_problems(model, shapes)
+    problems = weight_problems(model, _component_shapes(sub.parent, name))
     if problems:
         raise _fail(sub.parent, name, _weights_label(sub), _mismatch_message(problems, type(model)))
     _CHECKED.add(model)
@@ -395,7 +408,8 @@ class StrictPipelineLoadingMixin:
 
     `Pipeline.from_pretrained(folder)` first checks what needs no weights (`check_pipeline_folder`: a damaged
     `model_index.json`, a `[null, null]` component, a missing subfolder or shard, a truncated or damaged
-    safetensors file: one `ValueError` naming the file), then loads through diffusers as usual. Every model diffusers
+    safetensors file, tensors that differ from those of the model's config: one `ValueError` naming the file),
+    then loads through diffusers as usual (every `from_pretrained` argument keeps working). Every model diffusers
     loaded from the folder is then compared with its weight files (`check_loaded_component`: missing, unexpected or
     mis-shaped tensors raise a `ValueError` naming the component, the file and the tensors, where diffusers and
     transformers only warn). The comparison runs where diffusers' loader ends, when it records `_name_or_path` on
