@@ -331,7 +331,7 @@ TEMP_SUFFIX = ".tmp"
 _TEMP_PATTERN = re.compile(rf"^\..+\.(\d+)\.[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
@@ -356,7 +356,7 @@ def sweep_stale_temp_files(path: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMP_PATTERN.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             try:
                 entry.unlink()
                 removed.append(entry)
@@ -379,7 +379,7 @@ def _create_temp_file(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _sigterm_as_exit():
+def sigterm_as_exit():
     """In the main thread, while the default SIGTERM action is in place: turn SIGTERM into `SystemExit(143)` so that
     clean-up code runs (the default action would kill the process past every `finally`). Otherwise a no-op."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
@@ -437,7 +437,7 @@ def write_video(
     if not overwrite and path.exists():
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
     sweep_stale_temp_files(path)
-    with _sigterm_as_exit():
+    with sigterm_as_exit():
         tmp = _create_temp_file(path)
         try:
             _encode_mp4(str(tmp), frames, fps, audio, audio_sample_rate, crf)
