@@ -13,8 +13,9 @@
 Each pipeline folder gets a `model_index.json` naming our classes and a model card. The transformer and the 11 GB
 text encoder stream tensor by tensor (`tensor_io`: peak memory the largest tensor plus a constant, a progress bar
 each); the small components (VAE, CLIP, wav2vec2) load whole. `.pth` files are read with only tensor-rebuilding
-globals allowed (`weights_only=True` or `tensor_io`'s restricted unpickler). Output appears atomically (temporary
-folder, renamed at the end).
+globals allowed (`weights_only=True` or `tensor_io`'s restricted unpickler). Output appears atomically: it is
+written into a hidden temporary folder next to the destination (`.NAME.HOST.PID.RANDOM.tmp`) and renamed at the end;
+an error, Ctrl-C or SIGTERM removes that folder, and one left by a killed run is swept by the next conversion.
 """
 
 from __future__ import annotations
