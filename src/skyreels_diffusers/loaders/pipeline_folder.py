@@ -191,8 +191,8 @@ def check_pipeline_folder(
                 folder,
                 name,
                 MODEL_INDEX,
-                f"{listed}, but {pipeline_class.__name__} needs a `{name}` (convert the folder again or pass "
-                f"`{name}=`)",
+                f"{listed}, but {pipeline_class.__name__} needs a `{name}` (convert the folder again; from "
+                f"Python, `{name}=...` passes one in)",
             )
     classes = {}
     for name, (library, class_name) in ((n, e) for n, e in index.items() if not n.startswith("_")):
