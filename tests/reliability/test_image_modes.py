@@ -45,6 +45,15 @@ def _palette_with_transparency() -> tuple[PIL.Image.Image, np.ndarray]:
     return _reopened(image.convert("P"), "PNG"), expected
 
 
+def _float_overshoot() -> tuple[PIL.Image.Image, np.ndarray]:
+    """[0, 1] floats a resampler pushed a little past both ends: still read as [0, 1], the excursions clipped."""
+    values = RAMP.astype(np.float32) / 255
+    values[0, 0], values[-1, -1] = -0.0004, 1.0004
+    expected = RAMP.copy()
+    expected[-1, -1] = 255
+    return PIL.Image.fromarray(values), _grey(expected)
+
+
 CASES = {
     # 16-bit grey: before, Pillow's convert("RGB") clipped every value above 255 to white
     "16-bit grey PNG (I;16)": lambda: (
@@ -72,6 +81,7 @@ CASES = {
         _grey(RAMP),
     ),
     "float in [0, 255] (F)": lambda: (PIL.Image.fromarray(RAMP.astype(np.float32)), _grey(RAMP)),
+    "float in [0, 1] with a resampling overshoot (F)": _float_overshoot,
     # alpha: transparent pixels over white (the letterbox fill), not their hidden colour
     "RGBA PNG": lambda: (lambda pair: (_reopened(pair[0], "PNG"), pair[1]))(_half_transparent("RGBA")),
     "LA PNG": lambda: (lambda pair: (_reopened(pair[0], "PNG"), pair[1]))(_half_transparent("LA")),

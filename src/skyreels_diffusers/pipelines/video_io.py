@@ -44,15 +44,24 @@ def load_image(image: ImageInput, name: str = "image", exif_transpose: bool = Tr
 #: Pillow modes `convert("RGB")` maps without losing range (8 bits per channel; LAB and CMYK are colour-converted)
 _RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "YCbCr", "HSV", "LAB", "CMYK")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+#: how far a float image may stray past its range (resampling overshoot) before it is refused; such values are clipped
+FLOAT_SLACK = 1e-3
 
 
 def to_rgb(image: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
     """Any image Pillow opens -> 8-bit RGB without clipping: 16-bit (`I;16*`) scaled by 255/65535, 32-bit
     integer (`I`) by the smallest of 8, 16 or 31 bits that holds its largest value, float (`F`) from [0, 1] (or
-    [0, 255], Pillow's own convention, when its values exceed 1), transparent pixels (alpha, or a palette's
-    transparent colour) composited over white (the letterbox fill). Negative, non-finite or out-of-range values and
-    unknown modes raise `ValueError` naming `name` (Pillow's own `convert("RGB")` clips 16-bit and float images to
-    white and black)."""
+    [0, 255], Pillow's own convention, when its values exceed 1; overshoots within `FLOAT_SLACK` are clipped),
+    transparent pixels (alpha, or a palette's transparent colour) composited over white (the letterbox fill).
+    Negative, non-finite or out-of-range values and unknown modes raise `ValueError` naming `name` (Pillow's own
+    `convert("RGB")` clips 16-bit and float images to white and black).
+
+    Example:
+        >>> import numpy as np, PIL.Image
+        >>> sixteen_bit = PIL.Image.fromarray(np.full((4, 4), 32896, np.uint16))  # mid grey in 16 bits
+        >>> to_rgb(sixteen_bit).getpixel((0, 0))
+        (128, 128, 128)
+    """
     mode = image.mode
     if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
         rgba = _unpremultiplied(image) if mode in ("RGBa", "La") else image.convert("RGBA")
@@ -72,12 +81,12 @@ def to_rgb(image: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
         low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
-        if not np.isfinite(values).all() or low < 0 or high > 255:
+        if not np.isfinite(values).all() or low < -FLOAT_SLACK or high > 255 + FLOAT_SLACK:
             raise ValueError(
                 f"`{name}`: a floating-point image with values in [{low:g}, {high:g}]; expected 0 to 1 (or 0 to "
                 "255): save it as 8- or 16-bit."
             )
-        return _gray_to_rgb(values * 255.0 if high <= 1.0 else values)
+        return _gray_to_rgb(values * 255.0 if high <= 1.0 + FLOAT_SLACK else values)
     raise ValueError(f"`{name}`: Pillow image mode {mode!r} is not supported; save the image as 8-bit RGB.")
 
 
