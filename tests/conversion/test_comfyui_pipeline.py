@@ -134,7 +134,6 @@ def test_fp8_files_stay_fp8_in_the_pipeline(comfyui):
     assert float((embeds - expected).norm() / expected.norm()) < 1e-5
 
 
-@pytest.mark.slow
 def test_pipeline_from_files_generates_what_the_same_weights_generate(comfyui):
     """End to end: the pipeline built from the ComfyUI files (dequantised) and the tiny pipeline holding the very
     weights those files decode to give the same video."""
@@ -194,7 +193,7 @@ def test_everything_missing_is_listed_at_once(comfyui, tmp_path):
     }
     message = str(info.value)
     assert "SkyReelsV3TalkingAvatarPipeline needs" in message and "name the transformer file" in message
-    assert "no file with its layout" in message
+    assert "no file of its layout" in message
 
 
 def test_transformer_is_never_guessed_and_names_the_candidates(comfyui):

@@ -190,3 +190,16 @@ def test_quantization_config_is_refused_for_fp8_files(tmp_path):
         SkyReelsV3Transformer3DModel.from_single_file(
             path, config=case.meta["model_config"], quantization_config=GGUFQuantizationConfig()
         )
+
+
+def test_presets_do_not_quantise_an_fp8_file_again(tmp_path):
+    from skyreels_diffusers.optimization import holds_quantized_weights
+
+    case, state = _golden("extension")
+    path = _write(tmp_path, "m.safetensors", scaled_fp8_state(state)[0])
+    kept = SkyReelsV3Transformer3DModel.from_single_file(path, config=case.meta["model_config"])
+    assert holds_quantized_weights(kept)
+    with pytest.raises(ValueError, match="already holds quantised weights"):
+        quantize_transformer(kept, "fp8_weight_only")
+    dequantised = SkyReelsV3Transformer3DModel.from_single_file(path, config=case.meta["model_config"], keep_fp8=False)
+    assert not holds_quantized_weights(dequantised)

@@ -91,23 +91,24 @@ def _candidates(models_dir: Path, component: str) -> list[Path]:
 
 def find_component_file(models_dir: Path | None, component: str, given: Any) -> tuple[Path | None, str]:
     """(the file for `component`, or None and why not) from an explicit path or the ComfyUI folder."""
-    folders = " or ".join(f"models/{f}" for f in COMFYUI_FOLDERS[component])
+    subfolders = COMFYUI_FOLDERS[component]
+    where = " or ".join(f"{models_dir / f}/" if models_dir else f"models/{f}/" for f in subfolders)
     if given is not None:
         path = Path(given)
         if not path.exists() and models_dir is not None and len(path.parts) == 1:
             path = next((f for f in _candidates(models_dir, component) if f.name == path.name), path)
-        return (path, "") if path.exists() else (None, f"{given}: no such file (nor in {folders})")
+        return (path, "") if path.exists() else (None, f"{given}: no such file (nor in {where})")
     if models_dir is None:
         return None, "no file given"
     candidates = _candidates(models_dir, component)
     if component == "transformer":
-        names = ", ".join(p.name for p in candidates) or "none"
-        return None, f"name the transformer file (in {folders}: {names})"
+        names = ", ".join(p.name for p in candidates) or "none there"
+        return None, f"name the transformer file ({where}: {names})"
     matching = [p for p in candidates if has_layout(file_keys(p), component)]
     if len(matching) == 1:
         return matching[0], ""
     if not matching:
-        return None, f"no file with its layout in {models_dir}/{folders.replace('models/', '')}"
+        return None, f"no file of its layout in {where}"
     return None, f"several candidates, name one: {', '.join(str(p.relative_to(models_dir)) for p in matching)}"
 
 
@@ -127,9 +128,30 @@ def _model_classes(pipeline_class: type) -> dict[str, type]:
     return {k: v for k, v in typing.get_type_hints(pipeline_class.__init__).items() if isinstance(v, type)}
 
 
+def find_component_files(
+    pipeline_class: type, models_dir: Path | None, components: dict, skip=()
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """({component: file}, {component: why missing}) for the pipeline's weight components (transformer and
+    encoders) not given as objects nor skipped; reads file headers only."""
+    files, missing = {}, {}
+    for name in pipeline_components(pipeline_class):
+        value = components.get(name)
+        if name not in COMFYUI_FOLDERS or name in skip:
+            continue
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            continue
+        path, reason = find_component_file(models_dir, name, value)
+        if path is None:
+            missing[name] = reason
+        else:
+            files[name] = path
+    return files, missing
+
+
 def _resolve(pipeline_class, models_dir, components: dict, tokenizer, skip) -> tuple[dict, dict, dict]:
     """(objects given, {component: file}, {component: why missing}) for every component of the pipeline."""
-    ready, files, missing = {}, {}, {}
+    files, missing = find_component_files(pipeline_class, models_dir, components, skip)
+    ready = {}
     for name in pipeline_components(pipeline_class):
         value = components.get(name)
         if name in skip:
@@ -146,15 +168,8 @@ def _resolve(pipeline_class, models_dir, components: dict, tokenizer, skip) -> t
                 )
         elif name == "scheduler":
             missing[name] = "pass scheduler= (the task's flow scheduler, with its shift)"
-        elif name == "feature_extractor":
-            if isinstance(components.get("audio_encoder"), torch.nn.Module):
-                missing[name] = "pass feature_extractor= with the audio encoder object (its file brings one)"
-        else:
-            path, reason = find_component_file(models_dir, name, value)
-            if path is None:
-                missing[name] = reason
-            else:
-                files[name] = path
+        elif name == "feature_extractor" and isinstance(components.get("audio_encoder"), torch.nn.Module):
+            missing[name] = "pass feature_extractor= with the audio encoder object (its file brings one)"
     return ready, files, missing
 
 
