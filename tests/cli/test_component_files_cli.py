@@ -137,3 +137,10 @@ def test_generate_from_component_files_only(files, tmp_path):
         "--duration", "1", "--steps", "1", "--height", "32", "--width", "48", "--device", "cpu", "--output", str(out),
     ]  # fmt: skip
     assert main(argv) == 0 and out.is_file() and out.stat().st_size > 0
+
+
+def test_fp8_transformer_file_is_not_sharded(files, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    path = str(files["models"] / "diffusion_models" / TRANSFORMER)
+    with pytest.raises(ValueError, match="--shard-weights: cannot shard an FP8 transformer file"):
+        validate(_request(files, transformer=path, shard_weights=True))

@@ -293,6 +293,10 @@ def _validate_shard_weights(request: GenerationRequest) -> None:
         raise _error(
             "shard_weights", f"cannot be combined with {', '.join(used)} (FSDP2 shards resident bf16 weights)"
         )
+    transformer = Path(request.transformer) if request.transformer else None
+    if transformer is not None and transformer.suffix == ".safetensors" and transformer.is_file():
+        if _holds_fp8(transformer):
+            raise _error("shard_weights", f"cannot shard an FP8 transformer file ({transformer.name}): bf16 only")
 
 
 def _load_video(request: GenerationRequest) -> tuple[dict, float]:
