@@ -122,6 +122,11 @@ def _load_tokenizer(tokenizer: Any):
     return AutoTokenizer.from_pretrained(path if path.exists() else str(tokenizer))
 
 
+def _is_object(value) -> bool:
+    """A component given as it is (not a path to load, not absent)."""
+    return value is not None and not isinstance(value, (str, os.PathLike))
+
+
 def _model_classes(pipeline_class: type) -> dict[str, type]:
     import typing
 
@@ -138,7 +143,7 @@ def find_component_files(
         value = components.get(name)
         if name not in COMFYUI_FOLDERS or name in skip:
             continue
-        if value is not None and not isinstance(value, (str, os.PathLike)):
+        if _is_object(value):
             continue
         path, reason = find_component_file(models_dir, name, value)
         if path is None:
@@ -156,7 +161,7 @@ def _resolve(pipeline_class, models_dir, components: dict, tokenizer, skip) -> t
         value = components.get(name)
         if name in skip:
             ready[name] = None
-        elif value is not None and not isinstance(value, (str, os.PathLike)):
+        elif _is_object(value):
             ready[name] = value
         elif name == "tokenizer":
             try:
@@ -234,16 +239,15 @@ def load_pipeline_from_files(
     ready, files, missing = _resolve(pipeline_class, models_dir, components, tokenizer, set(skip))
     if missing:
         raise MissingComponentsError(pipeline_class, missing)
-    dtypes = torch_dtype if isinstance(torch_dtype, dict) else {"default": torch_dtype or torch.bfloat16}
-    if not isinstance(torch_dtype, dict) and torch_dtype is None:
-        dtypes = DEFAULT_DTYPES
+    dtypes = DEFAULT_DTYPES if torch_dtype is None else torch_dtype
+    dtypes = dtypes if isinstance(dtypes, dict) else {"default": dtypes}
     classes, configs = _model_classes(pipeline_class), configs or {}
-    for name, path in files.items():
+    for name in sorted(files, key=lambda n: n != "transformer"):  # the transformer first: its check fails fast
         dtype = dtypes.get(name, dtypes.get("default", torch.bfloat16))
-        ready.update(
-            _load_file(name, classes.get(name), path, dtype, keep_fp8, configs.get(name), transformer_variant)
+        loaded = _load_file(
+            name, classes.get(name), files[name], dtype, keep_fp8, configs.get(name), transformer_variant
         )
         if name == "transformer":
-            _check_transformer_fits(pipeline_class, ready[name], path, "audio_encoder" in names)
-    ready.setdefault("feature_extractor", components.get("feature_extractor"))
+            _check_transformer_fits(pipeline_class, loaded[name], files[name], "audio_encoder" in names)
+        ready.update({k: v for k, v in loaded.items() if not _is_object(components.get(k))})  # objects given win
     return pipeline_class(**{name: ready.get(name) for name in names})
