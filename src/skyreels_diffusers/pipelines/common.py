@@ -126,6 +126,32 @@ class SkyReelsV3PipelineMixin:
             self.vae_scale_factor_temporal = vae.config.scale_factor_temporal
             self.vae_scale_factor_spatial = vae.config.scale_factor_spatial
 
+    @classmethod
+    def from_comfyui(cls, models_dir: str | os.PathLike | None = None, **kwargs):
+        """Build the pipeline from single component files: a ComfyUI `models` folder and / or explicit files.
+
+        `transformer=` names the transformer file (kijai's / ComfyUI's FP8-scaled files stay FP8 with their scales;
+        original single files, GGUF); `text_encoder=`, `vae=`, `image_encoder=`, `audio_encoder=` are found in
+        `models_dir` (`text_encoders/`, `vae/`, `clip_vision/`, `wav2vec2/`) or given as paths or objects;
+        `scheduler=` is the task's scheduler; `tokenizer=` a folder or Hub id (default `google/umt5-xxl`). Every
+        missing component is listed in one `MissingComponentsError` before any weight is read. Other keyword
+        arguments: `loaders.comfyui.load_pipeline_from_files`.
+
+        ```py
+        >>> from skyreels_diffusers import SkyReelsV3TalkingAvatarPipeline
+        >>> from skyreels_diffusers.app.tasks import TASKS  # the task's scheduler (its shift)
+
+        >>> pipe = SkyReelsV3TalkingAvatarPipeline.from_comfyui(
+        ...     "ComfyUI/models",
+        ...     transformer="Wan21-SkyReelsV3-A2V_fp8_scaled_mixed.safetensors",
+        ...     scheduler=TASKS["talking_avatar"].make_scheduler(),
+        ... )
+        ```
+        """
+        from ..loaders.comfyui import load_pipeline_from_files
+
+        return load_pipeline_from_files(cls, models_dir, **kwargs)
+
     # ------------------------------------------------------------------------------------------------ properties
     @property
     def guidance_scale(self) -> float:
