@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..loaders.pipeline_folder import read_model_index
 from ..pipelines.buckets import RESOLUTIONS, avatar_bucket_size, bucket_size, scale_to_long_side
 from ..pipelines.pipeline_skyreels_v3_extension import NUM_CONDITION_FRAMES
 from ..pipelines.pipeline_skyreels_v3_reference import MAX_NUM_FRAMES as REFERENCE_MAX_FRAMES
@@ -353,7 +354,10 @@ def _check_model_folder(folder: Path, spec: TaskSpec) -> None:
             f"{folder} has no model_index.json (convert the original weights first) and no ComfyUI "
             "models subfolders (diffusion_models/, text_encoders/, vae/, ...)",
         )
-    entries = json.loads(index.read_text())
+    try:
+        entries = read_model_index(folder)  # a damaged model_index.json: one line naming it
+    except ValueError as error:
+        raise _error("model", str(error)) from None
     if entries.get("_class_name") != spec.pipeline_class.__name__:
         raise _error(
             "model",
