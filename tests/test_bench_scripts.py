@@ -104,6 +104,32 @@ def test_bench_gguf_settings(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_fp8_scaled_files(tmp_path):
+    out = tmp_path / "f.json"
+    run_script(
+        "bench_fp8_scaled.py",
+        "--tiny", "--device", "cpu", "--cases", "avatar:480P", "--layers", "1", "--warmup", "0", "--repeats", "1",
+        "--weights", "bf16", "fp8_weight_only", "fp8_scaled", "fp8_scaled_dequant", "fp8_scaled_low_vram",
+        "--bf16-file", "--avatar-seconds", "1", "--steps", "1", "--folder", str(tmp_path), "--json", str(out),
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    transformer = {r["weights"]: r for r in rows if r["part"] == "transformer"}
+    assert list(transformer) == ["bf16", "fp8_weight_only", "fp8_scaled", "fp8_scaled_dequant", "fp8_scaled_low_vram"]
+    errors = {w: r["rel_error_vs_bf16"] for w, r in transformer.items()}
+    assert errors["bf16"] == 0 and all(0 < errors[w] < 0.1 for w in list(errors)[1:])
+    assert abs(errors["fp8_scaled"] - errors["fp8_scaled_dequant"]) < 5e-3  # the same dequantised weights
+    stored = {w: r["stored_weights_bytes"] for w, r in transformer.items()}
+    assert stored["fp8_scaled"] < stored["bf16"] == stored["fp8_scaled_dequant"]
+    assert transformer["fp8_scaled"]["file_gib"] is not None and transformer["bf16"]["file_gib"] is not None
+    pipeline = [r for r in rows if r["part"] == "pipeline"]
+    assert [r["setting"] for r in pipeline] == ["bf16_low_vram", "fp8_scaled_low_vram"]
+    assert pipeline[0]["frames"] == pipeline[1]["frames"] > 0 and math.isfinite(
+        pipeline[1]["rel_diff_vs_bf16_low_vram"]
+    )
+    assert not list(tmp_path.glob("fp8_scaled_*/*.safetensors"))  # the files are removed
+
+
+@pytest.mark.slow
 def test_bench_pipeline_components(tmp_path):
     out = tmp_path / "p.json"
     run_script(

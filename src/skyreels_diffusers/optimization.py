@@ -37,6 +37,14 @@ def _is_block_linear(model: torch.nn.Module):
     return accept
 
 
+def holds_quantized_weights(model: torch.nn.Module) -> bool:
+    """Whether `model` was loaded quantised: GGUF (diffusers' quantizer) or FP8 kept from a scaled-FP8 file (torchao
+    tensors)."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return True
+    return any(type(p).__module__.startswith("torchao") for p in model.parameters())
+
+
 def _torchao_config(mode: str):
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig
 
@@ -68,6 +76,11 @@ def quantize_transformer(transformer, mode: str, compute_dtype: torch.dtype = to
     """
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization mode must be one of {QUANTIZATION_MODES}, got {mode!r}")
+    if holds_quantized_weights(transformer):
+        raise ValueError(
+            f"quantize {mode!r}: the transformer already holds quantised weights (a GGUF or scaled-FP8 file); "
+            "load it with keep_fp8=False to quantise it another way"
+        )
     if mode == "fp8_storage":
         transformer.enable_layerwise_casting(
             storage_dtype=torch.float8_e4m3fn,
@@ -92,7 +105,7 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
     * `"group"`: the transformer's and the text encoder's blocks stream from CPU one at a time (block-level group
       offload, next block prefetched on a CUDA stream); the small components (VAE, CLIP, wav2vec2) stay resident.
     * `"low_vram"`: `"group"` with FP8 transformer weights (torchao weight-only; a transformer loaded quantised,
-      e.g. from GGUF, is kept as it is) and VAE tiling.
+      from GGUF or a scaled-FP8 file, is kept as it is) and VAE tiling.
     """
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
@@ -106,7 +119,7 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         if mode == "low_vram":
-            if getattr(pipe.transformer, "hf_quantizer", None) is None:  # a GGUF transformer is already small
+            if not holds_quantized_weights(pipe.transformer):  # a GGUF or FP8-file transformer is already small
                 quantize_transformer(pipe.transformer, "fp8_weight_only")
             pipe.vae.enable_tiling(**LOW_VRAM_VAE_TILES)
         stream_large_components(pipe, device, use_stream=device.type == "cuda")
