@@ -47,6 +47,16 @@ def make_qkv(tokens=96, heads=2, dim=64, kv_tokens=None, outlier=False, seed=0):
     return tuple(x.bfloat16() for x in (q, k, v))
 
 
+@pytest.fixture(autouse=True)
+def restore_active_backend():
+    """`set_attention_backend` also sets diffusers' process-wide active backend: put it back after each test."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
 @pytest.fixture
 def no_fa3(monkeypatch):
     """No FA3 package and no `kernels` (a `None` in sys.modules makes an import fail)."""
