@@ -429,7 +429,8 @@ def quantize_qkv(
     )
     out["v_offset"] = out["v_mean"]
     if pv == "fp8" and compensate_v:
-        dequantised_mean = out["v"][:, :, :tokens].float().mean(-1).view(batch, heads, dim) * out["v_scale"]
+        fp8_mean = out["v"][:, :, :tokens].to(value.dtype).mean(-1, dtype=torch.float32)  # (B * H, D)
+        dequantised_mean = fp8_mean.view(batch, heads, dim) * out["v_scale"]
         out["v_offset"] = value.mean(dim=1, dtype=torch.float32) - dequantised_mean
     return out
 

@@ -185,14 +185,18 @@ def quantize_fp8_inputs(
     out = dict(softmax_scale=softmax_scale, v_mean=None)
     for name, x in (("q", query), ("k", key), ("v", value)):
         descale = None
-        if scaled:
-            descale = (x.abs().amax(dim=(1, 3)).float() / FP8_MAX).clamp_min(1e-30)  # (B, H)
-            x = x / descale[:, None, :, None]
+        if scaled:  # the scale is applied in the input dtype (no float32 copy) and the descale is its exact inverse
+            largest = torch.maximum(x.amax(dim=(1, 3)), -x.amin(dim=(1, 3))).float().clamp_min(1e-30)  # (B, H)
+            inverse = (FP8_MAX / largest).clamp_max(torch.finfo(x.dtype).max).to(x.dtype)  # fp16: no inf
+            descale = 1.0 / inverse.float()
+            x = x * inverse[:, None, :, None]
         out[name] = x.to(torch.float8_e4m3fn)
         out[f"{name}_descale"] = descale
     if smooth_v:  # what the output gets back: V's mean, less the mean FP8 rounding error of V over the tokens
-        dequantised = out["v"].float() if descale is None else out["v"].float() * descale[:, None, :, None]
-        v_mean = original_value.mean(dim=1, keepdim=True, dtype=torch.float32) - dequantised.mean(dim=1, keepdim=True)
+        dequantised_mean = out["v"].to(value.dtype).mean(dim=1, keepdim=True, dtype=torch.float32)
+        if descale is not None:
+            dequantised_mean = dequantised_mean * descale[:, None, :, None]
+        v_mean = original_value.mean(dim=1, keepdim=True, dtype=torch.float32) - dequantised_mean
         out["v_mean"] = v_mean.to(original_value.dtype)
     if with_lse:
         if k_mean is None:
