@@ -10,8 +10,12 @@ import torch
 
 
 QUANTIZATION_MODES = ("fp8_weight_only", "fp8_dynamic", "fp8_storage")
-# `--fast` (opt-in, lossy): 8-bit self-attention (INT8 Q·K, FP8 P·V; Triton) + FP8 linears + compiled blocks
-FAST_PRESET = {"attention_backend": "triton_8bit", "quantize": "fp8_dynamic", "compile": True}
+# `--fast`'s 8-bit self-attention: the first of these that can run on the machine (`fast_preset`). The order is the
+# measured one (docs/performance.md, "FlashAttention-3 and the 8-bit path"): `triton_8bit` (INT8 Q·K, FP8 P·V)
+# and `fa3_fp8` (FlashAttention-3 in FP8, prepared inputs; needs FA3 and Hopper).
+FAST_ATTENTION_BACKENDS = ("triton_8bit", "fa3_fp8")
+# `--fast` (opt-in, lossy): 8-bit self-attention + FP8 linears + compiled blocks
+FAST_PRESET = {"attention_backend": FAST_ATTENTION_BACKENDS[0], "quantize": "fp8_dynamic", "compile": True}
 MEMORY_MODES = ("resident", "offload", "sequential", "group", "low_vram")
 # Low-VRAM VAE tiles: up to 540P (544 x 960) a 5-s video decodes whole (12.2 GiB peak, measured; diffusers' 256-px
 # tiles cut that to 3.8 GiB but took 1.7x as long, 2.7x inside the pipeline); 720P decodes in 960-px tiles.
@@ -154,16 +158,39 @@ def stream_large_components(pipe, device: torch.device, use_stream: bool = True)
         )
 
 
+def fast_preset() -> dict:
+    """`FAST_PRESET` with the first of `FAST_ATTENTION_BACKENDS` that can run here (the first one when none can:
+    its check then names what is missing)."""
+    from .models.attention_backends import attention_backend_available
+
+    usable = [name for name in FAST_ATTENTION_BACKENDS if attention_backend_available(name)]
+    return {**FAST_PRESET, "attention_backend": (usable or FAST_ATTENTION_BACKENDS)[0]}
+
+
+def _execution_device(pipe) -> torch.device:
+    device = getattr(pipe, "_execution_device", None)  # a pipeline (under offload: where the models run)
+    if device is None:
+        device = next(pipe.transformer.parameters()).device
+    return torch.device(device)
+
+
 def enable_fast_path(
     pipe, compile: bool = False, attention_backend: str | None = None, fullgraph: bool = True
 ) -> None:
-    """Speed options: an attention backend (`"_native_cudnn"`, `"flash"`, `"sage"`, our 8-bit `"triton_8bit"`, ...;
-    default: PyTorch SDPA's own choice, which is cuDNN on Hopper) and regional `torch.compile` of the repeated
-    transformer blocks (fuses the float32 norm / modulation / RoPE chains; the first step pays the compilation)."""
-    if attention_backend is not None:
-        from .models.attention_8bit_backend import check_8bit_backend_available
+    """Speed options: an attention backend and regional `torch.compile` of the repeated transformer blocks (fuses
+    the float32 norm / modulation / RoPE chains; the first step pays the compilation).
 
-        check_8bit_backend_available(attention_backend)
+    `attention_backend`: any diffusers backend (`"native"`, `"_native_cudnn"`, `"sage"`, ...) or ours: exact
+    FlashAttention-3 `"fa3"`, the lossy `"fa3_fp8"`, `"triton_8bit"`, `"triton_8bit_accurate"`. None: `"fa3"` where
+    the pipeline runs on a Hopper GPU with FlashAttention-3 installed (`models.attention_backends.
+    default_attention_backend`), else diffusers' default (PyTorch SDPA's own choice, cuDNN on Hopper)."""
+    from .models.attention_backends import check_attention_backend_available, default_attention_backend
+
+    if attention_backend is None:
+        attention_backend = default_attention_backend(_execution_device(pipe))
+    else:
+        check_attention_backend_available(attention_backend)
+    if attention_backend is not None:
         pipe.transformer.set_attention_backend(attention_backend)
     if compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph)

@@ -163,15 +163,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "attention-backend",
         default=None,
-        help="diffusers attention backend (default: PyTorch SDPA's choice; e.g. _native_cudnn, flash, sage, "
-        "triton_8bit, triton_8bit_accurate)",
+        help="attention backend (default: fa3 on Hopper with FlashAttention-3 installed, else PyTorch SDPA's choice; "
+        "e.g. native, _native_cudnn, fa3, fa3_fp8, triton_8bit, triton_8bit_accurate, sage)",
     )
     _flag(
         parser,
         "fast",
         action="store_true",
-        help="lossy speed preset: 8-bit self-attention (triton_8bit) + FP8 linears (fp8_dynamic) + compile "
-        "(GPU with FP8; docs/performance.md has its speed and error)",
+        help="lossy speed preset: 8-bit self-attention (of triton_8bit / fa3_fp8 the measured faster that runs here) + FP8 "
+        "linears (fp8_dynamic) + compile (GPU with FP8; docs/performance.md has its speed and error)",
     )
     _flag(
         parser,

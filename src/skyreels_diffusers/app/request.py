@@ -139,17 +139,18 @@ def flag_error(error: ValueError) -> ValueError:
 
 
 def _apply_fast_preset(request: GenerationRequest) -> GenerationRequest:
-    """`--fast`: fill in `optimization.FAST_PRESET` (8-bit attention, FP8 linears, compile); conflicting choices
-    are an error naming the flag."""
-    from ..optimization import FAST_PRESET
+    """`--fast`: fill in `optimization.fast_preset()` (the first 8-bit attention that runs here, FP8 linears,
+    compile); conflicting choices are an error naming the flag."""
+    from ..optimization import fast_preset
 
     if request.low_vram:
         raise _error("fast", "--fast quantizes with fp8_dynamic; --low-vram quantizes weight-only: choose one")
-    for name, value in FAST_PRESET.items():
+    preset = fast_preset()
+    for name, value in preset.items():
         current = getattr(request, name)
         if current not in (None, False, value):
             raise _error("fast", f"--fast sets --{name.replace('_', '-')} {value}; got {current!r} as well")
-    return dataclasses.replace(request, **FAST_PRESET)
+    return dataclasses.replace(request, **preset)
 
 
 def validate(request: GenerationRequest) -> GenerationRequest:
@@ -183,10 +184,10 @@ def _check_run_options(request: GenerationRequest) -> None:
     if request.quantize is not None and request.quantize not in QUANTIZATION_MODES:
         raise _error("quantize", f"must be one of {QUANTIZATION_MODES}, got {request.quantize!r}")
     if request.attention_backend is not None:
-        from ..models.attention_8bit_backend import check_8bit_backend_available
+        from ..models.attention_backends import check_attention_backend_available
 
         try:
-            check_8bit_backend_available(request.attention_backend)
+            check_attention_backend_available(request.attention_backend)
         except (ImportError, RuntimeError) as error:
             raise _error("attention_backend", str(error)) from None
     if request.parallel_backend not in PARALLEL_BACKENDS:
