@@ -117,12 +117,13 @@ class WindowPlan:
         window); the last window stops at `num_frames`, the keyframe clip keeps the frames the windows use (every
         frame up to `num_frames` when it is the video)."""
         if not self.starts:
-            return [ClipPlan(0, None, 0, tuple(range(self.num_frames)), True)]
-        clips = [ClipPlan(0, None, 0, tuple(sorted(set(self.keyframes))), False)]
+            return [ClipPlan(index=0, window=None, start=0, keep=tuple(range(self.num_frames)), new_video=True)]
+        keyframes = tuple(sorted(set(self.keyframes)))
+        clips = [ClipPlan(index=0, window=None, start=0, keep=keyframes, new_video=False)]
         for k, start in enumerate(self.starts):
             first = 0 if k == 0 else MOTION_FRAMES
             end = min(first + self.kept[k], self.num_frames - start)
-            clips.append(ClipPlan(k + 1, k, start, tuple(range(first, end)), True))
+            clips.append(ClipPlan(index=k + 1, window=k, start=start, keep=tuple(range(first, end)), new_video=True))
         return clips
 
 
@@ -138,7 +139,7 @@ def plan_windows(
     0/64/128/192 keeping 69 + 64 + 64 + 76 = 273, trimmed to 250.
     """
     if num_frames < window:
-        return WindowPlan(num_frames, num_frames, [])
+        return WindowPlan(num_frames=num_frames, video_length=num_frames, keyframes=[])
     stride = window - motion - drop
     remainder = (num_frames - window) % stride
     length = num_frames + (stride - remainder if remainder else 0)
@@ -155,7 +156,8 @@ def plan_windows(
         last = start + window == length
         frames = window if last else window - drop
         kept.append(frames if k == 0 else frames - motion)
-    return WindowPlan(num_frames, length, [int(i) for i in mapped[1:]], starts, kept)
+    keyframes = [int(i) for i in mapped[1:]]
+    return WindowPlan(num_frames=num_frames, video_length=length, keyframes=keyframes, starts=starts, kept=kept)
 
 
 def extend_audio(features: torch.Tensor, length: int) -> torch.Tensor:
@@ -282,7 +284,10 @@ class AvatarRun:
     def restored_window(self, k: int, frames: np.ndarray) -> AvatarWindow:
         """Window `k` as a resume folder holds it (its frames only)."""
         clip = self.plan.clips()[k + 1]
-        return AvatarWindow(clip.index, self.num_clips, k, frames, clip.start + clip.keep[0])
+        first_frame = clip.start + clip.keep[0]
+        return AvatarWindow(
+            index=clip.index, num_clips=self.num_clips, window=k, frames=frames, first_frame=first_frame
+        )
 
     def fingerprint(self) -> str:
         """Everything that changes the frames: inputs, embeddings, seed, settings, schedule, weights."""
@@ -678,7 +683,15 @@ class SkyReelsV3TalkingAvatarPipeline(
             generator=run.generator.get_state(),
         )
         first_frame = clip.start + clip.keep[0] if clip.new_video else 0
-        return AvatarWindow(clip.index, run.num_clips, clip.window, frames, first_frame, latents, next_state)
+        return AvatarWindow(
+            index=clip.index,
+            num_clips=run.num_clips,
+            window=clip.window,
+            frames=frames,
+            first_frame=first_frame,
+            latents=latents,
+            state=next_state,
+        )
 
     # ---------------------------------------------------------------------------------------------- windows
     @torch.no_grad()  # on a generator: every step of the iteration, wherever the caller iterates it
