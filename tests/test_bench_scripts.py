@@ -454,6 +454,24 @@ def test_bench_e2e_stages_and_projections(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_avatar_run_whole_run_row(tmp_path):
+    """avatar_run.py on the tiny configs: one row with every clip's parts, the writer's seconds, the time to the
+    first playable second, the exactness checks of the kept-frames decode and colour matching, and the projection."""
+    out = tmp_path / "avatar.json"
+    run_script("avatar_run.py", "--tiny", "--device", "cpu", "--seconds", "4", "--json", str(out))
+    row = json.loads(out.read_text())
+    assert (row["frames"], row["windows"], len(row["clips"])) == (100, 2, 3)
+    assert [c["frames"] for c in row["clips"]] == [0, 69, 31]  # the keyframe clip, then the windows' new frames
+    parts = ("transformer_s", "vae_encode_s", "vae_decode_s", "colour_s", "clip_s", "uint8_s")
+    assert all(c[k] >= 0 for c in row["clips"] for k in parts) and all(c["transformer_s"] > 0 for c in row["clips"])
+    assert row["clips"][2]["clip_s"] > 0 and row["clips"][1]["clip_s"] == 0  # CLIP of the motion frame: window 1
+    assert row["exact_decode"] is True and row["exact_colour"] is True
+    assert len(row["write_s"]) == 2 and 0 < row["first_playable_s"] <= row["total_s"]
+    assert row["projected_200s_windows"] == 78 and row["projected_200s_s"] > row["keyframe_clip_s"]
+    assert row["host_rss_peak_gib"] > 0 and row["preset"] == "default"
+
+
+@pytest.mark.slow
 def test_bench_e2e_two_processes_with_sharded_weights(tmp_path):
     """Under torchrun with 2 gloo processes: Ulysses over both, the parallel VAE, encoders on rank 0 and the
     transformer built on the meta device and sharded (FSDP2); rank 0 writes one row with both ranks' peaks and

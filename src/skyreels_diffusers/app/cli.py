@@ -265,14 +265,16 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 print(f"error: {error}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             if is_main_process():
                 again = (
                     "run the same command again to resume from --resume-dir"
                     if values.get("resume_dir")
                     else "nothing was written"
+                    if not interrupt.args
+                    else ""
                 )
-                print(f"interrupted: {again}.", file=sys.stderr)
+                print(f"interrupted: {'; '.join(filter(None, [*interrupt.args[:1], again]))}.", file=sys.stderr)
             return 130
         finally:
             import torch.distributed as dist

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .output import check_output_writable, default_output_path, write_or_keep
+from .output import check_output_writable, default_output_path, write_or_keep, write_windows
 from .request import (
     COMPONENT_FILE_FLAGS,
     GenerationRequest,
@@ -210,8 +210,11 @@ def run(
         )
         if "audio_embeds" in extra:  # precomputed: the features and the window prompt's embeddings
             extra.update(audio=None, window_prompt=None)
+    kwargs = pipeline_kwargs(request, size, **extra)
     try:
-        out = pipe(**pipeline_kwargs(request, size, **extra))
+        if hasattr(pipe, "windows"):  # made window by window: the mp4 grows as the run goes (and resumes)
+            return write_windows(pipe, kwargs, output, request, should_stop)
+        out = pipe(**kwargs)
     except ValueError as error:  # an argument refused during the run (e.g. a resume folder): under its flag
         flagged = flag_error(error)
         if flagged is error:

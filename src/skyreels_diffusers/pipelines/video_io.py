@@ -501,6 +501,268 @@ def _mux_audio(container, stream, audio: np.ndarray, sample_rate: int) -> None:
         container.mux(packet)
 
 
+#: a growing mp4 is fragmented: its header (with the edit lists that keep audio and video in step) goes out with the
+#: first fragment, then a fragment starts at every keyframe (every appended window starts with one) and at least
+#: every `FRAGMENT_SECONDS`; a player or `ffprobe` reads every complete fragment while the file grows
+GROWING_MOVFLAGS = "frag_keyframe+delay_moov+default_base_moof"
+FRAGMENT_SECONDS = 0.5
+#: audio muxed ahead of the last written frame (in AAC frames), so that the muxer writes every video frame out
+AUDIO_LEAD_FRAMES = 2
+
+
+def partial_path(output: str | os.PathLike) -> Path:
+    """Where the growing video of `output` is written while it is generated: `<stem>.partial.mp4` beside it."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.partial.mp4")
+
+
+class GrowingVideoWriter:
+    """An H.264 mp4 that grows window by window while a long video is generated: it plays (with the audio up to the
+    last written frame) at any time, and `finish(output)` turns it into the normal mp4.
+
+    Each `append(frames)` (uint8 or float in [0, 1] `[n, H, W, 3]`) is encoded on a background thread, so the
+    caller goes on (generating the next window) meanwhile; at most `queue_size` windows wait, which bounds the
+    memory. Every window is encoded by its own H.264 encoder (CRF `crf`, a closed group of pictures starting with a
+    keyframe): a window is the same video whether it comes from a generator or from a resume folder (its bytes may
+    differ: x264 through PyAV is not byte-reproducible from run to run here), and each window is in the file, whole,
+    once the next fragment starts (at the latest `FRAGMENT_SECONDS` of video
+    later, or at `close`). The audio (mono or stereo float waveform, optional) is one AAC stream, muxed as the video
+    grows. The file is `path` (e.g. `partial_path(output)`); it is created with the first window. An error of the
+    background thread is raised by the next `append` or `close`; `close` (also on leaving a `with` block) ends the
+    file, a playable mp4 of what was appended.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fps: float,
+        audio: np.ndarray | None = None,
+        audio_sample_rate: int | None = None,
+        crf: int = 10,
+        queue_size: int = 1,
+    ):
+        import queue
+
+        if audio is not None and audio_sample_rate is None:
+            raise ValueError("`audio_sample_rate` is required with `audio`.")
+        self.path, self.fps, self.crf = Path(path), fps, crf
+        self.audio = None if audio is None else _mono_or_stereo(np.asarray(audio, dtype=np.float32))
+        self.audio_sample_rate = audio_sample_rate
+        self.frames_written = 0  # frames encoded and muxed (by the background thread)
+        self._queue, self._thread, self._error, self._closed = queue.Queue(maxsize=queue_size), None, None, False
+        self._shape = None
+
+    def __enter__(self) -> GrowingVideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+            return
+        try:
+            self.close()  # keep what was written playable; the body's error is the one raised
+        except Exception:  # noqa: BLE001
+            pass
+
+    def append(self, frames) -> None:
+        """Queue one window's frames (returns at once unless `queue_size` windows are already waiting)."""
+        frames = to_uint8(frames)
+        if self._closed:
+            raise ValueError(f"{self.path} is closed.")
+        if frames.ndim != 4 or frames.shape[-1] != 3 or (self._shape and frames.shape[1:] != self._shape):
+            raise ValueError(f"frames must be [n, H, W, 3] of one size for the whole video, got {frames.shape}.")
+        self._raise_error()
+        if not len(frames):
+            return
+        self._shape = frames.shape[1:]
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="GrowingVideoWriter", daemon=True)
+            self._thread.start()
+        self._queue.put(frames)
+
+    def wait(self) -> None:
+        """Block until every appended window is in the file (up to the fragment being written)."""
+        if self._thread is not None:
+            self._queue.join()
+        self._raise_error()
+
+    def close(self) -> Path:
+        """Wait for the queued windows, mux the rest of the audio and end the file; returns its path."""
+        if not self._closed:
+            self._closed = True
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+        self._raise_error()
+        return self.path
+
+    def finish(self, output: str | os.PathLike, overwrite: bool = True) -> Path:
+        """`close`, then write the normal mp4 (not fragmented, index first) at `output` from the same packets (no
+        re-encoding) atomically, as `write_video` does, and delete the growing file. Raises `FileExistsError` when
+        `output` exists and `overwrite` is False (the growing file is kept then, and on any other failure)."""
+        self.close()
+        if self._thread is None:
+            raise ValueError("no frames were appended: there is no video to finish.")
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if not overwrite and output.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(output))
+        sweep_stale_temp_files(output)
+        with sigterm_as_exit():
+            tmp = _create_temp_file(output)
+            try:
+                remux_mp4(self.path, tmp)
+                _move_into_place(tmp, output, overwrite)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        self.path.unlink(missing_ok=True)
+        return output
+
+    @property
+    def seconds_written(self) -> float:
+        return self.frames_written / self.fps
+
+    # ------------------------------------------------------------------------------------------ background thread
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _work(self) -> None:
+        """Encode queued windows until the end marker (None); after an error, skip the rest (the caller sees it)."""
+        state = None
+        try:
+            while True:
+                frames = self._queue.get()
+                try:
+                    if frames is None:
+                        if state is not None and self._error is None:
+                            self._mux_audio(state, None)
+                        return
+                    if self._error is None:
+                        state = state or self._open(frames.shape[1:3])
+                        self._encode_window(state, frames)
+                        self._mux_audio(state, self._audio_target(state))
+                except BaseException as error:  # noqa: BLE001 (raised in the caller's thread)
+                    self._error = self._error or error
+                    if frames is None:
+                        return
+                finally:
+                    self._queue.task_done()
+        finally:
+            if state is not None:
+                try:
+                    state["container"].close()
+                except Exception as error:  # noqa: BLE001
+                    self._error = self._error or error
+
+    def _open(self, size: tuple[int, int]) -> dict:
+        import av
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        options = {"movflags": GROWING_MOVFLAGS, "frag_duration": str(int(FRAGMENT_SECONDS * 1e6))}
+        container = av.open(str(self.path), mode="w", format="mp4", options={**options, "flush_packets": "1"})
+        rate = Fraction(self.fps).limit_denominator(1001)
+        video = container.add_stream("libx264", rate=rate)
+        video.height, video.width = size
+        video.pix_fmt = "yuv420p"
+        video.options = {"crf": str(self.crf)}
+        state = {"container": container, "video": video, "rate": rate, "audio": None, "samples": 0}
+        if self.audio is not None:
+            audio = container.add_stream("aac", rate=int(self.audio_sample_rate))
+            audio.layout = "mono" if self.audio.ndim == 1 else "stereo"
+            state["audio"] = audio
+        return state
+
+    def _encoder(self, state: dict):
+        """The first window uses the stream's own encoder; every later one a new encoder with the same settings
+        (whose stream headers must be the stream's, checked)."""
+        import av
+        from av.codec.context import Flags
+
+        video = state["video"]
+        if self.frames_written == 0:
+            return video.codec_context
+        encoder = av.CodecContext.create("libx264", "w")
+        encoder.width, encoder.height, encoder.pix_fmt = video.width, video.height, "yuv420p"
+        encoder.time_base, encoder.framerate = 1 / state["rate"], state["rate"]
+        encoder.options = {"crf": str(self.crf)}
+        encoder.flags |= Flags.global_header
+        encoder.open()
+        if bytes(encoder.extradata or b"") != bytes(video.codec_context.extradata or b""):
+            raise RuntimeError("the H.264 encoder of a later window gave other stream headers than the first one")
+        return encoder
+
+    def _encode_window(self, state: dict, frames: np.ndarray) -> None:
+        import av
+
+        encoder, video, container = self._encoder(state), state["video"], state["container"]
+        packets = []
+        for i, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")
+            frame.pts, frame.time_base = self.frames_written + i, 1 / state["rate"]
+            packets.extend(encoder.encode(frame))
+        packets.extend(encoder.encode(None))  # the whole window out: its own closed group of pictures
+        for packet in packets:
+            packet.stream, packet.duration = video, 1
+            container.mux(packet)
+        self.frames_written += len(frames)
+
+    def _audio_target(self, state: dict) -> int:
+        if state["audio"] is None:
+            return 0
+        frame_size = state["audio"].codec_context.frame_size or 1024
+        return round(self.seconds_written * self.audio_sample_rate) + AUDIO_LEAD_FRAMES * frame_size
+
+    def _mux_audio(self, state: dict, until: int | None) -> None:
+        """Encode the audio from where it stopped up to sample `until` (whole AAC frames), or all of it and the
+        encoder's tail (`until` None)."""
+        import av
+
+        stream = state["audio"]
+        if stream is None:
+            return
+        container, planar = state["container"], self.audio[None, :] if self.audio.ndim == 1 else self.audio.T
+        frame_size = stream.codec_context.frame_size or 1024
+        end = planar.shape[1] if until is None else min(until, planar.shape[1])
+        while state["samples"] < end and (until is None or state["samples"] + frame_size <= end):
+            start = state["samples"]
+            chunk = np.ascontiguousarray(planar[:, start : start + frame_size])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=stream.layout.name)
+            frame.sample_rate, frame.pts = int(self.audio_sample_rate), start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+            state["samples"] = start + chunk.shape[1]
+        if until is None:
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def _mono_or_stereo(audio: np.ndarray) -> np.ndarray:
+    """`[samples]` or `[samples, 2]`; mono as `[samples, 1]` and more than two channels are mixed down to mono."""
+    if audio.ndim == 2 and audio.shape[1] != 2:
+        return audio.mean(axis=1)
+    return audio
+
+
+def remux_mp4(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy every audio and video packet of `source` into a normal mp4 `target` (one index, written first)."""
+    import av
+
+    with (
+        av.open(str(source)) as inp,
+        av.open(str(target), "w", format="mp4", options={"movflags": "faststart"}) as out,
+    ):
+        kept = [s for s in inp.streams if s.type in ("video", "audio")]
+        streams = {s.index: out.add_stream_from_template(s) for s in kept}
+        for packet in inp.demux(*kept):
+            if packet.dts is None:  # the demuxer's end-of-stream marker
+                continue
+            packet.stream = streams[packet.stream.index]
+            out.mux(packet)
+
+
 RESIZE_MODES = ("nearest", "bilinear", "bicubic", "area")
 
 
