@@ -61,6 +61,7 @@ def test_store_leases_finish_a_job_once(tmp_path):
     store = JobStore(tmp_path, lease_seconds=30)
     job_id = new_job_id()
     store.create(job_id, "local", "talking_avatar", {"seed": 1}, limit=4)
+    assert [r["id"] for r in store.unfinished()] == [job_id] and store.unfinished("reference_to_video") == []
     (store.upload_dir(job_id) / "0").mkdir(parents=True)
     (store.upload_dir(job_id) / "0" / "face.png").write_bytes(b"x")
     store.resume_dir(job_id).mkdir(parents=True)
@@ -90,6 +91,7 @@ def test_store_leases_finish_a_job_once(tmp_path):
     assert [e["event"] for e in record["history"]].count("completed") == 1
     assert not store.upload_dir(job_id).exists() and not store.resume_dir(job_id).exists()
     assert store.claim(job_id, {"pid": 3}) is None  # a finished job never runs again
+    assert store.unfinished() == [] and store.dispatchable() == []
 
 
 def test_store_fails_a_job_whose_replicas_keep_dying(tmp_path):

@@ -33,7 +33,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .jobs import UNFINISHED, JobStore, new_job_id, public_message
+from .jobs import JobStore, new_job_id, public_message
 from .request import GenerationRequest, output_size, validate
 from .tasks import TASKS
 
@@ -433,7 +433,7 @@ def build_api(settings: ServeSettings, store: JobStore, wake=lambda: None):
         job_id = new_job_id()
         try:
             model = reader.model(fields)
-            if sum(r["model"] == model and r["status"] in UNFINISHED for r in store.jobs()) >= settings.max_queued:
+            if len(store.unfinished(model)) >= settings.max_queued:
                 raise _queue_full(store, model)
             values, renamed = reader.values(model, fields, files, job_id)
             job = GenerationRequest(task=model, model=settings.deployments[model], **values, **settings.options)

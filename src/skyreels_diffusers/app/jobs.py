@@ -54,15 +54,15 @@ def new_job_id() -> str:
 
 
 class JobStore:
-    """Jobs as files under `root`: `jobs/<id>.json`, `uploads/<id>/`, `work/<id>/`, `resume/<id>/`,
-    `results/<id>.mp4`. `lease_seconds`: how long a claim lives without a heartbeat; `max_attempts`: runs of a job
+    """Jobs as files under `root`: `jobs/<id>.json`, `unfinished/<id>`, `uploads/<id>/`, `work/<id>/`,
+    `resume/<id>/`, `results/<id>.mp4`. `lease_seconds`: how long a claim lives without a heartbeat; `max_attempts`: runs of a job
     whose replica keeps dying before it is failed."""
 
     def __init__(self, root: str | os.PathLike, lease_seconds: float = 60.0, max_attempts: int = 3):
         self.root = Path(root).resolve()
         self.lease_seconds = float(lease_seconds)
         self.max_attempts = int(max_attempts)
-        for folder in ("jobs", "uploads", "work", "resume", "results"):
+        for folder in ("jobs", "unfinished", "uploads", "work", "resume", "results"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------------------------ paths
@@ -73,6 +73,11 @@ class JobStore:
 
     def record_path(self, job_id: str) -> Path:
         return self.root / "jobs" / f"{self._checked(job_id)}.json"
+
+    def marker_path(self, job_id: str) -> Path:
+        """`unfinished/<id>`: an empty file while the job is queued or running (what the dispatcher and the queue
+        bound read, without opening every finished record)."""
+        return self.root / "unfinished" / self._checked(job_id)
 
     def upload_dir(self, job_id: str) -> Path:
         return self.root / "uploads" / self._checked(job_id)
@@ -121,6 +126,15 @@ class JobStore:
                 records.append(record)
         return sorted(records, key=lambda r: (r["created_at"], r["id"]))
 
+    def unfinished(self, model: str | None = None) -> list[dict]:
+        """The queued and running jobs (of `model`), oldest first."""
+        records = []
+        for path in (self.root / "unfinished").iterdir():
+            record = self.get(path.name)
+            if record is not None and record["status"] in UNFINISHED and model in (None, record["model"]):
+                records.append(record)
+        return sorted(records, key=lambda r: (r["created_at"], r["id"]))
+
     @staticmethod
     def _event(record: dict, event: str, **details) -> None:
         record["history"] = [*record.get("history", []), {"event": event, "t": time.time(), **details}][-MAX_HISTORY:]
@@ -128,8 +142,7 @@ class JobStore:
     def create(self, job_id: str, owner: str, model: str, request: dict, limit: int, **view) -> dict | None:
         """A queued job; None when `model` already has `limit` unfinished jobs (the queue is full)."""
         with self.locked():
-            unfinished = [r for r in self.jobs() if r["model"] == model and r["status"] in UNFINISHED]
-            if len(unfinished) >= limit:
+            if len(self.unfinished(model)) >= limit:
                 return None
             record = {
                 "id": job_id,
@@ -147,6 +160,7 @@ class JobStore:
                 **view,
             }
             self._event(record, "created")
+            self.marker_path(job_id).touch()
             self._write(record)
             return record
 
@@ -169,7 +183,7 @@ class JobStore:
         now = time.time()
         return [
             r
-            for r in self.jobs()
+            for r in self.unfinished()
             if r["status"] == "queued" or (r["status"] == "in_progress" and self.is_stale(r, now))
         ]
 
@@ -178,7 +192,7 @@ class JobStore:
         A job whose replicas died `max_attempts` times is failed instead."""
 
         def take(record):
-            if record["status"] not in UNFINISHED or record.get("cancelled"):
+            if record["status"] not in UNFINISHED:
                 return False
             if record["status"] == "in_progress" and not self.is_stale(record):
                 return False
@@ -189,6 +203,7 @@ class JobStore:
                     "message": f"the replica running this job stopped {record['attempts']} times",
                 }
                 self._event(record, "failed", reason="replica_lost")
+                self.marker_path(job_id).unlink(missing_ok=True)
                 return None
             record["attempts"] += 1
             record["status"] = "in_progress"
@@ -208,10 +223,10 @@ class JobStore:
 
     def heartbeat(self, job_id: str, token: str, progress: int | None = None, detail: dict | None = None, **event):
         """Renew the lease (and record progress, and an event when given); False when the job is no longer this
-        run's (deleted, cancelled or claimed by another replica)."""
+        run's (deleted or claimed by another replica)."""
 
         def beat(record):
-            if not self._holds(record, token) or record.get("cancelled"):
+            if not self._holds(record, token):
                 return False
             record["lease"]["heartbeat"] = time.time()
             if progress is not None:
@@ -237,9 +252,10 @@ class JobStore:
         """Publish the run's mp4 as the job's result, if this run still holds the job (else the file is dropped)."""
 
         def finish(record):
-            if not self._holds(record, token) or record.get("cancelled"):
+            if not self._holds(record, token):
                 return False
             os.replace(output, self.result_path(job_id))
+            self.marker_path(job_id).unlink(missing_ok=True)
             record.update(status="completed", progress=100, lease=None, completed_at=int(time.time()))
             self._event(record, "completed", attempt=record["attempts"])
 
@@ -255,6 +271,7 @@ class JobStore:
         def failed(record):
             if not self._holds(record, token):
                 return False
+            self.marker_path(job_id).unlink(missing_ok=True)
             record.update(status="failed", lease=None, completed_at=int(time.time()))
             record["error"] = {"code": code, "message": message}
             self._event(record, "failed", attempt=record["attempts"], reason=code)
@@ -273,6 +290,7 @@ class JobStore:
             if record is None:
                 return False
             self.record_path(job_id).unlink(missing_ok=True)
+            self.marker_path(job_id).unlink(missing_ok=True)
         self._cleanup(job_id, keep_result=False)
         return True
 
