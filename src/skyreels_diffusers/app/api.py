@@ -397,55 +397,45 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-def build_api(settings: ServeSettings, store: JobStore, wake=lambda: None):
-    """The FastAPI app: jobs go into `store`, `wake()` tells the dispatcher there is work."""
-    from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import FileResponse, JSONResponse
+class VideosApi:
+    """What the routes do, without FastAPI: jobs go into `store`, `wake()` tells the dispatcher there is work."""
 
-    app = FastAPI(title="SkyReels-V3", docs_url=None, redoc_url=None, openapi_url=None)
-    digests = tuple(key_digest(k) for k in settings.api_keys)
-    reader = RequestReader(settings, store)
-    limit = int(settings.max_upload_mb * 2**20)
-    roots = [store.root, *reader.input_roots, Path(tempfile.gettempdir()).resolve()]
+    def __init__(self, settings: ServeSettings, store: JobStore, wake=lambda: None):
+        self.settings, self.store, self.wake = settings, store, wake
+        self.digests = tuple(key_digest(k) for k in settings.api_keys)
+        self.reader = RequestReader(settings, store)
+        self.roots = [store.root, *self.reader.input_roots, Path(tempfile.gettempdir()).resolve()]
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, error: ApiError):
-        body = error.body()
-        body["error"]["message"] = public_message(body["error"]["message"], roots)
-        return JSONResponse(body, status_code=error.status, headers=error.headers or None)
+    def owner(self, headers) -> str:
+        return owner_of(headers.get("authorization"), self.digests)
 
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request, error):
-        return JSONResponse(too_large_error(limit).body(), status_code=413)
+    def view(self, record: dict) -> dict:
+        return video_object(record, self.settings.result_ttl_hours, self.roots)
 
-    def owned(request: Request, video_id: str) -> dict:
-        owner = owner_of(request.headers.get("authorization"), digests)
-        record = store.get(video_id)
+    def owned(self, headers, video_id: str) -> dict:
+        owner, record = self.owner(headers), self.store.get(video_id)
         if record is None or record["owner"] != owner:
             raise ApiError(404, f"no video {video_id!r}", param="video_id", code="not_found")
         return record
 
-    @app.post("/v1/videos")
-    async def create_video(request: Request):
-        owner = owner_of(request.headers.get("authorization"), digests)
+    async def create(self, request) -> dict:
+        """Validate (the CLI's checks) and queue one job; its uploads are removed again if it is refused."""
+        from fastapi.concurrency import run_in_threadpool
+
+        owner, store, settings = self.owner(request.headers), self.store, self.settings
         fields, files, form = await _read_body(request)
         job_id = new_job_id()
         try:
-            model = reader.model(fields)
+            model = self.reader.model(fields)
             if len(store.unfinished(model)) >= settings.max_queued:
                 raise _queue_full(store, model)
-            values, renamed = reader.values(model, fields, files, job_id)
+            values, renamed = self.reader.values(model, fields, files, job_id)
             job = GenerationRequest(task=model, model=settings.deployments[model], **values, **settings.options)
             try:
                 checked = await run_in_threadpool(validate, job)
             except ValueError as error:
                 raise invalid_request(error, renamed) from None
-            height, width = output_size(checked)
-            speech = checked.media.get("speech")
-            seconds = f"{speech.duration:g}" if speech is not None else str(checked.duration)
-            view = dict(prompt=checked.prompt, size=f"{width}x{height}", seconds=seconds, seed=checked.seed)
-            record = store.create(job_id, owner, model, values, limit=settings.max_queued, **view)
+            record = store.create(job_id, owner, model, values, limit=settings.max_queued, **_shown(checked))
             if record is None:
                 raise _queue_full(store, model)
         except BaseException:
@@ -455,17 +445,17 @@ def build_api(settings: ServeSettings, store: JobStore, wake=lambda: None):
         finally:
             if form is not None:
                 await form.close()
-        wake()
-        return video_object(record, settings.result_ttl_hours, roots)
+        self.wake()
+        return self.view(record)
 
-    @app.get("/v1/videos")
-    async def list_videos(request: Request, after: str | None = None, limit: int = 20, order: str = "desc"):
-        owner = owner_of(request.headers.get("authorization"), digests)
+    def page(self, headers, after: str | None, limit: int, order: str) -> dict:
+        """The caller's jobs, OpenAI's list object (newest first by default)."""
         if order not in ("asc", "desc"):
             raise ApiError(422, f"order: must be 'asc' or 'desc', got {order!r}", param="order")
         if not 0 <= limit <= 100:
             raise ApiError(422, f"limit: must be in [0, 100], got {limit}", param="limit")
-        records = [r for r in store.jobs() if r["owner"] == owner]
+        owner = self.owner(headers)
+        records = [r for r in self.store.jobs() if r["owner"] == owner]
         if order == "desc":
             records.reverse()
         ids = [r["id"] for r in records]
@@ -474,40 +464,87 @@ def build_api(settings: ServeSettings, store: JobStore, wake=lambda: None):
         page = records[:limit]
         return {
             "object": "list",
-            "data": [video_object(r, settings.result_ttl_hours, roots) for r in page],
+            "data": [self.view(r) for r in page],
             "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None,
             "has_more": len(records) > len(page),
         }
 
-    @app.get("/v1/videos/{video_id}")
-    async def get_video(request: Request, video_id: str):
-        return video_object(owned(request, video_id), settings.result_ttl_hours, roots)
-
-    @app.get("/v1/videos/{video_id}/content")
-    async def get_content(request: Request, video_id: str, variant: str = "video"):
-        record = owned(request, video_id)
+    def content(self, headers, video_id: str, variant: str) -> Path:
+        record = self.owned(headers, video_id)
         if variant != "video":
             raise ApiError(422, f"variant: only 'video' is available, got {variant!r}", param="variant")
         if record["status"] != "completed":
-            raise ApiError(
-                409, f"the video is {record['status']}; its content exists once completed", code="not_ready"
-            )
-        return FileResponse(store.result_path(video_id), media_type="video/mp4", filename=f"{video_id}.mp4")
+            message = f"the video is {record['status']}; its content exists once completed"
+            raise ApiError(409, message, code="not_ready")
+        return self.store.result_path(video_id)
+
+    def models(self, headers) -> dict:
+        self.owner(headers)
+        data = [
+            {"id": task, "object": "model", "created": 0, "owned_by": "skyreels-v3"}
+            for task in self.settings.deployments
+        ]
+        return {"object": "list", "data": data}
+
+
+def _shown(checked: GenerationRequest) -> dict:
+    """What the video object shows of a validated request: prompt, size `WxH`, seconds (the audio's for the
+    avatar), seed."""
+    height, width = output_size(checked)
+    speech = checked.media.get("speech")
+    seconds = f"{speech.duration:g}" if speech is not None else str(checked.duration)
+    return dict(prompt=checked.prompt, size=f"{width}x{height}", seconds=seconds, seed=checked.seed)
+
+
+def build_api(settings: ServeSettings, store: JobStore, wake=lambda: None):
+    """The ASGI app (FastAPI behind the body-size limit): jobs go into `store`, `wake()` tells the dispatcher.
+
+    >>> app = build_api(ServeSettings(deployments={"reference_to_video": "tiny"}), JobStore("jobs"))
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse
+
+    api = VideosApi(settings, store, wake)
+    limit = int(settings.max_upload_mb * 2**20)
+    app = FastAPI(title="SkyReels-V3", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, error: ApiError):
+        body = error.body()
+        body["error"]["message"] = public_message(body["error"]["message"], api.roots)
+        return JSONResponse(body, status_code=error.status, headers=error.headers or None)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request, error):
+        return JSONResponse(too_large_error(limit).body(), status_code=413)
+
+    @app.post("/v1/videos")
+    async def create_video(request: Request):
+        return await api.create(request)
+
+    @app.get("/v1/videos")
+    async def list_videos(request: Request, after: str | None = None, limit: int = 20, order: str = "desc"):
+        return api.page(request.headers, after, limit, order)
+
+    @app.get("/v1/videos/{video_id}")
+    async def get_video(request: Request, video_id: str):
+        return api.view(api.owned(request.headers, video_id))
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def get_content(request: Request, video_id: str, variant: str = "video"):
+        path = api.content(request.headers, video_id, variant)
+        return FileResponse(path, media_type="video/mp4", filename=f"{video_id}.mp4")
 
     @app.delete("/v1/videos/{video_id}")
     async def delete_video(request: Request, video_id: str):
-        owned(request, video_id)
+        api.owned(request.headers, video_id)
         store.delete(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        owner_of(request.headers.get("authorization"), digests)
-        data = [
-            {"id": task, "object": "model", "created": 0, "owned_by": "skyreels-v3"} for task in settings.deployments
-        ]
-        return {"object": "list", "data": data}
+        return api.models(request.headers)
 
     @app.get("/healthz")
     async def health():

@@ -55,8 +55,8 @@ def new_job_id() -> str:
 
 class JobStore:
     """Jobs as files under `root`: `jobs/<id>.json`, `unfinished/<id>`, `uploads/<id>/`, `work/<id>/`,
-    `resume/<id>/`, `results/<id>.mp4`. `lease_seconds`: how long a claim lives without a heartbeat; `max_attempts`: runs of a job
-    whose replica keeps dying before it is failed."""
+    `resume/<id>/`, `results/<id>.mp4`. `lease_seconds`: how long a claim lives without a heartbeat;
+    `max_attempts`: runs of a job whose replica keeps dying before it is failed."""
 
     def __init__(self, root: str | os.PathLike, lease_seconds: float = 60.0, max_attempts: int = 3):
         self.root = Path(root).resolve()
@@ -387,8 +387,8 @@ class JobWorker:
 
     def _progress(self, job_id: str, token: str, attempt: int):
         """The runner's progress callback -> the record's percentage and step/window detail (written at most
-        every half second, and at every finished window and last step). Multi-window runs count finished windows plus the
-        current window's steps once the first window has told how many there are."""
+        every half second, and at every finished window and last step). Multi-window runs count finished windows
+        plus the current window's steps once the first window has told how many there are."""
         windowed = "callback_on_window_end" in inspect.signature(TASKS[self.task].pipeline_class.__call__).parameters
         state = {"step": 0, "steps": None, "window": 0, "windows": None, "written": 0.0}
 
