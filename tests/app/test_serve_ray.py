@@ -97,13 +97,14 @@ def server(tmp_path_factory):
             os.environ.pop(name, None)
 
 
-def wait_for(client, job: str, done=lambda v: v["status"] in ("completed", "failed"), key: str = KEY_A) -> dict:
+def wait_for(client, job: str, done=lambda v: v["status"] in ("completed", "failed"), poll: float = POLL_S) -> dict:
+    """The job's video object once `done(video)` (or when the deadline passes)."""
     deadline = time.monotonic() + DEADLINE_S
-    for _ in range(int(DEADLINE_S / POLL_S)):
-        video = client.get(f"/v1/videos/{job}", headers=auth(key)).json()
+    for _ in range(int(DEADLINE_S / poll)):
+        video = client.get(f"/v1/videos/{job}", headers=auth()).json()
         if done(video) or time.monotonic() > deadline:
             return video
-        time.sleep(POLL_S)
+        time.sleep(poll)
     return video
 
 
@@ -210,6 +211,11 @@ def test_eight_concurrent_jobs_over_three_tasks_equal_the_cli(server, tmp_path):
         assert video["progress"] == 100 and video["attempts"] == 1
         assert_same_video(content(client, job), reference)
         server["completed"][job] = content(client, job)
+    from skyreels_diffusers.app.jobs import JobStore
+
+    store = JobStore(server["settings"].store)
+    claims = {e["pid"] for job in ids[:4] for e in store.get(job)["history"] if e["event"] == "claimed"}
+    assert len(claims) == 2  # both replicas of reference_to_video ran jobs
     listed = client.get("/v1/videos", params={"limit": 100}, headers=auth()).json()
     assert set(ids) <= {v["id"] for v in listed["data"]}
     assert client.get(f"/v1/videos/{ids[0]}", headers=auth(KEY_B)).status_code == 404  # another key's job
@@ -225,7 +231,7 @@ def test_a_replica_killed_mid_job_and_a_full_queue(server, tmp_path):
     store = JobStore(server["settings"].store)
     long_job = body("talking_avatar", seed=21, steps=5)
     job = client.post("/v1/videos", json=long_job, headers=auth()).json()["id"]
-    wait_for(client, job, lambda v: (v["progress_detail"] or {}).get("window", 0) >= 1 or v["status"] != "queued")
+    wait_for(client, job, lambda v: v["status"] != "queued", poll=0.1)
     queued = [client.post("/v1/videos", json=body("talking_avatar", seed=30 + i), headers=auth()) for i in range(3)]
     assert [q.status_code for q in queued] == [200] * 3
     full = client.post("/v1/videos", json=body("talking_avatar", seed=40), headers=auth(KEY_B))
@@ -233,7 +239,7 @@ def test_a_replica_killed_mid_job_and_a_full_queue(server, tmp_path):
     for answer in queued:  # cancel the queued ones
         assert client.delete(f"/v1/videos/{answer.json()['id']}", headers=auth()).json()["deleted"] is True
     video = wait_for(
-        client, job, lambda v: (v["progress_detail"] or {}).get("window", 0) >= 1 or v["status"] != "in_progress"
+        client, job, lambda v: (v["progress_detail"] or {}).get("window", 0) >= 1 or v["status"] != "in_progress", 0.1
     )
     assert video["status"] == "in_progress", video
     first = store.get(job)
@@ -255,6 +261,9 @@ def test_a_replica_killed_mid_job_and_a_full_queue(server, tmp_path):
 
 
 def test_a_restarted_server_keeps_results_and_reruns_unfinished_jobs(server, tmp_path):
+    """The server goes down hard with a job running and one queued, and comes back (a new application, its
+    ingress and replicas new) on the same store: every finished video is served as before, and both unfinished
+    jobs complete once, the running one in a second attempt with the CLI's video."""
     from ray import serve
 
     from skyreels_diffusers.app.jobs import JobStore
@@ -269,9 +278,10 @@ def test_a_restarted_server_keeps_results_and_reruns_unfinished_jobs(server, tmp
     running_body, queued_body = body("talking_avatar", seed=51, steps=5), body("talking_avatar", seed=52)
     running = client.post("/v1/videos", json=running_body, headers=auth()).json()["id"]
     queued = client.post("/v1/videos", json=queued_body, headers=auth()).json()["id"]
-    wait_for(client, running, lambda v: v["status"] != "queued")
-    serve.delete(server["app"])  # the server stops (its replicas are stopped after 1 s)
-    assert {store.get(running)["status"], store.get(queued)["status"]} <= {"queued", "in_progress"}
+    assert wait_for(client, running, lambda v: v["status"] != "queued", poll=0.1)["status"] == "in_progress"
+    os.kill(store.get(running)["lease"]["pid"], signal.SIGKILL)  # the server goes down hard: the busy replica...
+    serve.delete(server["app"])  # ...and then the rest of the application
+    assert (store.get(running)["status"], store.get(queued)["status"]) == ("in_progress", "queued")
     restarted = dataclasses.replace(settings, deployments={"talking_avatar": "tiny"}, task_replicas={})
     start(restarted)
     for job, expected in server["completed"].items():
