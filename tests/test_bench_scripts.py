@@ -534,3 +534,14 @@ def test_bench_e2e_two_processes_with_sharded_weights(tmp_path):
     assert {"max_abs_diff_vs_1gpu", "mean_abs_diff_vs_1gpu"} <= set(row)
     one, two = (np.load(frames / f"reference_720p_default_tiny_{n}gpu.npy") for n in (1, 2))
     assert one.shape == two.shape == (5, 32, 48, 3) and two.dtype == np.uint8
+
+
+def test_bench_serve_statistics():
+    """The load figure's arithmetic (the script itself starts Ray: run by hand, docs/serving.md)."""
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "bench_serve.py")
+    bench_serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_serve)
+    assert bench_serve.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert bench_serve.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+    summary = bench_serve.summarize([1.0, 2.0, 3.0], wall_s=30.0, failed=1)
+    assert summary["jobs_per_min"] == 6.0 and summary["p50_s"] == 2.0 and summary["failed"] == 1

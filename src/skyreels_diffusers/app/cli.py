@@ -216,12 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(app, "low-vram", action="store_true")
     _flag(app, "ulysses-degree", type=int, default=1)
     _flag(app, "device", default=None)
+    _add_serve_command(sub)
     return parser
+
+
+def _add_serve_command(sub) -> None:
+    from .serve import add_serve_arguments
+
+    add_serve_arguments(
+        sub.add_parser("serve", help="serve the videos API on Ray Serve (pip install 'skyreels-diffusers[serve]')")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.command == "serve":
+        from .serve import serve_main
+
+        return serve_main(args)
     if args.command == "app":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         try:

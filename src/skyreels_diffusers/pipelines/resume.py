@@ -52,6 +52,8 @@ def module_identity(module: torch.nn.Module | None) -> dict[str, Any] | None:
     )
     config = dict(getattr(module, "config", {}) or {})
     config = config.to_dict() if hasattr(config, "to_dict") else config
+    if "_use_default_values" in config:  # diffusers lists these from a set: its order changes with the process
+        config["_use_default_values"] = sorted(config["_use_default_values"])
     return {
         "class": type(module).__name__,
         "config": config,
