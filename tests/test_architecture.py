@@ -33,6 +33,9 @@ LAYERS = {
     f"{PACKAGE}.app.run": "app.run",
     f"{PACKAGE}.app.convert": "app.convert",
     f"{PACKAGE}.app.web": "app.web",
+    f"{PACKAGE}.app.jobs": "app.serve",  # the job store and worker of the served API
+    f"{PACKAGE}.app.api": "app.serve",  # the HTTP API (FastAPI)
+    f"{PACKAGE}.app.serve": "app.serve",  # its Ray Serve deployments
     f"{PACKAGE}.app.cli": "app.cli",
 }
 
@@ -53,7 +56,8 @@ ALLOWED = {
     "app.run": {"app.run", "app.request", "app.tasks", "app.tiny", *LIBRARY},
     "app.convert": {"app.convert", "app.tasks", *LIBRARY},
     "app.web": {"app.web", "app.run", "app.request", "app.tasks", "app.tiny", *LIBRARY},
-    "app.cli": {"app.cli", "app.web", "app.run", "app.request", "app.tasks", "app.tiny", *LIBRARY},
+    "app.serve": {"app.serve", "app.web", "app.run", "app.request", "app.tasks", "app.tiny", *LIBRARY},
+    "app.cli": {"app.cli", "app.serve", "app.web", "app.run", "app.request", "app.tasks", "app.tiny", *LIBRARY},
 }
 
 

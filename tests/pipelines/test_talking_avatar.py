@@ -14,7 +14,7 @@ from skyreels_diffusers.app.tiny import TINY_WAV2VEC2_CONFIG, tiny_pipeline
 from skyreels_diffusers.pipelines.audio_io import audio_windows, load_speech, loudness_normalize, wav2vec2_features
 from skyreels_diffusers.pipelines.buckets import avatar_bucket_size
 from skyreels_diffusers.pipelines.color import lab_to_rgb, match_colors, rgb_to_lab
-from skyreels_diffusers.pipelines.pipeline_skyreels_v3_talking_avatar import extend_audio, plan_windows
+from skyreels_diffusers.pipelines.pipeline_skyreels_v3_talking_avatar import AvatarRun, extend_audio, plan_windows
 from tests.helpers import FIXTURES, random_image
 
 
@@ -73,6 +73,47 @@ def test_end_to_end_frame_counts_at_the_boundaries(frames):
     _, out = avatar(audio_embeds=features(frames))
     assert out.frames.shape == (1, frames, 32, 48, 3)
     assert out.fps == 25 and out.audio is None
+
+
+@pytest.mark.parametrize("frames", [40, 81, 145, 146, 250, 5000])
+def test_the_clips_cover_the_video_once_and_decode_only_what_they_keep(frames):
+    """The loop's plan: the keyframe clip keeps the frames the windows end on (the whole video when there are no
+    windows); the windows' new frames follow each other up to `num_frames`; a window decodes its first 69 frames
+    (the last one up to the end of the video) and keeps the previous window's 5 motion frames out of the video."""
+    plan = plan_windows(frames)
+    clips = plan.clips()
+    assert [c.index for c in clips] == list(range(len(clips))) and clips[0].window is None
+    new = [(c.start + c.keep[0], len(c.keep)) for c in clips if c.new_video]
+    assert sum(n for _, n in new) == frames and [s for s, _ in new] == list(np.cumsum([0] + [n for _, n in new])[:-1])
+    if not plan.starts:
+        assert clips[0].keep == tuple(range(frames)) and len(clips) == 1
+        return
+    assert clips[0].keep == tuple(sorted(set(plan.keyframes))) and not clips[0].new_video
+    for clip in clips[1:-1]:
+        assert clip.keep[0] == (0 if clip.window == 0 else 5) and clip.num_decoded == 69  # 12 frames never decoded
+    assert clips[-1].num_decoded == frames - clips[-1].start  # the padding past the audio is not decoded
+
+
+def test_decoding_the_kept_latent_frames_gives_the_first_frames_of_the_whole_decode():
+    """What lets a window decode 18 of its 21 latent frames: the VAE is causal in time, so the frames it keeps are
+    the same bits either way (here the tiny VAE on the CPU; bench/avatar_run.py checks the real one on the GPU)."""
+    from skyreels_diffusers.app.tiny import tiny_components
+
+    vae = tiny_components("talking_avatar")["vae"]
+    latents = torch.randn(1, 16, 21, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole, kept = vae.decode(latents).sample, vae.decode(latents[:, :, :18]).sample
+    assert whole.shape[2] == 81 and kept.shape[2] == 69
+    assert torch.equal(whole[:, :, :69], kept)
+
+
+def test_colour_matching_is_frame_by_frame():
+    """What lets only the kept frames be colour-matched: each frame is matched on its own statistics."""
+    g = torch.Generator().manual_seed(2)
+    frames, reference = torch.rand(81, 3, 16, 24, generator=g) * 2 - 1, torch.rand(3, 16, 24, generator=g) * 2 - 1
+    whole = match_colors(frames, reference)
+    assert torch.equal(whole[5:69], match_colors(frames[5:69], reference))
+    assert torch.equal(whole[[24, 42, 80]], match_colors(frames[[24, 42, 80]], reference))
 
 
 def test_audio_padding_is_time_reversed_and_windows_clamp():
@@ -163,6 +204,55 @@ def test_deterministic_and_options_change_the_windows():
     first = 69  # the first window uses the portrait's CLIP tokens either way
     for other in (c, d):
         assert np.abs(a.frames[:, first:] - other.frames[:, first:]).max() > 0
+
+
+def test_windows_checks_and_encodes_but_generates_only_when_iterated():
+    pipe = tiny_pipeline("talking_avatar")
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: pytest.fail("generated before the run was iterated")
+    run = pipe.windows(image=random_image(60, 40), audio_embeds=features(146), prompt="a woman talks", **SMALL)
+    assert isinstance(run, AvatarRun) and (run.num_frames, run.num_clips, run.height, run.width) == (146, 4, 32, 48)
+    assert run.audio is None and run.fps == 25
+    with pytest.raises(ValueError, match="resolution"):
+        pipe.windows(image=random_image(), audio_embeds=features(10), prompt="x", resolution="1080P")
+    pipe.transformer.forward = forward
+    short = pipe.windows(
+        image=random_image(60, 40), audio_embeds=features(20), prompt="x", num_inference_steps=1, **SMALL
+    )
+    assert torch.is_grad_enabled()  # iterated outside any no_grad block, as the command line does
+    (window,) = list(short)
+    # before: the windows' VAE and transformer calls recorded autograd graphs (1 GB more per window at 96 x 160,
+    # chained from window to window through the motion frames)
+    assert window.latents.grad_fn is None and not window.latents.requires_grad and window.frames.shape[0] == 20
+
+
+@pytest.mark.slow
+def test_windows_yield_the_video_of_a_call_window_by_window():
+    """The same run through `windows()`: every finished clip in order, the keyframe clip without frames, each
+    window's new frames where they belong, together the video `pipe(...)` returns; and the state to go on from."""
+    pipe, out = avatar(audio_embeds=features(209), output_type="pt")
+    ends = []
+    run = pipe.windows(
+        image=random_image(60, 40),
+        prompt="a woman talks",
+        generator=torch.Generator().manual_seed(0),
+        audio_embeds=features(209),
+        callback_on_window_end=lambda p, index, total: ends.append((index, total)),
+        **SMALL,
+    )
+    windows = list(run)
+    assert [(w.index, w.window, len(w.frames), w.first_frame) for w in windows] == [
+        (0, None, 0, 0),
+        (1, 0, 69, 0),
+        (2, 1, 64, 69),
+        (3, 2, 76, 133),
+    ]
+    assert ends == [(0, 4), (1, 4), (2, 4), (3, 4)]  # after each window was handed on
+    video = np.concatenate([w.frames for w in windows])
+    np.testing.assert_array_equal(video, (out.frames[0].permute(0, 2, 3, 1) * 255).round().byte().numpy())
+    assert all(w.frames.dtype == np.uint8 and w.latents.shape == (1, 16, 21, 4, 6) for w in windows)
+    assert windows[0].state.keyframes.shape == (3, 3, 32, 48) and windows[0].state.motion is None
+    assert windows[1].state.next_window == 1 and windows[1].state.motion.shape == (5, 3, 32, 48)
 
 
 @pytest.mark.slow

@@ -124,13 +124,47 @@ def test_fingerprint_covers_weights_dtype_quantisation_and_config():
 
 def test_store_writes_atomically_only_as_writer(tmp_path):
     reader = ResumeStore(tmp_path / "r", "abc", writer=False)
-    reader.save_state(keyframe_video=torch.zeros(1), next_window=0, motion=None, generator=torch.zeros(1))
+    reader.save_keyframes(torch.zeros(2, 3, 4, 4))
+    reader.save_state(next_window=0, motion=None, generator=torch.zeros(1))
     reader.save_window(0, np.zeros((1, 2, 2, 3), np.uint8))
     assert list((tmp_path / "r").iterdir()) == []
     writer = ResumeStore(tmp_path / "r", "abc", writer=True)
+    writer.save_keyframes(torch.full((2, 3, 4, 4), 0.5))
     writer.save_window(0, np.full((1, 2, 2, 3), 7, np.uint8))
-    writer.save_state(keyframe_video=torch.zeros(1), next_window=1, motion=None, generator=torch.zeros(1))
-    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["state.pt", "window_00000.npy"]  # no temp files
-    assert reader.load()["next_window"] == 1 and reader.windows(1)[0].max() == 7
+    writer.save_state(next_window=1, motion=None, generator=torch.zeros(1))
+    names = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert names == ["keyframes.pt", "state.pt", "window_00000.npy"]  # no temp files
+    state = reader.load()
+    assert state["next_window"] == 1 and reader.windows(1)[0].max() == 7 and state["keyframes"].max() == 0.5
     with pytest.raises(ValueError, match="holds a different run"):
         ResumeStore(tmp_path / "r", "xyz").load()
+
+
+def test_state_without_its_keyframes_or_of_an_earlier_version_is_refused(tmp_path):
+    store = ResumeStore(tmp_path / "r", "abc")
+    store.save_state(next_window=0, motion=None, generator=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"^`resume_dir`: .* lacks the keyframes\.pt its state refers to"):
+        store.load()
+    torch.save({"fingerprint": "other", "keyframes": torch.zeros(1)}, tmp_path / "r" / "keyframes.pt")
+    with pytest.raises(ValueError, match=r"holds a keyframes\.pt of a different run"):
+        store.load()
+    (tmp_path / "r" / "keyframes.pt").write_bytes(b"PK junk" * 20)
+    with pytest.raises(ValueError, match=r"holds a damaged keyframes\.pt"):
+        store.load()
+    # the layout before keyframes.pt: the whole keyframe clip in every state.pt
+    old = {"fingerprint": "abc", "keyframe_video": torch.zeros(1), "next_window": 0, "motion": None}
+    torch.save({**old, "generator": torch.zeros(1)}, tmp_path / "r" / "state.pt")
+    with pytest.raises(ValueError, match=r"holds a state\.pt of an earlier version of skyreels-diffusers"):
+        store.load()
+
+
+@pytest.mark.slow
+def test_keyframes_are_written_once_and_the_state_stays_small(killed_run):
+    """Before: every state.pt held the whole colour-matched keyframe clip (81 float frames; 388 MB at 480P), rewritten
+    after every window. Now: the frames the windows use, once, and a state of a few motion frames (not the storage of
+    the whole window they are a view of)."""
+    keyframes = torch.load(killed_run / "keyframes.pt", weights_only=True)["keyframes"]
+    state = torch.load(killed_run / "state.pt", weights_only=True)
+    assert keyframes.shape == (3, 3, 32, 48)  # one per window of the 209-frame run
+    assert state["next_window"] == 1 and state["motion"].shape == (5, 3, 32, 48)  # killed after window 0
+    assert (killed_run / "state.pt").stat().st_size < state["motion"].numel() * 4 + 8192  # the motion frames alone

@@ -192,6 +192,7 @@ class JobRunner:
         self._cancels: dict[str, threading.Event] = {}
         self._guard = threading.Lock()
         self.worker_cancel = threading.Event()  # ranks > 0: set when rank 0 broadcasts a cancel
+        self._live: dict[str, tuple[Path, int]] = {}  # job -> (its growing mp4, the size last shown)
 
     def cancel(self, job: str) -> bool:
         """Cancel `job`'s running or queued job; False when it has none (nothing else is touched)."""
@@ -235,16 +236,35 @@ class JobRunner:
         return self.pipes[key]
 
     def __call__(self, request: GenerationRequest, progress=None, job: str = "default") -> Path:
+        from ..pipelines.video_io import partial_path
+
         with self._guard:
             if job in self._cancels:
                 raise ValueError("this session already has a job running or queued; cancel it or wait.")
             event = self._cancels[job] = threading.Event()
         try:
             with self.lock:
+                if request.output:  # a long video grows there while it is made (the avatar, window by window)
+                    self._live[job] = (partial_path(request.output), -1)
                 return self._run(request, progress, event)
         finally:
             with self._guard:
                 self._cancels.pop(job, None)
+                self._live.pop(job, None)
+
+    def live_video(self, job: str) -> str | None:
+        """The growing mp4 of `job`'s running job when it grew since the last call (None otherwise): what the page
+        shows while a long video is made, window by window."""
+        with self._guard:
+            path, shown = self._live.get(job, (None, -1))
+            try:
+                size = path.stat().st_size if path is not None else -1
+            except OSError:
+                return None
+            if size <= shown or size <= 0:
+                return None
+            self._live[job] = (path, size)
+        return str(path)
 
     def _run(self, request: GenerationRequest, progress, event: threading.Event) -> Path:
         from .request import validate
@@ -341,6 +361,8 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                     generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
                     cancel = gr.Button("Cancel", elem_id=f"{task}-cancel")
                 video = gr.Video(label="Result", elem_id=f"{task}-result", interactive=False, height=360)
+                if hasattr(TASKS[task].pipeline_class, "windows"):  # made window by window: watch it grow
+                    live_video(gr, runner, task)
                 download = gr.File(label="Download", elem_id=f"{task}-download", interactive=False)
                 command = gr.Code(label="Equivalent command", language="shell", elem_id=f"{task}-command")
 
@@ -367,6 +389,29 @@ def build_app(model: str = "tiny", output_dir: str = "result/app", runner: JobRu
                 cancel.click(cancel_job, None, None, queue=False)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+#: seconds between two looks at a running job's growing video
+LIVE_SECONDS = 5.0
+
+
+def live_video(gr, runner: JobRunner, task: str):
+    """A second player showing the running job's video as it grows (every `LIVE_SECONDS`, when it grew): the
+    growing mp4 plays up to its last finished window while the next ones are made."""
+    live = gr.Video(
+        label="So far (grows window by window while the job runs)",
+        elem_id=f"{task}-live",
+        interactive=False,
+        height=360,
+    )
+
+    def look(request=None):
+        path = runner.live_video(getattr(request, "session_hash", None) or "default")
+        return gr.skip() if path is None else path
+
+    look.__annotations__ = {"request": gr.Request}  # Gradio passes the visitor's session (see cancel_job)
+    gr.Timer(LIVE_SECONDS).tick(look, None, live, queue=False, show_progress="hidden")
+    return live
 
 
 def job_handler(

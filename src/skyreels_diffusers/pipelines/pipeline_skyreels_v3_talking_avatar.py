@@ -1,11 +1,17 @@
-"""SkyReels-V3 talking avatar: portrait + speech -> lip-synced video (25 fps) with the audio."""
+"""SkyReels-V3 talking avatar: portrait + speech -> lip-synced video (25 fps) with the audio.
+
+A run is a keyframe clip followed by sliding windows, all made by one loop (`generate_windows`): `pipe(...)` returns
+the whole video, `pipe.windows(...)` the same run as an iterable of finished windows (uint8 frames as they come, for
+writing a long video while it is generated without holding it in memory, and for resuming a killed run with
+`pipelines.resume.resumable_windows`).
+"""
 
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import PIL.Image
@@ -18,19 +24,21 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from ..loaders.pipeline_folder import StrictPipelineLoadingMixin
 from ..models import SkyReelsV3Transformer3DModel
 from ..schedulers import SkyReelsV3FlowEulerScheduler
 from .audio_io import DEFAULT_MAX_SECONDS, VIDEO_FPS, SpeechAudio, audio_windows, load_speech, wav2vec2_features
 from .buckets import avatar_bucket_size, check_size
 from .color import match_colors
 from .common import (
+    OUTPUT_TYPES,
     FiniteWatch,
     PipelineInputError,
     SkyReelsV3PipelineMixin,
     check_common_inputs,
     check_guidance_scale,
 )
-from .resume import ResumeStore, fingerprint, module_identity
+from .resume import fingerprint, module_identity, resumable_windows
 from .video_io import ImageInput, load_image, pixels_to_uint8
 
 
@@ -53,7 +61,7 @@ EXAMPLE_DOC_STRING = """
         ```python
         >>> import torch
         >>> from skyreels_diffusers import SkyReelsV3TalkingAvatarPipeline
-        >>> from skyreels_diffusers.pipelines.video_io import write_video
+        >>> from skyreels_diffusers.pipelines.video_io import GrowingVideoWriter, write_video
 
         >>> pipe = SkyReelsV3TalkingAvatarPipeline.from_pretrained("path/to/SkyReels-V3-A2V-diffusers", torch_dtype=torch.bfloat16)
         >>> pipe.vae.to(torch.float32)
@@ -62,8 +70,35 @@ EXAMPLE_DOC_STRING = """
         >>> out = pipe(image="portrait.png", audio="speech.wav", prompt="A woman talks to the camera.",
         ...            generator=torch.Generator().manual_seed(42))
         >>> write_video(out.frames[0], "avatar.mp4", fps=out.fps, audio=out.audio, audio_sample_rate=out.audio_sample_rate)
+
+        >>> # a long run, window by window: the mp4 plays while it grows, the frames are never all in memory
+        >>> run = pipe.windows(image="portrait.png", audio="speech.wav", prompt="A woman talks to the camera.")
+        >>> with GrowingVideoWriter("avatar.partial.mp4", fps=run.fps, audio=run.audio,
+        ...                         audio_sample_rate=run.audio_sample_rate) as writer:
+        ...     for window in run:
+        ...         writer.append(window.frames)
+        >>> writer.finish("avatar_long.mp4")
         ```
 """
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """One pass of the loop: the keyframe clip (`window` None) or sliding window `window`.
+
+    `start` is the clip's first video frame (its audio starts there too); `keep` the decoded frames that are kept
+    (colour-matched): new video when `new_video`, else the keyframe clip's frames that end the windows' conditioning
+    videos. Only the latent frames those need are decoded (the Wan VAE is causal in time)."""
+
+    index: int  # 0: the keyframe clip; k + 1: sliding window k
+    window: int | None
+    start: int
+    keep: tuple[int, ...]
+    new_video: bool
+
+    @property
+    def num_decoded(self) -> int:
+        return self.keep[-1] + 1
 
 
 @dataclass
@@ -75,6 +110,21 @@ class WindowPlan:
     keyframes: list[int]  # frames of the keyframe clip used as pseudo end frames, one per window
     starts: list[int] = field(default_factory=list)  # window start frames; empty: the keyframe clip is the video
     kept: list[int] = field(default_factory=list)  # frames each window contributes
+
+    def clips(self) -> list[ClipPlan]:
+        """The keyframe clip, then every window: what each decodes, keeps and adds to the video. A window keeps its
+        first 69 frames (all 81 for the last), of which the 5 motion frames are not new video (after the first
+        window); the last window stops at `num_frames`, the keyframe clip keeps the frames the windows use (every
+        frame up to `num_frames` when it is the video)."""
+        if not self.starts:
+            return [ClipPlan(index=0, window=None, start=0, keep=tuple(range(self.num_frames)), new_video=True)]
+        keyframes = tuple(sorted(set(self.keyframes)))
+        clips = [ClipPlan(index=0, window=None, start=0, keep=keyframes, new_video=False)]
+        for k, start in enumerate(self.starts):
+            first = 0 if k == 0 else MOTION_FRAMES
+            end = min(first + self.kept[k], self.num_frames - start)
+            clips.append(ClipPlan(index=k + 1, window=k, start=start, keep=tuple(range(first, end)), new_video=True))
+        return clips
 
 
 def plan_windows(
@@ -89,7 +139,7 @@ def plan_windows(
     0/64/128/192 keeping 69 + 64 + 64 + 76 = 273, trimmed to 250.
     """
     if num_frames < window:
-        return WindowPlan(num_frames, num_frames, [])
+        return WindowPlan(num_frames=num_frames, video_length=num_frames, keyframes=[])
     stride = window - motion - drop
     remainder = (num_frames - window) % stride
     length = num_frames + (stride - remainder if remainder else 0)
@@ -106,7 +156,8 @@ def plan_windows(
         last = start + window == length
         frames = window if last else window - drop
         kept.append(frames if k == 0 else frames - motion)
-    return WindowPlan(num_frames, length, [int(i) for i in mapped[1:]], starts, kept)
+    keyframes = [int(i) for i in mapped[1:]]
+    return WindowPlan(num_frames=num_frames, video_length=length, keyframes=keyframes, starts=starts, kept=kept)
 
 
 def extend_audio(features: torch.Tensor, length: int) -> torch.Tensor:
@@ -137,9 +188,44 @@ class SkyReelsV3AvatarPipelineOutput(BaseOutput):
 
 
 @dataclass
-class AvatarRun:
-    """What every clip of one call shares: embeddings, the portrait, the generator and the sampling settings."""
+class AvatarState:
+    """What the clips after a finished one need (saved after every window to resume a killed run)."""
 
+    next_window: int  # the sliding window to make next (0 after the keyframe clip)
+    keyframes: torch.Tensor  # [windows, 3, H, W] colour-matched keyframe-clip frames ending each window's condition
+    motion: torch.Tensor | None  # [5, 3, H, W] the previous window's last kept frames (None before window 1)
+    generator: torch.Tensor  # the generator's state (the next clip's noise is drawn from it)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The small part, as plain tensors and numbers (the keyframes are saved once, apart)."""
+        motion = None if self.motion is None else self.motion.cpu()
+        return {"next_window": self.next_window, "motion": motion, "generator": self.generator}
+
+
+@dataclass
+class AvatarWindow:
+    """A finished clip of a run: the frames it adds to the video and how to go on from it.
+
+    `frames` are uint8 `[n, H, W, 3]` (none for a keyframe clip followed by windows), video frames
+    `first_frame .. first_frame + n - 1`. `latents` are the clip's final latents and `state` what the next clip
+    starts from (both None for a window read back from a resume folder)."""
+
+    index: int  # 0: the keyframe clip; k + 1: sliding window k
+    num_clips: int
+    window: int | None
+    frames: np.ndarray
+    first_frame: int
+    latents: torch.Tensor | None = None
+    state: AvatarState | None = None
+
+
+@dataclass(kw_only=True, repr=False)
+class AvatarRun:
+    """One encoded run (from `SkyReelsV3TalkingAvatarPipeline.windows`): iterate it for its `AvatarWindow`s, the
+    keyframe clip first. The pipeline makes one run at a time."""
+
+    pipe: Any
+    plan: WindowPlan
     reference: torch.Tensor  # [3, H, W] in [-1, 1]
     prompt_embeds: torch.Tensor
     window_prompt_embeds: torch.Tensor
@@ -147,19 +233,90 @@ class AvatarRun:
     image_embeds: torch.Tensor
     audio_embeds: torch.Tensor  # [T, layers, dim] float32
     generator: torch.Generator
+    initial_generator_state: torch.Tensor
     num_inference_steps: int
     sigmas: list[float] | None
     timesteps: list[float] | None
+    guidance_scale: float
     audio_guidance_scale: float
     clip_from_reference: bool
     color_match_strength: float
     reproduce_original: bool
-    callback_on_step_end: Callable | None
-    callback_on_step_end_tensor_inputs: list[str]
-    clip_latents: list[torch.Tensor] = field(default_factory=list)
+    callback_on_window_end: Callable | None
+    audio: np.ndarray | None  # the waveform to mux with the video
+    audio_sample_rate: int | None
+    fps: int = VIDEO_FPS
+
+    @property
+    def height(self) -> int:
+        return self.reference.shape[-2]
+
+    @property
+    def width(self) -> int:
+        return self.reference.shape[-1]
+
+    @property
+    def num_frames(self) -> int:
+        return self.plan.num_frames
+
+    @property
+    def num_clips(self) -> int:
+        return len(self.plan.clips())
+
+    def __iter__(self) -> Iterator[AvatarWindow]:
+        return self.generate()
+
+    def generate(self, resume_from: AvatarState | None = None) -> Iterator[AvatarWindow]:
+        """The finished clips from the start, or from the window after `resume_from`."""
+        return self.pipe.generate_windows(self, resume_from)
+
+    def state_from_dict(self, state: dict[str, Any]) -> AvatarState:
+        """An `AvatarState` from `AvatarState.to_dict()` plus `keyframes` (as a resume folder holds them)."""
+        device = self.pipe._execution_device
+        motion = state["motion"]
+        return AvatarState(
+            next_window=int(state["next_window"]),
+            keyframes=state["keyframes"].to(device),
+            motion=None if motion is None else motion.to(device),
+            generator=state["generator"],
+        )
+
+    def restored_window(self, k: int, frames: np.ndarray) -> AvatarWindow:
+        """Window `k` as a resume folder holds it (its frames only)."""
+        clip = self.plan.clips()[k + 1]
+        first_frame = clip.start + clip.keep[0]
+        return AvatarWindow(
+            index=clip.index, num_clips=self.num_clips, window=k, frames=frames, first_frame=first_frame
+        )
+
+    def fingerprint(self) -> str:
+        """Everything that changes the frames: inputs, embeddings, seed, settings, schedule, weights."""
+        pipe = self.pipe
+        settings = [
+            self.height,
+            self.width,
+            self.guidance_scale,
+            self.num_inference_steps,
+            self.audio_guidance_scale,
+            self.clip_from_reference,
+            self.color_match_strength,
+            dict(pipe.scheduler.config),
+            self.sigmas,
+            self.timesteps,
+            self.reproduce_original,
+            pipe._attention_kwargs,
+            str(pipe._execution_device.type),
+            module_identity(pipe.transformer),
+            module_identity(pipe.vae),
+        ]
+        tensors = (self.audio_embeds, self.reference, self.prompt_embeds, self.window_prompt_embeds)
+        extra = (self.image_embeds, self.negative_prompt_embeds, self.initial_generator_state)
+        return fingerprint(*tensors, *extra, settings)
 
 
-class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin):
+class SkyReelsV3TalkingAvatarPipeline(
+    StrictPipelineLoadingMixin, DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin
+):
     r"""
     Talking-avatar generation with SkyReels-V3 (19B): a portrait and speech (up to 200 s) -> a lip-synced video.
 
@@ -181,6 +338,11 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
     run resume at the next window with an identical result; frames are rounded (not truncated) to uint8; the output
     carries the user's original audio by default (`output_audio="normalized"` for the original's -23 LUFS track).
     `reproduce_original=True` truncates to uint8 as the original and returns the normalised track.
+
+    Less work around the transformer, with the same frames: only the latent frames whose pixels are kept are
+    decoded (the VAE is causal in time: a window's 12 dropped frames are 3 latent frames), and only kept frames are
+    colour-matched (the matching is per frame). `windows()` yields each finished window, so a writer can encode
+    window k while window k + 1 is generated.
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->audio_encoder->transformer->vae"
@@ -246,11 +408,7 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             raise PipelineInputError(
                 "max_audio_seconds", f"must be in (0, {DEFAULT_MAX_SECONDS:g}] seconds, got {max_audio_seconds!r}."
             )
-        if output_type == "latent" and resume_dir is not None:
-            raise PipelineInputError(
-                "output_type",
-                "='latent' cannot be combined with `resume_dir` (finished windows are kept as frames, not latents).",
-            )
+        cls.check_output(output_type, resume_dir)
         check_common_inputs(
             prompt,
             negative_prompt,
@@ -273,6 +431,17 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
                     f"covers {len(audio_embeds) / VIDEO_FPS:.1f} s, over the "
                     f"limit of {max_audio_seconds:g} s (`max_audio_seconds`).",
                 )
+
+    @staticmethod
+    def check_output(output_type: str, resume_dir) -> None:
+        """`output_type` is one of `OUTPUT_TYPES`, and not "latent" with `resume_dir`."""
+        if output_type not in OUTPUT_TYPES:
+            raise PipelineInputError("output_type", f"must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if output_type == "latent" and resume_dir is not None:
+            raise PipelineInputError(
+                "output_type",
+                "='latent' cannot be combined with `resume_dir` (finished windows are kept as frames, not latents).",
+            )
 
     @staticmethod
     def load_inputs(
@@ -417,22 +586,17 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             return uncond_audio + run.audio_guidance_scale * (cond - uncond_audio)
         return cond
 
-    def generate_clip(
+    def denoise(
         self,
         run: AvatarRun,
-        condition: torch.Tensor,
-        pseudo: torch.Tensor | None,
+        y: torch.Tensor,
+        image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
-        audio_start: int,
-        features: torch.Tensor,
+        audio: torch.Tensor,
         motion: bool,
     ) -> torch.Tensor:
-        """Denoise and decode one 81-frame clip; returns its frames `[81, 3, H, W]` in [-1, 1]."""
+        """The Euler loop of one clip from fresh noise (motion latents re-noised at every level) -> final latents."""
         device, dtype = self._execution_device, self.transformer.dtype
-        clip_from_portrait = not motion or run.clip_from_reference
-        image_embeds = (run.image_embeds if clip_from_portrait else self.encode_image(condition[:1])).to(device, dtype)
-        y = self.prepare_condition(condition, pseudo)
-        audio = audio_windows(features, audio_start, WINDOW_FRAMES).to(device, dtype)[None]
         latents = randn_tensor(
             (1, y.shape[1] - 4, *y.shape[2:]), generator=run.generator, device=device, dtype=torch.float32
         )  # the shape of the condition latents
@@ -463,21 +627,36 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             if motion:
                 level = self.scheduler.sigmas[i + 1] * self.scheduler.config.num_train_timesteps
                 latents = self.renoise_motion(latents, motion_latents, level, run.generator)
-            if run.callback_on_step_end is not None:
-                callback_kwargs = {
-                    "latents": latents,
-                    "prompt_embeds": text_embeds,
-                    "negative_prompt_embeds": run.negative_prompt_embeds,
-                }
-                callback_kwargs = {k: callback_kwargs[k] for k in run.callback_on_step_end_tensor_inputs}
-                latents = (run.callback_on_step_end(self, i, t, callback_kwargs) or {}).pop("latents", latents)
+            latents = self.step_callback(i, t, latents, text_embeds, run.negative_prompt_embeds)[0]
             watch.update(latents, i)
         self._current_timestep = None
         watch.check()
-        run.clip_latents.append(latents)
-        return self.decode_latents(latents)[0].transpose(0, 1)  # [81, 3, H, W]
+        return latents
 
-    # ---------------------------------------------------------------------------------------------- windows
+    def generate_clip(
+        self, run: AvatarRun, clip: ClipPlan, state: AvatarState | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition, denoise and decode one clip: (its first `clip.num_decoded` frames `[n, 3, H, W]` in [-1, 1],
+        its final latents). The keyframe clip and the first window start from the portrait, later windows from the
+        previous window's motion frames; windows end on 5 copies of their keyframe."""
+        device, dtype = self._execution_device, self.transformer.dtype
+        motion = clip.window is not None and clip.window > 0
+        condition = state.motion if motion else run.reference[None]
+        pseudo = None
+        if clip.window is not None:
+            keyframe = state.keyframes[min(clip.window, len(state.keyframes) - 1)]
+            pseudo = keyframe[None].repeat(PSEUDO_FRAMES, 1, 1, 1)
+        clip_from_portrait = not motion or run.clip_from_reference
+        image_embeds = (run.image_embeds if clip_from_portrait else self.encode_image(condition[:1])).to(device, dtype)
+        y = self.prepare_condition(condition, pseudo)
+        features = extend_audio(run.audio_embeds, run.plan.video_length)
+        audio = audio_windows(features, clip.start, WINDOW_FRAMES).to(device, dtype)[None]
+        text_embeds = run.prompt_embeds if clip.window is None else run.window_prompt_embeds
+        latents = self.denoise(run, y, image_embeds, text_embeds, audio, motion)
+        num_latents = 1 + math.ceil((clip.num_decoded - 1) / self.vae_scale_factor_temporal)
+        pixels = self.decode_latents(latents[:, :, :num_latents])[0].transpose(0, 1)  # causal: the first frames
+        return pixels[: clip.num_decoded], latents
+
     def to_uint8(self, run: AvatarRun, pixels: torch.Tensor) -> np.ndarray:
         """`[F, 3, H, W]` in [-1, 1] -> uint8 `[F, H, W, 3]` (rounded; the original's `(x + 1) * 127.5` truncated
         with `reproduce_original`)."""
@@ -485,65 +664,176 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             return ((pixels.permute(0, 2, 3, 1).float() + 1) * 127.5).clamp(0, 255).cpu().numpy().astype(np.uint8)
         return pixels_to_uint8(pixels.permute(0, 2, 3, 1))
 
-    def generate_windows(
-        self,
-        run: AvatarRun,
-        plan: WindowPlan,
-        keyframe_video: torch.Tensor,
-        start: tuple[int, torch.Tensor | None, list[np.ndarray]],
-        store: ResumeStore | None,
-        callback_on_window_end: Callable | None,
-    ) -> list[np.ndarray]:
-        """The sliding windows after the keyframe clip; returns every window's new uint8 frames."""
-        next_window, motion_frames, chunks = start
-        features = extend_audio(run.audio_embeds, plan.video_length)
-        keyframes = [keyframe_video[i] for i in plan.keyframes]
-        num_windows = len(plan.starts)
-        with self.progress_bar(total=num_windows) as progress_bar:
-            progress_bar.update(next_window)
-            for k in range(next_window, num_windows):
+    def finish_clip(
+        self, run: AvatarRun, clip: ClipPlan, pixels: torch.Tensor, latents: torch.Tensor, state: AvatarState | None
+    ) -> AvatarWindow:
+        """Colour-match the kept frames to the portrait (frame by frame: only those); new video becomes uint8, the
+        keyframe clip's kept frames the windows' keyframes; the last kept frames are the next motion frames."""
+        kept = match_colors(pixels[list(clip.keep)], run.reference, run.color_match_strength)
+        if clip.new_video:
+            frames = self.to_uint8(run, kept)
+            keyframes = state.keyframes if state is not None else kept[:0]
+        else:  # the keyframe clip: the frames that end each window's conditioning video
+            frames = np.zeros((0, run.height, run.width, 3), np.uint8)
+            keyframes = kept[[clip.keep.index(i) for i in run.plan.keyframes]]
+        next_state = AvatarState(
+            next_window=0 if clip.window is None else clip.window + 1,
+            keyframes=keyframes,
+            motion=kept[-MOTION_FRAMES:].clone() if clip.window is not None else None,  # not a view of all
+            generator=run.generator.get_state(),
+        )
+        first_frame = clip.start + clip.keep[0] if clip.new_video else 0
+        return AvatarWindow(
+            index=clip.index,
+            num_clips=run.num_clips,
+            window=clip.window,
+            frames=frames,
+            first_frame=first_frame,
+            latents=latents,
+            state=next_state,
+        )
+
+    # ---------------------------------------------------------------------------------------------- windows
+    @torch.no_grad()  # on a generator: every step of the iteration, wherever the caller iterates it
+    def generate_windows(self, run: AvatarRun, resume_from: AvatarState | None = None) -> Iterator[AvatarWindow]:
+        """The loop of a run: the keyframe clip, then every sliding window (from the one after `resume_from`), each
+        yielded when finished; `callback_on_window_end(pipe, index, num_clips)` runs once its consumer is done with
+        it (a resume folder saved it, a writer queued it)."""
+        clips = run.plan.clips()
+        state, first = None, 0
+        if resume_from is not None:
+            state, first = resume_from, resume_from.next_window + 1
+            run.generator.set_state(resume_from.generator)
+        with self.progress_bar(total=len(clips)) as progress_bar:
+            progress_bar.update(first)
+            for clip in clips[first:]:
                 if self.interrupt:
                     break
-                last = plan.starts[k] + WINDOW_FRAMES == plan.video_length
-                pseudo = keyframes[min(k, len(keyframes) - 1)][None].repeat(PSEUDO_FRAMES, 1, 1, 1)
-                condition = run.reference[None] if k == 0 else motion_frames
-                frames = self.generate_clip(
-                    run, condition, pseudo, run.window_prompt_embeds, plan.starts[k], features, motion=k > 0
-                )
-                if not last:
-                    frames = frames[: WINDOW_FRAMES - DROP_FRAMES]
-                frames = match_colors(frames, run.reference, run.color_match_strength)
-                chunks.append(self.to_uint8(run, frames if k == 0 else frames[condition.shape[0] :]))
-                motion_frames = frames[-MOTION_FRAMES:]
-                if store is not None:
-                    store.save_window(k, chunks[-1])
-                    store.save_state(
-                        keyframe_video=keyframe_video.cpu(),
-                        next_window=k + 1,
-                        motion=motion_frames.cpu(),
-                        generator=run.generator.get_state(),
-                    )
+                pixels, latents = self.generate_clip(run, clip, state)
+                window = self.finish_clip(run, clip, pixels, latents, state)
+                state = window.state
                 progress_bar.update()
-                if callback_on_window_end is not None:
-                    callback_on_window_end(self, k + 1, num_windows + 1)
-        return chunks
+                yield window
+                if run.callback_on_window_end is not None:
+                    run.callback_on_window_end(self, clip.index, len(clips))
+        self.maybe_free_model_hooks()
 
-    def keyframe_clip(
-        self, run: AvatarRun, store: ResumeStore | None, callback_on_window_end: Callable | None, num_windows: int
-    ) -> torch.Tensor:
-        """The first clip, on the user prompt, colour-matched to the portrait."""
-        keyframe_video = match_colors(
-            self.generate_clip(run, run.reference[None], None, run.prompt_embeds, 0, run.audio_embeds, motion=False),
-            run.reference,
-            run.color_match_strength,
+    @torch.no_grad()
+    def windows(
+        self,
+        image: ImageInput,
+        audio: str | os.PathLike | np.ndarray | SpeechAudio | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        audio_sample_rate: int | None = None,
+        resolution: str = "480P",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 4,
+        sigmas: list[float] | None = None,
+        timesteps: list[float] | None = None,
+        guidance_scale: float = 1.0,
+        audio_guidance_scale: float = 1.0,
+        window_prompt: str | None = DEFAULT_WINDOW_PROMPT,
+        clip_from_reference: bool = False,
+        color_match_strength: float = 1.0,
+        max_audio_seconds: float = DEFAULT_MAX_SECONDS,
+        generator: torch.Generator | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        window_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        audio_embeds: torch.Tensor | None = None,
+        output_audio: str | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        callback_on_window_end: Callable[[Any, int, int], None] | None = None,
+        max_sequence_length: int = 512,
+        reproduce_original: bool = False,
+    ) -> AvatarRun:
+        r"""
+        Check, load and encode the inputs of a run and plan its clips; iterate the returned `AvatarRun` for the
+        finished windows (`AvatarWindow`: uint8 frames, their place in the video, the state to go on from).
+        Arguments as for `__call__`; nothing is generated until the run is iterated. With
+        `pipelines.resume.resumable_windows(run, folder)` a killed run resumes where it stopped.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        output_audio = output_audio or ("normalized" if reproduce_original else "original")
+
+        # 1. Check inputs, load the portrait and the speech (before any model work)
+        self.check_inputs(
+            image,
+            audio,
+            audio_sample_rate,
+            audio_embeds,
+            prompt,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            resolution,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            audio_guidance_scale,
+            max_audio_seconds,
+            output_audio=output_audio,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
-        if store is not None:
-            store.save_state(
-                keyframe_video=keyframe_video.cpu(), next_window=0, motion=None, generator=run.generator.get_state()
-            )
-        if callback_on_window_end is not None:
-            callback_on_window_end(self, 0, num_windows + 1)
-        return keyframe_video
+        portrait, speech, num_frames = self.load_inputs(
+            image, audio, audio_sample_rate, audio_embeds, max_audio_seconds
+        )
+        if height is None:
+            height, width = avatar_bucket_size(portrait.height, portrait.width, resolution)
+        self._start_call(guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+
+        # 2. Encode the prompts (the user prompt drives the keyframe clip), the portrait and the speech
+        prompt_embeds, negative_prompt_embeds, window_prompt_embeds = self.encode_prompts(
+            prompt,
+            negative_prompt,
+            window_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            window_prompt_embeds,
+            guidance_scale > 1.0,
+            max_sequence_length,
+        )
+        reference = self.prepare_portrait(portrait, height, width).to(self._execution_device)[0, :, 0]  # [3, H, W]
+        waveform, rate = None, None
+        if speech is not None:
+            original = output_audio == "original"
+            waveform, rate = (speech.source, speech.source_rate) if original else (speech.normalized, 16000)
+
+        # 3. Plan the clips (the keyframe clip, then the sliding windows)
+        return AvatarRun(
+            pipe=self,
+            plan=plan_windows(num_frames),
+            reference=reference,
+            prompt_embeds=prompt_embeds,
+            window_prompt_embeds=window_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds
+            if guidance_scale > 1.0 or audio_guidance_scale > 1.0
+            else None,
+            image_embeds=self.encode_image(reference[None]) if image_embeds is None else image_embeds,
+            audio_embeds=(self.encode_audio(speech) if audio_embeds is None else audio_embeds).float(),
+            generator=generator,
+            initial_generator_state=generator.get_state(),
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
+            timesteps=timesteps,
+            guidance_scale=guidance_scale,
+            audio_guidance_scale=audio_guidance_scale,
+            clip_from_reference=clip_from_reference,
+            color_match_strength=color_match_strength,
+            reproduce_original=reproduce_original,
+            callback_on_window_end=callback_on_window_end,
+            audio=waveform,
+            audio_sample_rate=rate,
+        )
 
     # ---------------------------------------------------------------------------------------------- call
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -612,8 +902,8 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             image_embeds: precomputed CLIP tokens of the portrait `[1, 257, 1280]` (used wherever the portrait's
                 tokens are: the keyframe clip, the first window, and every window with `clip_from_reference`).
             audio_embeds: precomputed wav2vec2 features `[T, 12, 768]` at 25 fps instead of `audio`.
-            resume_dir: folder for per-window checkpoints; a run killed at window k and started again with the same
-                inputs resumes at window k and gives the same video as an uninterrupted run.
+            resume_dir: folder for per-window checkpoints (`pipelines.resume.resumable_windows`); a run killed at
+                window k and started again with the same inputs resumes at window k and gives the same video.
             write_resume: whether this process writes the checkpoints (when several processes run the same call,
                 one of them writes; all of them read).
             output_type: "np" (default), "pil", "pt" or "latent" (every clip's final latents; not with `resume_dir`).
@@ -627,150 +917,58 @@ class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, Sky
             max_sequence_length: text tokens (512).
             reproduce_original: the original's conventions (uint8 by truncation, the normalised audio track).
 
+        The whole video is returned at once; for long audio, `windows()` gives the same run window by window.
+
         Examples:
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        output_audio = output_audio or ("normalized" if reproduce_original else "original")
-
-        # 1. Check inputs, load the portrait and the speech (before any model work)
-        self.check_inputs(
+        # 1. Check the output arguments; `windows` checks the others and encodes the inputs (before any generation)
+        self.check_output(output_type, resume_dir)
+        run = self.windows(
             image,
             audio,
-            audio_sample_rate,
-            audio_embeds,
             prompt,
             negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
+            audio_sample_rate,
             resolution,
             height,
             width,
             num_inference_steps,
-            guidance_scale,
-            audio_guidance_scale,
-            max_audio_seconds,
-            output_type,
-            output_audio,
-            callback_on_step_end_tensor_inputs,
-            resume_dir,
-        )
-        portrait, speech, num_frames = self.load_inputs(
-            image, audio, audio_sample_rate, audio_embeds, max_audio_seconds
-        )
-        if height is None:
-            height, width = avatar_bucket_size(portrait.height, portrait.width, resolution)
-        self._start_call(guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        device = self._execution_device
-        if generator is None:
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-
-        # 2. Encode the prompts (the user prompt drives the keyframe clip), the portrait and the speech
-        prompt_embeds, negative_prompt_embeds, window_prompt_embeds = self.encode_prompts(
-            prompt,
-            negative_prompt,
-            window_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            window_prompt_embeds,
-            guidance_scale > 1.0,
-            max_sequence_length,
-        )
-        reference = self.prepare_portrait(portrait, height, width).to(device)[0, :, 0]  # [3, H, W]
-        run = AvatarRun(
-            reference,
-            prompt_embeds,
-            window_prompt_embeds,
-            negative_prompt_embeds if guidance_scale > 1.0 or audio_guidance_scale > 1.0 else None,
-            self.encode_image(reference[None]) if image_embeds is None else image_embeds,
-            (self.encode_audio(speech) if audio_embeds is None else audio_embeds).float(),
-            generator,
-            num_inference_steps,
             sigmas,
             timesteps,
+            guidance_scale,
             audio_guidance_scale,
+            window_prompt,
             clip_from_reference,
             color_match_strength,
-            reproduce_original,
+            max_audio_seconds,
+            generator,
+            prompt_embeds,
+            window_prompt_embeds,
+            negative_prompt_embeds,
+            image_embeds,
+            audio_embeds,
+            output_audio,
+            attention_kwargs,
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            callback_on_window_end,
+            max_sequence_length,
+            reproduce_original,
         )
 
-        # 3. The keyframe clip, then the sliding windows (resuming an interrupted run where it stopped)
-        plan = plan_windows(num_frames)
-        video = self.generate_video(
-            run, plan, resume_dir, write_resume, [height, width, guidance_scale], callback_on_window_end
-        )
+        # 2. The keyframe clip, then the sliding windows (resuming an interrupted run where it stopped)
+        windows = iter(run) if resume_dir is None else resumable_windows(run, resume_dir, writer=write_resume)
+        chunks, latents = [np.zeros((0, run.height, run.width, 3), np.uint8)], []
+        for window in windows:
+            chunks.append(window.frames)
+            latents.append(window.latents)
 
-        # 4. Output
+        # 3. Output
         if output_type == "latent":
-            output = torch.stack(run.clip_latents, dim=1)  # [1, clips, C, F, h, w]
+            output = torch.stack(latents, dim=1)  # [1, clips, C, F, h, w]
         else:
+            video = np.concatenate(chunks)[None]
             output = self.format_frames(torch.from_numpy(video).float().div(255).permute(0, 1, 4, 2, 3), output_type)
-        waveform, rate = None, None
-        if speech is not None:
-            waveform, rate = (
-                (speech.source, speech.source_rate) if output_audio == "original" else (speech.normalized, 16000)
-            )
-        self.maybe_free_model_hooks()
         if not return_dict:
-            return (output, waveform, rate)
-        return SkyReelsV3AvatarPipelineOutput(frames=output, audio=waveform, audio_sample_rate=rate)
-
-    def generate_video(
-        self,
-        run: AvatarRun,
-        plan: WindowPlan,
-        resume_dir,
-        write_resume: bool,
-        settings: list,
-        callback_on_window_end: Callable | None,
-    ) -> np.ndarray:
-        """Keyframe clip + windows -> uint8 `[1, F, H, W, 3]`, resuming from `resume_dir` when it holds a state."""
-        store, state = None, None
-        if resume_dir is not None:
-            store = ResumeStore(resume_dir, self._resume_fingerprint(run, settings), writer=write_resume)
-            state = store.load()
-        num_windows = len(plan.starts)
-        if state is None:
-            keyframe_video = self.keyframe_clip(run, store, callback_on_window_end, num_windows)
-            start = (0, None, [])
-        else:
-            device = self._execution_device
-            keyframe_video = state["keyframe_video"].to(device)
-            motion = state["motion"].to(device) if state["motion"] is not None else None
-            run.generator.set_state(state["generator"])
-            start = (state["next_window"], motion, store.windows(state["next_window"]))
-        if not plan.starts:
-            return self.to_uint8(run, keyframe_video[: plan.num_frames])[None]
-        chunks = self.generate_windows(run, plan, keyframe_video, start, store, callback_on_window_end)
-        height, width = keyframe_video.shape[-2:]
-        video = np.concatenate(chunks) if chunks else np.zeros((0, height, width, 3), np.uint8)  # interrupted
-        return video[: plan.num_frames][None]
-
-    def _resume_fingerprint(self, run: AvatarRun, settings: list) -> str:
-        """Everything that changes the frames: inputs, embeddings, seed state, settings, schedule, weights."""
-        return fingerprint(
-            run.audio_embeds,
-            run.reference,
-            run.prompt_embeds,
-            run.window_prompt_embeds,
-            run.image_embeds,
-            run.negative_prompt_embeds,
-            run.generator.get_state(),
-            [
-                *settings,
-                run.num_inference_steps,
-                run.audio_guidance_scale,
-                run.clip_from_reference,
-                run.color_match_strength,
-                dict(self.scheduler.config),
-                run.sigmas,
-                run.timesteps,
-                run.reproduce_original,
-                self._attention_kwargs,
-                str(self._execution_device.type),
-                module_identity(self.transformer),
-                module_identity(self.vae),
-            ],
-        )
+            return (output, run.audio, run.audio_sample_rate)
+        return SkyReelsV3AvatarPipelineOutput(frames=output, audio=run.audio, audio_sample_rate=run.audio_sample_rate)

@@ -1,10 +1,12 @@
-"""Resume folders of long multi-window runs (the talking avatar's `resume_dir`): fingerprint, atomic files, checks.
+"""Resume folders of long multi-window runs (the talking avatar's): fingerprint, atomic files, checks, and
+`resumable_windows`, which drives a run's windows through a folder.
 
-A folder holds `state.pt` (a plain dict of tensors and numbers, read with `weights_only=True`) and one
-`window_NNNNN.npy` per finished window (uint8 frames, read with `allow_pickle=False`). Every file appears atomically
-(written under a hidden name, then renamed), so a kill at any moment leaves the previous consistent state. A folder
-that does not belong to the run is refused with one line saying why, never mixed into a video. The store knows no
-ranks: the caller says whether this process writes (`writer`), every process reads.
+A folder holds `state.pt` (a plain dict of tensors and numbers, read with `weights_only=True`: the next window, the
+motion frames, the generator), `keyframes.pt` (written once, after the keyframe clip) and one `window_NNNNN.npy` per
+finished window (uint8 frames, read with `allow_pickle=False`). Every file appears atomically (written under a
+hidden name, then renamed), so a kill at any moment leaves the previous consistent state. A folder that does not
+belong to the run is refused with one line saying why, never mixed into a video. The store knows no ranks: the
+caller says whether this process writes (`writer`), every process reads.
 """
 
 from __future__ import annotations
@@ -15,14 +17,15 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 
 STATE_FILE = "state.pt"
-STATE_KEYS = ("fingerprint", "keyframe_video", "next_window", "motion", "generator")
+KEYFRAMES_FILE = "keyframes.pt"
+STATE_KEYS = ("fingerprint", "next_window", "motion", "generator")
 #: parameters read per tensor for the weights digest (strided over the whole tensor)
 DIGEST_SAMPLES = 64
 
@@ -49,6 +52,8 @@ def module_identity(module: torch.nn.Module | None) -> dict[str, Any] | None:
     )
     config = dict(getattr(module, "config", {}) or {})
     config = config.to_dict() if hasattr(config, "to_dict") else config
+    if "_use_default_values" in config:  # diffusers lists these from a set: its order changes with the process
+        config["_use_default_values"] = sorted(config["_use_default_values"])
     return {
         "class": type(module).__name__,
         "config": config,
@@ -125,6 +130,8 @@ class ResumeStore:
                 f"holds a {STATE_FILE} that is not a resume state of skyreels-diffusers "
                 "(unreadable, damaged or written by something else)"
             ) from None
+        if isinstance(state, dict) and "keyframe_video" in state:
+            raise self._refuse(f"holds a {STATE_FILE} of an earlier version of skyreels-diffusers")
         if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
             raise self._refuse(f"holds a {STATE_FILE} that is not a resume state of skyreels-diffusers")
         if state["fingerprint"] != self.fingerprint:
@@ -134,17 +141,39 @@ class ResumeStore:
         ]
         if missing:
             raise self._refuse(f"lacks the finished window file(s) {', '.join(missing)} its state refers to")
+        state["keyframes"] = self._load_keyframes()
         return state
+
+    def _load_keyframes(self) -> torch.Tensor:
+        path = self.folder / KEYFRAMES_FILE
+        if not path.is_file():
+            raise self._refuse(f"lacks the {KEYFRAMES_FILE} its state refers to")
+        try:
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile):
+            raise self._refuse(f"holds a damaged {KEYFRAMES_FILE}") from None
+        if not isinstance(saved, dict) or saved.get("fingerprint") != self.fingerprint:
+            raise self._refuse(f"holds a {KEYFRAMES_FILE} of a different run")
+        return saved["keyframes"]
+
+    def window(self, k: int) -> np.ndarray:
+        """The frames of window `k` (a uint8 array)."""
+        try:
+            return np.load(self.window_file(k), allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise self._refuse(f"holds a damaged window file {self.window_file(k).name} ({error})") from None
 
     def windows(self, count: int) -> list[np.ndarray]:
         """The frames of windows 0 .. count-1 (uint8 arrays)."""
-        chunks = []
-        for k in range(count):
-            try:
-                chunks.append(np.load(self.window_file(k), allow_pickle=False))
-            except (OSError, ValueError, EOFError) as error:
-                raise self._refuse(f"holds a damaged window file {self.window_file(k).name} ({error})") from None
-        return chunks
+        return [self.window(k) for k in range(count)]
+
+    def save_keyframes(self, keyframes: torch.Tensor) -> None:
+        """Atomically write the keyframes (writers only; once per run, after the keyframe clip)."""
+        if not self.writer:
+            return
+        tmp = self.folder / f".{KEYFRAMES_FILE}.tmp"
+        torch.save({"fingerprint": self.fingerprint, "keyframes": keyframes.cpu()}, tmp)
+        os.replace(tmp, self.folder / KEYFRAMES_FILE)
 
     def save_state(self, **state: Any) -> None:
         """Atomically replace the state (writers only); `fingerprint` is added."""
@@ -162,3 +191,31 @@ class ResumeStore:
         tmp = self.folder / f".{self.window_file(k).stem}.tmp.npy"
         np.save(tmp, np.ascontiguousarray(frames))
         os.replace(tmp, self.window_file(k))
+
+
+def resumable_windows(run, folder: str | os.PathLike, writer: bool = True, name: str = "resume_dir") -> Iterator[Any]:
+    """A run's windows through a resume folder: those a killed run finished (read back from the folder, in order),
+    then the rest as the run generates them, each saved before it is handed on (with `writer`).
+
+    `run` is what `SkyReelsV3TalkingAvatarPipeline.windows(...)` returns: it gives the run's `fingerprint()`,
+    `generate(resume_from)`, `state_from_dict(state)` and `restored_window(k, frames)`. The same inputs, seed,
+    settings and weights give the same windows whether the run was interrupted or not; anything else is refused
+    (`ValueError` naming `name`) before any generation.
+    """
+    store = ResumeStore(folder, run.fingerprint(), writer=writer, name=name)
+    saved = store.load()
+    resume_from = None
+    if saved is not None:
+        resume_from = run.state_from_dict(saved)
+        for k in range(resume_from.next_window):
+            yield run.restored_window(k, store.window(k))
+    for window in run.generate(resume_from):
+        if window.window is not None:
+            store.save_window(window.window, window.frames)
+        elif len(window.frames):  # the keyframe clip is the whole video: nothing to resume
+            yield window
+            continue
+        else:
+            store.save_keyframes(window.state.keyframes)
+        store.save_state(**window.state.to_dict())
+        yield window

@@ -1,0 +1,78 @@
+"""Shared by the served API's tests: the CLI's output for a request, decoded frames, API field -> CLI flags."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+#: API field -> CLI flag, for the fields the tests send
+CLI_FLAGS = {
+    "seconds": "--duration",
+    "seed": "--seed",
+    "steps": "--steps",
+    "prompt": "--prompt",
+    "guidance_scale": "--guidance-scale",
+    "resolution": "--resolution",
+    "crf": "--crf",
+}
+
+
+def cli_args(body: dict) -> list[str]:
+    """`skyreels-v3 generate` arguments for a JSON create body (tiny model)."""
+    args = ["generate", "--model", "tiny", "--task", body["model"]]
+    for name, value in body.items():
+        if name == "size":
+            width, height = value.split("x")
+            args += ["--width", width, "--height", height]
+        elif name in CLI_FLAGS:
+            args += [CLI_FLAGS[name], str(value)]
+    return args
+
+
+def run_cli(body: dict, output: Path, extra: tuple[str, ...] = ()) -> Path:
+    from skyreels_diffusers.app.cli import main
+
+    assert main([*cli_args(body), *extra, "--output", str(output)]) == 0
+    return output
+
+
+def cli_error(body: dict, capsys, output: Path, extra: tuple[str, ...] = ()) -> str:
+    """The CLI's error message (without its `error: ` prefix) for the same arguments."""
+    from skyreels_diffusers.app.cli import main
+
+    capsys.readouterr()
+    assert main([*cli_args(body), *extra, "--output", str(output)]) == 2
+    assert not output.exists()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: "), line
+    return line[len("error: ") :]
+
+
+def frames(video) -> np.ndarray:
+    """Every decoded RGB frame of an mp4 (a path or its bytes)."""
+    source = io.BytesIO(video) if isinstance(video, bytes) else str(video)
+    with av.open(source) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def audio(video) -> np.ndarray | None:
+    source = io.BytesIO(video) if isinstance(video, bytes) else str(video)
+    with av.open(source) as container:
+        if not container.streams.audio:
+            return None
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+
+
+def assert_same_video(served, reference) -> None:
+    """Same frames, same audio track (the served mp4 against the CLI's). Both must be lossless (`crf` 0): at other
+    CRFs libx264's lookahead makes a few frames differ from one encode of the same frames to the next."""
+    got, want = frames(served), frames(reference)
+    assert got.shape == want.shape and np.array_equal(got, want)
+    served_audio, reference_audio = audio(served), audio(reference)
+    assert (served_audio is None) == (reference_audio is None)
+    if reference_audio is not None:
+        assert np.array_equal(served_audio, reference_audio)
