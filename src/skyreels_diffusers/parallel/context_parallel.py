@@ -74,7 +74,7 @@ def check_ring_backend(ring_degree: int, attention_backend: str | None) -> None:
         raise ValueError(
             f"ring attention (degree {ring_degree}) merges partial softmaxes by their log-sum-exp, which the default "
             "attention backend (PyTorch SDPA, `native`) does not return: add --attention-backend _native_cudnn "
-            "(or flash, _native_flash, sage), or use --ulysses-degree alone."
+            "(or flash, _native_flash, sage, fa3), or use --ulysses-degree alone."
         )
 
 
