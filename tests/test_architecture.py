@@ -16,6 +16,7 @@ PACKAGE = "skyreels_diffusers"
 LAYERS = {
     PACKAGE: "package",  # the public `__init__`: re-exports the library layers
     f"{PACKAGE}._quiet": "package",
+    f"{PACKAGE}.errors": "errors",  # the library's argument error, which every layer raises
     f"{PACKAGE}.schedulers": "schedulers",
     f"{PACKAGE}.loaders": "loaders",
     f"{PACKAGE}.kernels": "models",  # the models' own compute kernels (the 8-bit attention)
@@ -36,15 +37,16 @@ LAYERS = {
     f"{PACKAGE}.app.cli": "app.cli",
 }
 
-LIBRARY = {"schedulers", "loaders", "models", "parallel", "optimization", "pipelines"}
+LIBRARY = {"errors", "schedulers", "loaders", "models", "parallel", "optimization", "pipelines"}
 # Layer -> the layers it may import (its own included). Everything else is a violation.
 ALLOWED = {
-    "schedulers": {"schedulers"},
-    "loaders": {"loaders"},
-    "models": {"models", "loaders"},
-    "parallel": {"parallel", "models", "loaders"},
-    "optimization": {"optimization", "models", "loaders"},
-    "pipelines": {"pipelines", "models", "schedulers", "loaders"},
+    "errors": {"errors"},
+    "schedulers": {"schedulers", "errors"},
+    "loaders": {"loaders", "errors"},
+    "models": {"models", "loaders", "errors"},
+    "parallel": {"parallel", "models", "loaders", "errors"},
+    "optimization": {"optimization", "models", "loaders", "errors"},
+    "pipelines": {"pipelines", "models", "schedulers", "loaders", "errors"},
     "package": {"package", *LIBRARY},
     "app": {"app"},
     "app.tasks": {"app.tasks", *LIBRARY},

@@ -33,6 +33,7 @@ import torch
 from .transformer_conversion import (
     KEY_MAPS,
     VARIANT_LAYOUT,
+    VARIANT_MODEL_TYPE,
     check_mapped_keys,
     convert_config,
     expected_state_shapes,
@@ -193,7 +194,7 @@ def infer_config(state: dict, variant: str) -> dict:
         raise ValueError(f"width {dim} is not a multiple of {WAN_HEAD_DIM}: pass config= (a config dict or folder)")
     if VARIANT_LAYOUT[variant] == "wan":
         original = {
-            "model_type": "i2v" if variant == "avatar" else "t2v",
+            "model_type": VARIANT_MODEL_TYPE[variant],
             "patch_size": patch,
             "in_dim": in_dim,
             "dim": dim,
