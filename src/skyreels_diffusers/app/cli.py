@@ -235,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def generation_request(args: argparse.Namespace) -> GenerationRequest:
+    """The request of parsed `generate` arguments: every flag left out stays None, i.e. the task's default."""
+    return GenerationRequest(**{k: v for k, v in vars(args).items() if k in request_fields() and v is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -263,14 +268,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "generate":
-        values = {k: v for k, v in vars(args).items() if k in request_fields() and v is not None}
         if args.model is None:
             print("error: --model: pass --model tiny (random weights) or a converted pipeline folder", file=sys.stderr)
             return 2
         from ..parallel import is_main_process
 
         try:
-            path = run(GenerationRequest(**values))
+            path = run(generation_request(args))
         except ValueError as error:
             if is_main_process():
                 print(f"error: {error}", file=sys.stderr)
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 again = (
                     "run the same command again to resume from --resume-dir"
-                    if values.get("resume_dir")
+                    if args.resume_dir
                     else "nothing was written"
                 )
                 print(f"interrupted: {again}.", file=sys.stderr)
