@@ -7,14 +7,20 @@ output error of each speed/memory mode, against the roofline floor.
 
 Modes (one fresh model each, same seed, same inputs):
   baseline         bf16, resident, eager, attention backend "native" (PyTorch SDPA picks its kernel)
-  default          what the package does by default (today: the same exact eager path, SDPA's choice)
+  default          what the package does by default: eager, `fa3` on Hopper with FA3 installed, else SDPA's choice
   cudnn            baseline with diffusers' explicit `_native_cudnn` backend
   compile          baseline + `compile_repeated_blocks(fullgraph=True)`
   compile_fused    compile with `fuse_qkv_projections()` (one GEMM for q/k/v, one for each cross-attention k/v)
   fp8_weight_only  torchao float8 weight-only on the block linears + compile (the original's low-VRAM quantisation)
   fp8_dynamic      torchao float8 dynamic activation+weight (per-tensor) + compile
+  fa3              baseline with FlashAttention-3 (`fa3` backend, exact; needs FA3 installed)
+  compile_fa3      compile with `fa3`
   attn8            compile with the 8-bit Triton self-attention backend `triton_8bit` (bf16 linears)
-  fast             the `--fast` preset: `triton_8bit` attention + fp8_dynamic linears + compile
+  attn_fa3fp8      compile with FlashAttention-3 in FP8 (`fa3_fp8`, bf16 linears)
+  fast             the `--fast` preset as it resolves here (`optimization.fast_preset`): the first usable 8-bit
+                   attention of FAST_ATTENTION_BACKENDS + fp8_dynamic linears + compile (the row names the backend)
+  fast_triton      `triton_8bit` + fp8_dynamic linears + compile (the preset with the Triton kernel)
+  fast_fa3fp8      `fa3_fp8` + fp8_dynamic linears + compile (the preset with FA3's FP8 kernel)
   group            block-level group offload from pinned CPU memory with CUDA-stream prefetch (eager)
   low_vram         fp8_weight_only + group offload (eager)
   original         the original SkyReels-V3 transformer (with `--original PATH`, a checkout of its repository; it runs
@@ -68,9 +74,34 @@ MODES = (
     "fp8_dynamic",
     "group",
     "low_vram",
+    "fa3",
+    "compile_fa3",
     "attn8",
+    "attn_fa3fp8",
     "fast",
+    "fast_triton",
+    "fast_fa3fp8",
 )
+# mode -> (attention backend, FP8 linears, compiled blocks); "default" and "fast" resolve on the machine (`settings`)
+MODE_SETTINGS = {
+    "original": ("native", None, False),
+    "baseline": ("native", None, False),
+    "default": (None, None, False),
+    "cudnn": ("_native_cudnn", None, False),
+    "compile": ("native", None, True),
+    "compile_fused": ("native", None, True),
+    "fp8_weight_only": ("native", "fp8_weight_only", True),
+    "fp8_dynamic": ("native", "fp8_dynamic", True),
+    "group": ("native", None, False),
+    "low_vram": ("native", "fp8_weight_only", False),
+    "fa3": ("fa3", None, False),
+    "compile_fa3": ("fa3", None, True),
+    "attn8": ("triton_8bit", None, True),
+    "attn_fa3fp8": ("fa3_fp8", None, True),
+    "fast": (None, "fp8_dynamic", True),
+    "fast_triton": ("triton_8bit", "fp8_dynamic", True),
+    "fast_fa3fp8": ("fa3_fp8", "fp8_dynamic", True),
+}
 
 
 def check_shapes(variants: list[str], resolutions: list[str]) -> None:
@@ -156,18 +187,36 @@ class OriginalModel:
         return SimpleNamespace(sample=call_original(self.model, self.variant, inputs))
 
 
+def settings(mode: str, device: torch.device) -> tuple[str, str | None, bool]:
+    """(attention backend, FP8 linears, compiled) of a mode on this machine (`MODE_SETTINGS`)."""
+    from skyreels_diffusers.models.attention_backends import (
+        check_attention_backend_available,
+        default_attention_backend,
+    )
+    from skyreels_diffusers.optimization import fast_preset
+
+    backend, quantize, compile = MODE_SETTINGS[mode]
+    if mode == "default":
+        backend = default_attention_backend(device) or "native"
+    if mode == "fast":
+        backend = fast_preset()["attention_backend"]
+    if device.type == "cuda":  # a missing FA3 fails the row before the model is built
+        check_attention_backend_available(backend, download=False)
+    return backend, quantize, compile
+
+
 def prepare(mode: str, cfg: dict, device: torch.device, weights: dict | None = None) -> SkyReelsV3Transformer3DModel:
+    backend, quantize, compile = settings(mode, device)
     model = build_model(cfg, device)
     if weights is not None:  # the original's weights (run with --original)
         model.load_state_dict(weights, strict=True)
     # diffusers keeps the active backend globally (reset_attention_backend leaves it): set it on every model
-    backends = {"cudnn": "_native_cudnn", "attn8": "triton_8bit", "fast": "triton_8bit"}
-    model.set_attention_backend(backends.get(mode, "native"))
-    if mode in ("fp8_weight_only", "fp8_dynamic", "low_vram", "fast"):
-        quantize_transformer(model, "fp8_weight_only" if mode in ("fp8_weight_only", "low_vram") else "fp8_dynamic")
+    model.set_attention_backend(backend)
+    if quantize is not None:
+        quantize_transformer(model, quantize)
     if mode == "compile_fused":
         model.fuse_qkv_projections()
-    if mode in ("compile", "compile_fused", "fp8_weight_only", "fp8_dynamic", "attn8", "fast"):
+    if compile:
         model.compile_repeated_blocks(fullgraph=True)
     if mode in ("group", "low_vram"):
         model.to("cpu")
@@ -334,6 +383,7 @@ def main(argv=None) -> int:
                     rel_error=round(((out - reference).norm() / reference.norm()).item(), 5),
                     layers=cfg["num_layers"],
                     compiled_graphs=graphs_compiled(),
+                    attention_backend=None if mode == "original" else settings(mode, device)[0],
                 )
                 if eager is not None:  # against our eager bf16 forward (the first mode may be the original)
                     row["rel_error_vs_baseline"] = round(((out - eager).norm() / eager.norm()).item(), 5)

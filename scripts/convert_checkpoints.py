@@ -14,6 +14,10 @@ strictly. Any key that does not fit the model is an error naming the keys, and n
 `repo`: SRC is a whole original Hugging Face repo (downloaded); DST becomes a diffusers pipeline folder that both
 `DiffusionPipeline.from_pretrained(DST)` (after `import skyreels_diffusers`) and the task class load. The
 video-extension repo yields two: DST/single_shot_extension and DST/shot_switching_extension.
+
+Output is written into a hidden temporary folder next to DST (`.NAME.HOST.PID.RANDOM.tmp`) and renamed at the end;
+an error, Ctrl-C or SIGTERM removes it (exit 1, 130, 143), and a folder left by a killed run (SIGKILL) is removed by
+the next conversion into the same parent folder.
 """
 
 from __future__ import annotations
@@ -67,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_size=args.max_shard_size,
                 push_to_hub=args.push_to_hub,
             )
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as error:
+    except (KeyError, ValueError, OSError, NotImplementedError) as error:  # OSError: a file destination, a full disk
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written (the temporary folder is removed)", file=sys.stderr)
+        return 130
     for path in written:
         print(path)
     return 0

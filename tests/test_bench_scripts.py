@@ -104,6 +104,32 @@ def test_bench_gguf_settings(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_fp8_scaled_files(tmp_path):
+    out = tmp_path / "f.json"
+    run_script(
+        "bench_fp8_scaled.py",
+        "--tiny", "--device", "cpu", "--cases", "avatar:480P", "--layers", "1", "--warmup", "0", "--repeats", "1",
+        "--weights", "bf16", "fp8_weight_only", "fp8_scaled", "fp8_scaled_dequant", "fp8_scaled_low_vram",
+        "--bf16-file", "--avatar-seconds", "1", "--steps", "1", "--folder", str(tmp_path), "--json", str(out),
+    )  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    transformer = {r["weights"]: r for r in rows if r["part"] == "transformer"}
+    assert list(transformer) == ["bf16", "fp8_weight_only", "fp8_scaled", "fp8_scaled_dequant", "fp8_scaled_low_vram"]
+    errors = {w: r["rel_error_vs_bf16"] for w, r in transformer.items()}
+    assert errors["bf16"] == 0 and all(0 < errors[w] < 0.1 for w in list(errors)[1:])
+    assert abs(errors["fp8_scaled"] - errors["fp8_scaled_dequant"]) < 5e-3  # the same dequantised weights
+    stored = {w: r["stored_weights_bytes"] for w, r in transformer.items()}
+    assert stored["fp8_scaled"] < stored["bf16"] == stored["fp8_scaled_dequant"]
+    assert transformer["fp8_scaled"]["file_gib"] is not None and transformer["bf16"]["file_gib"] is not None
+    pipeline = [r for r in rows if r["part"] == "pipeline"]
+    assert [r["setting"] for r in pipeline] == ["bf16_low_vram", "fp8_scaled_low_vram"]
+    assert pipeline[0]["frames"] == pipeline[1]["frames"] > 0 and math.isfinite(
+        pipeline[1]["rel_diff_vs_bf16_low_vram"]
+    )
+    assert not list(tmp_path.glob("fp8_scaled_*/*.safetensors"))  # the files are removed
+
+
+@pytest.mark.slow
 def test_bench_pipeline_components(tmp_path):
     out = tmp_path / "p.json"
     run_script(
@@ -147,32 +173,43 @@ def test_bench_attention_kernels(tmp_path):
     assert "error" in rows["_native_efficient"]  # no CPU kernel: recorded, not fatal
 
 
-@pytest.mark.slow
-def test_bench_attention_8bit_table(tmp_path, monkeypatch):
-    """The 8-bit kernel table in Triton's interpreter: every (heads, tokens, kernel) row, sane values."""
+def test_bench_attention_kernel_table(tmp_path, monkeypatch):
+    """The kernel table on CPU, in-process: our kernel in Triton's interpreter, FA3 through the PyTorch stand-in with
+    its calling convention (tests/models/fa3_stub), three input suites: every (heads, tokens, kernel) row, sane
+    values; without FA3 its rows record the error instead."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from skyreels_diffusers.models import attention_backends
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs Triton's interpreter (set by conftest on CPU machines)")
+    bench = load_bench_script("bench_attention.py")
     out = tmp_path / "k.json"
-    run_script(
-        "bench_attention.py",
-        "--device",
-        "cpu",
-        "--tokens",
-        "130",
-        "--heads",
-        "1",
-        "--repeats",
-        "1",
-        "--error-queries",
-        "32",
-        "--json",
-        str(out),
-    )
-    rows = json.loads(out.read_text())
-    assert [r["kernel"] for r in rows] == ["cudnn", "int8_fp8", "int8_bf16"]
-    assert all(r["tokens"] == 130 and r["heads"] == 1 and r["ms"] > 0 for r in rows)
-    assert rows[0]["prepass_ms"] is None and all(r["prepass_ms"] > 0 for r in rows[1:])
-    assert all(0 < r["rel_error_gaussian"] < 0.1 and 0 < r["rel_error_outlier"] < 0.1 for r in rows)
+    modes = ["fa3", "fa3_fp8_naive", "fa3_fp8", "int8_fp8"]
+    args = ["--device", "cpu", "--tokens", "130", "--heads", "1", "--repeats", "1", "--error-queries", "32"]
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "models" / "fa3_stub"))
+    monkeypatch.delitem(sys.modules, "fa3_fwd_interface", raising=False)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    attention_backends.reset_fa3_discovery()
+    try:
+        assert bench.main([*args, "--modes", *modes, "--json", str(out)]) == 0
+        rows = json.loads(out.read_text())
+        assert [r["kernel"] for r in rows] == ["cudnn", *modes]
+        assert all(r["tokens"] == 130 and r["heads"] == 1 and r["ms"] > 0 and "error" not in r for r in rows)
+        assert rows[0]["prepass_ms"] is None and rows[1]["prepass_ms"] is None
+        assert all(r["prepass_ms"] > 0 for r in rows[2:])
+        for r in rows:
+            errors = [r[f"rel_error_{suite}"] for suite in ("gaussian", "outlier", "trained")]
+            assert all(0 < e < (0.01 if r["kernel"] in ("cudnn", "fa3") else 0.15) for e in errors), r
+        stats = rows[0]["row_statistics"]
+        assert stats["trained"]["top1"] > 3 * stats["gaussian"]["top1"]  # peaked rows
+        assert stats["trained"]["sink_mass"] > 2 * stats["gaussian"]["sink_mass"]  # the sinks draw weight
+        monkeypatch.setitem(sys.modules, "fa3_fwd_interface", None)
+        attention_backends.reset_fa3_discovery()
+        assert bench.main([*args, "--modes", "fa3", "--suites", "gaussian", "--json", str(out)]) == 0
+        rows = json.loads(out.read_text())
+        assert "rel_error_gaussian" in rows[0] and "FlashAttention-3 is not installed" in rows[1]["error"]
+    finally:
+        attention_backends.reset_fa3_discovery()
 
 
 def test_bench_linear_covers_every_block_linear(tmp_path):
@@ -301,6 +338,54 @@ def test_speed_suite_stages_pass_their_scripts_parsers(tmp_path):
         check=False,
     )
     assert done.returncode == 2 and "unknown stage" in done.stderr
+
+
+def test_bench_attention_emulated_errors(tmp_path):
+    """`--emulate`: each mode's quantisation math in PyTorch (no FA3, no Triton): exact FA3 at bf16 rounding, the
+    prepared FP8 inputs well below the plain cast on the outlier suite, ours with bf16 P·V below its FP8 P·V."""
+    bench = load_bench_script("bench_attention.py")
+    out = tmp_path / "e.json"
+    modes = ["fa3", "fa3_fp8_naive", "fa3_fp8", "int8_fp8", "int8_bf16"]
+    args = ["--device", "cpu", "--emulate", "--tokens", "512", "--error-queries", "64", "--json", str(out)]
+    assert bench.main([*args, "--modes", *modes]) == 0
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == modes and all(r["emulated"] and r["heads"] == 2 for r in rows.values())
+    assert all(0 < rows["fa3"][f"rel_error_{suite}"] < 0.005 for suite in ("gaussian", "outlier", "trained"))
+    assert rows["fa3_fp8"]["rel_error_outlier"] < 0.5 * rows["fa3_fp8_naive"]["rel_error_outlier"]
+    assert rows["int8_bf16"]["rel_error_gaussian"] < 0.5 * rows["int8_fp8"]["rel_error_gaussian"]
+
+
+def test_fa3_suite_parts_pass_their_scripts_parsers(tmp_path):
+    """Every part of bench/fa3_suite.sh (one GPU call each) asks its scripts only for arguments, modes and shapes
+    they accept, writes its JSON to the device's output folder and stays under the call limit."""
+    text = (ROOT / "bench" / "fa3_suite.sh").read_text()
+    parts = re.findall(r"^  ([a-z0-9_]+)\)", text, flags=re.MULTILINE)
+    assert parts == ["kernels_reference", "avatar", "extension", "extra"]
+    for fast in ("fast_fa3fp8", "fast_triton", "fast"):
+        env = {**os.environ, "FA3_SUITE_DRY_RUN": "1", "OUT": str(tmp_path), "FAST": fast}
+        for part in parts:
+            done = subprocess.run(
+                ["bash", "bench/fa3_suite.sh", part],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, (part, done.stderr)
+            commands = [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
+            assert commands, part
+            assert sum(int(command[1]) for command in commands) <= 560, part  # timeouts, + install and start-up
+            for command in commands:
+                assert command[0] == "timeout" and command[2] == "python3", command
+                script = load_bench_script(Path(command[3]).name)
+                args = script.build_parser().parse_args(command[4:])
+                if hasattr(args, "variants"):
+                    load_bench_script("bench_transformer.py").check_shapes(args.variants, args.resolutions)
+                    assert fast in args.modes and "compile" in args.modes  # the baseline in the same call
+                assert str(tmp_path) in (args.json or ""), command
+    assert not list(tmp_path.iterdir())
 
 
 def test_matrix_takes_each_ratio_from_its_own_run(tmp_path):

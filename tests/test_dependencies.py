@@ -44,6 +44,7 @@ NOT_IMPORTED_OK = {
     "pre-commit": "runs the lint hooks of .pre-commit-config.yaml on each commit",
     "xfuser": "imported by parallel/xfuser.py (GPU only, so not installed by the `dev` extra)",
     "ftfy": "diffusers' Wan prompt cleaning (reused by the pipelines) fixes text with it when it is installed",
+    "fa3-fwd": "models/attention_backends.py imports its fa3_fwd_interface from a tuple of FA3 packages (GPU only)",
 }
 
 

@@ -10,8 +10,12 @@ import torch
 
 
 QUANTIZATION_MODES = ("fp8_weight_only", "fp8_dynamic", "fp8_storage")
-# `--fast` (opt-in, lossy): 8-bit self-attention (INT8 Q·K, FP8 P·V; Triton) + FP8 linears + compiled blocks
-FAST_PRESET = {"attention_backend": "triton_8bit", "quantize": "fp8_dynamic", "compile": True}
+# `--fast`'s 8-bit self-attention: the first of these that can run on the machine (`fast_preset`). The order is the
+# measured one (docs/performance.md, "FlashAttention-3 and the 8-bit path"): `triton_8bit` (INT8 Q·K, FP8 P·V)
+# and `fa3_fp8` (FlashAttention-3 in FP8, prepared inputs; needs FA3 and Hopper).
+FAST_ATTENTION_BACKENDS = ("triton_8bit", "fa3_fp8")
+# `--fast` (opt-in, lossy): 8-bit self-attention + FP8 linears + compiled blocks
+FAST_PRESET = {"attention_backend": FAST_ATTENTION_BACKENDS[0], "quantize": "fp8_dynamic", "compile": True}
 MEMORY_MODES = ("resident", "offload", "sequential", "group", "low_vram")
 # Low-VRAM VAE tiles: up to 540P (544 x 960) a 5-s video decodes whole (12.2 GiB peak, measured; diffusers' 256-px
 # tiles cut that to 3.8 GiB but took 1.7x as long, 2.7x inside the pipeline); 720P decodes in 960-px tiles.
@@ -31,6 +35,14 @@ def _is_block_linear(model: torch.nn.Module):
         return isinstance(module, torch.nn.Linear) and parts[0] == "blocks" and not keep & set(parts)
 
     return accept
+
+
+def holds_quantized_weights(model: torch.nn.Module) -> bool:
+    """Whether `model` was loaded quantised: GGUF (diffusers' quantizer) or FP8 kept from a scaled-FP8 file (torchao
+    tensors)."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return True
+    return any(type(p).__module__.startswith("torchao") for p in model.parameters())
 
 
 def _torchao_config(mode: str):
@@ -64,6 +76,11 @@ def quantize_transformer(transformer, mode: str, compute_dtype: torch.dtype = to
     """
     if mode not in QUANTIZATION_MODES:
         raise ValueError(f"quantization mode must be one of {QUANTIZATION_MODES}, got {mode!r}")
+    if holds_quantized_weights(transformer):
+        raise ValueError(
+            f"quantize {mode!r}: the transformer already holds quantised weights (a GGUF or scaled-FP8 file); "
+            "load it with keep_fp8=False to quantise it another way"
+        )
     if mode == "fp8_storage":
         transformer.enable_layerwise_casting(
             storage_dtype=torch.float8_e4m3fn,
@@ -88,7 +105,7 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
     * `"group"`: the transformer's and the text encoder's blocks stream from CPU one at a time (block-level group
       offload, next block prefetched on a CUDA stream); the small components (VAE, CLIP, wav2vec2) stay resident.
     * `"low_vram"`: `"group"` with FP8 transformer weights (torchao weight-only; a transformer loaded quantised,
-      e.g. from GGUF, is kept as it is) and VAE tiling.
+      from GGUF or a scaled-FP8 file, is kept as it is) and VAE tiling.
     """
     if mode not in MEMORY_MODES:
         raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
@@ -102,7 +119,7 @@ def apply_memory_mode(pipe, mode: str, device: str | torch.device = "cuda") -> N
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         if mode == "low_vram":
-            if getattr(pipe.transformer, "hf_quantizer", None) is None:  # a GGUF transformer is already small
+            if not holds_quantized_weights(pipe.transformer):  # a GGUF or FP8-file transformer is already small
                 quantize_transformer(pipe.transformer, "fp8_weight_only")
             pipe.vae.enable_tiling(**LOW_VRAM_VAE_TILES)
         stream_large_components(pipe, device, use_stream=device.type == "cuda")
@@ -141,16 +158,39 @@ def stream_large_components(pipe, device: torch.device, use_stream: bool = True)
         )
 
 
+def fast_preset() -> dict:
+    """`FAST_PRESET` with the first of `FAST_ATTENTION_BACKENDS` that can run here (the first one when none can:
+    its check then names what is missing)."""
+    from .models.attention_backends import attention_backend_available
+
+    usable = [name for name in FAST_ATTENTION_BACKENDS if attention_backend_available(name)]
+    return {**FAST_PRESET, "attention_backend": (usable or FAST_ATTENTION_BACKENDS)[0]}
+
+
+def _execution_device(pipe) -> torch.device:
+    device = getattr(pipe, "_execution_device", None)  # a pipeline (under offload: where the models run)
+    if device is None:
+        device = next(pipe.transformer.parameters()).device
+    return torch.device(device)
+
+
 def enable_fast_path(
     pipe, compile: bool = False, attention_backend: str | None = None, fullgraph: bool = True
 ) -> None:
-    """Speed options: an attention backend (`"_native_cudnn"`, `"flash"`, `"sage"`, our 8-bit `"triton_8bit"`, ...;
-    default: PyTorch SDPA's own choice, which is cuDNN on Hopper) and regional `torch.compile` of the repeated
-    transformer blocks (fuses the float32 norm / modulation / RoPE chains; the first step pays the compilation)."""
-    if attention_backend is not None:
-        from .models.attention_8bit_backend import check_8bit_backend_available
+    """Speed options: an attention backend and regional `torch.compile` of the repeated transformer blocks (fuses
+    the float32 norm / modulation / RoPE chains; the first step pays the compilation).
 
-        check_8bit_backend_available(attention_backend)
+    `attention_backend`: any diffusers backend (`"native"`, `"_native_cudnn"`, `"sage"`, ...) or ours: exact
+    FlashAttention-3 `"fa3"`, the lossy `"fa3_fp8"`, `"triton_8bit"`, `"triton_8bit_accurate"`. None: `"fa3"` where
+    the pipeline runs on a Hopper GPU with FlashAttention-3 installed (`models.attention_backends.
+    default_attention_backend`), else diffusers' default (PyTorch SDPA's own choice, cuDNN on Hopper)."""
+    from .models.attention_backends import check_attention_backend_available, default_attention_backend
+
+    if attention_backend is None:
+        attention_backend = default_attention_backend(_execution_device(pipe))
+    else:
+        check_attention_backend_available(attention_backend)
+    if attention_backend is not None:
         pipe.transformer.set_attention_backend(attention_backend)
     if compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=fullgraph)

@@ -38,6 +38,8 @@ def _wav(path: Path, seconds: float, rate: int = 16000, bits: int = 16) -> Path:
 def _media(root: Path) -> dict[str, Path]:
     from skyreels_diffusers.app.tiny import tiny_pipeline
     from skyreels_diffusers.pipelines.video_io import write_video
+    from tests.reliability.test_joined_audio import _mp3
+    from tests.reliability.test_video_frame_size import _ts
 
     m = {}
     m["image"] = root / "face.png"
@@ -65,6 +67,12 @@ def _media(root: Path) -> dict[str, Path]:
     m["garbage_state"] = root / "resume_garbage"
     m["garbage_state"].mkdir()
     (m["garbage_state"] / "state.pt").write_bytes(b"PK\x03\x04 junk" * 30)
+    m["joined_mp3"] = root / "joined.mp3"  # 22.05-kHz mono + 44.1-kHz stereo, each 2.05 s with its own tags
+    m["joined_mp3"].write_bytes(_mp3(root / "a.mp3", 22050, 1, True) + _mp3(root / "b.mp3", 44100, 2, True))
+    m["gray16"] = root / "gray16.png"
+    PIL.Image.fromarray((np.arange(64 * 48).reshape(64, 48) * 21).astype(np.uint16)).save(m["gray16"])
+    m["size_change"] = root / "joined.ts"  # 30 frames of 48 x 32, then 30 of 64 x 48
+    m["size_change"].write_bytes(_ts(root / "a.ts", 48, 32, 30, 60) + _ts(root / "b.ts", 64, 48, 30, 200))
     avatar = tiny_pipeline("talking_avatar")
     m["avatar_folder"] = root / "avatar_folder"
     avatar.save_pretrained(m["avatar_folder"])
@@ -74,8 +82,10 @@ def _media(root: Path) -> dict[str, Path]:
 def _damaged(m: dict[str, Path], root: Path) -> dict[str, Path]:
     from safetensors.torch import load_file, save_file
 
+    from tests.reliability.test_strict_loading import _drop_offsets
+
     out = {}
-    for name in ("te_missing", "vae_truncated", "no_index"):
+    for name in ("te_missing", "vae_truncated", "no_index", "index_list", "null_vae", "no_offsets"):
         out[name] = Path(shutil.copytree(m["avatar_folder"], root / name))
     path = out["te_missing"] / "text_encoder" / "model.safetensors"
     state = load_file(path)
@@ -84,6 +94,10 @@ def _damaged(m: dict[str, Path], root: Path) -> dict[str, Path]:
     vae = out["vae_truncated"] / "vae" / "diffusion_pytorch_model.safetensors"
     vae.write_bytes(vae.read_bytes()[: vae.stat().st_size // 2])
     (out["no_index"] / "model_index.json").unlink()
+    (out["index_list"] / "model_index.json").write_text("[1, 2]")
+    index = json.loads((out["null_vae"] / "model_index.json").read_text())
+    (out["null_vae"] / "model_index.json").write_text(json.dumps({**index, "vae": [None, None]}))
+    _drop_offsets(out["no_offsets"])
     return out
 
 
@@ -146,6 +160,34 @@ def cases(m: dict[str, Path], d: dict[str, Path]) -> list[tuple[str, list[str]]]
         ("folder whose text encoder lacks a weight", [*folder_avatar, "--model", str(d["te_missing"])]),
         ("folder with a truncated VAE safetensors", [*folder_avatar, "--model", str(d["vae_truncated"])]),
         ("folder without model_index.json", [*folder_avatar, "--model", str(d["no_index"])]),
+        ("folder whose model_index.json is a JSON list", [*folder_avatar, "--model", str(d["index_list"])]),
+        ("folder whose model_index.json has a [null, null] vae", [*folder_avatar, "--model", str(d["null_vae"])]),
+        (
+            "folder whose VAE safetensors has an entry without offsets",
+            [*folder_avatar, "--model", str(d["no_offsets"])],
+        ),
+        (
+            "two mp3s joined: 22-kHz mono + 44-kHz stereo, 4.1 s (valid)",
+            [*avatar, "--input-audio", str(m["joined_mp3"]), "--height", "32", "--width", "32"],
+        ),
+        (
+            "16-bit grey PNG as --input-image (valid)",
+            [
+                *avatar,
+                "--input-image",
+                str(m["gray16"]),
+                "--input-audio",
+                str(m["speech"]),
+                "--height",
+                "32",
+                "--width",
+                "32",
+            ],
+        ),
+        (
+            "video whose frame size changes, 48 x 32 then 64 x 48 (valid)",
+            [*ext, "--input-video", str(m["size_change"]), "--height", "32", "--width", "48", "--duration", "1"],
+        ),
         (
             "8-bit unsigned WAV (valid input; was decoded with a DC shift)",
             [*avatar, "--input-audio", str(m["speech_u8"]), "--height", "32", "--width", "32"],
@@ -164,6 +206,7 @@ def cases(m: dict[str, Path], d: dict[str, Path]) -> list[tuple[str, list[str]]]
         ("--height 16000 --width 16000", [*ref, "--height", "16000", "--width", "16000"]),
         ("--duration 100000 (reference_to_video)", [*ref, "--duration", "100000"]),
         ("--guidance-scale inf", [*ref, "--guidance-scale", "inf"]),
+        ("--guidance-scale 1e30", [*ref, "--guidance-scale", "1e30"]),
     ]
 
 

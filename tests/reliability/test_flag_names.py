@@ -97,6 +97,6 @@ def test_hints_inside_a_message_name_flags_too(tmp_path, avatar, capsys):
     code, err = _generate([*avatar, "--max-audio-seconds", "1", "--output", str(tmp_path / "x.mp4")], capsys)
     assert code == 2 and len(err) == 1, err
     assert err[0] == (
-        "error: --input-audio: 4.0 s of audio is over the limit of 1 s (raise --max-audio-seconds to allow longer "
-        "audio)."
+        "error: --input-audio: 4.0 s of audio is over the limit of 1 s (raise --max-audio-seconds to allow up to "
+        "200 s)."
     )

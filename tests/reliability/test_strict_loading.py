@@ -84,7 +84,7 @@ def test_a_missing_weight_names_the_component_and_the_key(folder, component, key
     with pytest.raises(ValueError) as error:
         load_pipeline_folder(folder, AVATAR, torch.float32)
     message = str(error.value)
-    assert f"component `{component}` ({component}/)" in message and "missing" in message, message
+    assert f"component `{component}` ({component}/" in message and "missing" in message, message
     assert key in message  # the transformer reports its own check ("missing keys: [...]"), the others ours
 
 
@@ -169,3 +169,162 @@ def test_per_component_dtypes(saved):
         "vae": torch.float32,
         "transformer": torch.bfloat16,
     }
+
+
+# ------------------------------------------------------------------------- the Python path: from_pretrained
+
+
+def _diffusion_pipeline(folder, **kwargs):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(folder, **kwargs)
+
+
+LOADERS = {
+    "Pipeline.from_pretrained": lambda folder, **kwargs: AVATAR.from_pretrained(folder, **kwargs),
+    "DiffusionPipeline.from_pretrained": _diffusion_pipeline,
+    "load_pipeline_folder": lambda folder, dtype: load_pipeline_folder(folder, AVATAR, dtype),
+}
+
+
+@pytest.mark.parametrize("loader", ["Pipeline.from_pretrained", "DiffusionPipeline.from_pretrained"])
+def test_from_pretrained_loads_a_whole_folder_unchanged(saved, loader):
+    folder, original = saved
+    pipe = LOADERS[loader](folder, dtype=torch.float32)
+    assert type(pipe) is AVATAR
+    for name in ("text_encoder", "image_encoder", "audio_encoder", "vae", "transformer"):
+        mine, theirs = getattr(pipe, name).state_dict(), getattr(original, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+
+
+def _damage_tensor(folder, component, how):
+    path = _weights(folder, component)
+    state = load_file(path)
+    key = next(k for k in sorted(state) if {"vae": "decoder.conv_out.bias"}.get(component, "") in k)
+    if how == "missing":
+        del state[key]
+    elif how == "unexpected":
+        key = key.rsplit(".", 2)[0] + ".extra.weight"
+        state[key] = torch.zeros(2)
+    else:
+        state[key] = torch.zeros(state[key].numel() + 2)
+    save_file(state, path, metadata={"format": "pt"})
+    return path, key
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+@pytest.mark.parametrize(
+    "component, how",
+    [("vae", "missing"), ("text_encoder", "missing"), ("image_encoder", "unexpected"), ("vae", "wrong shape")],
+)
+def test_from_pretrained_refuses_missing_unexpected_or_misshaped_tensors(folder, loader, component, how):
+    """Before: `from_pretrained` loaded a VAE or text encoder lacking a weight with a warning and a random tensor,
+    and an unexpected CLIP weight silently; the error names the component, the file and the tensor."""
+    path, key = _damage_tensor(folder, component, how)
+    with pytest.raises(ValueError) as error:
+        LOADERS[loader](folder, dtype=torch.float32)
+    message = str(error.value)
+    assert key in message, message
+    if not (loader.startswith("Diffusion") and how == "wrong shape"):  # there diffusers' own loader refuses first
+        assert f"component `{component}` ({component}/{path.name}): 1 " in message, message
+        assert {"missing": "missing", "unexpected": "unexpected"}.get(how, "wrong shape") in message, message
+
+
+@pytest.mark.parametrize("loader", ["Pipeline.from_pretrained", "load_pipeline_folder"])
+def test_damaged_tensors_are_refused_before_any_weight_is_read(folder, loader, monkeypatch):
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(pipeline_utils, "load_sub_model", no_weights)
+    monkeypatch.setattr(loading, "load_component", no_weights)
+    _damage_tensor(folder, "vae", "missing")
+    with pytest.raises(ValueError, match=r"component `vae` \(vae/diffusion_pytorch_model\.safetensors\): 1 missing"):
+        LOADERS[loader](folder, dtype=torch.float32)
+
+
+def _edit_index(folder, edit):
+    path = folder / "model_index.json"
+    index = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(index)))
+
+
+def _drop_offsets(folder):
+    import struct
+
+    path = _weights(folder, "vae")
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    key = sorted(k for k in header if k != "__metadata__")[0]
+    del header[key]["data_offsets"]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + size :])
+    return key
+
+
+DAMAGED_STRUCTURE = {
+    "model_index.json a list": (
+        lambda f: (f / "model_index.json").write_text("[1, 2]"),
+        r"the folder \(model_index\.json\): holds a JSON list, not an object \(damaged\)",
+    ),
+    "a [null, null] component": (
+        lambda f: _edit_index(f, lambda i: {**i, "vae": [None, None]}),
+        r"component `vae` \(model_index\.json\): is \[null, null\] \(saved without it\), but "
+        r"SkyReelsV3TalkingAvatarPipeline needs a `vae`",
+    ),
+    "an entry that is not a pair": (
+        lambda f: _edit_index(f, lambda i: {**i, "vae": "diffusers"}),
+        r"the folder \(model_index\.json\): entry `vae` is \"diffusers\", not \[library, class\] \(damaged\)",
+    ),
+    "a safetensors entry without offsets": (
+        _drop_offsets,
+        r"component `vae` \(vae/diffusion_pytorch_model\.safetensors\): tensor `.+` has no valid dtype, shape and "
+        r"data_offsets in the header \(damaged\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("loader", ["Pipeline.from_pretrained", "load_pipeline_folder"])
+@pytest.mark.parametrize("damage", list(DAMAGED_STRUCTURE))
+def test_damaged_folder_structure_is_one_line_naming_the_file(folder, loader, damage):
+    """Before: `TypeError: pop expected at most 1 argument` (a list), a pipeline built without its VAE, `KeyError:
+    'data_offsets'`; now one `ValueError` line naming the folder and the file."""
+    make, pattern = DAMAGED_STRUCTURE[damage]
+    make(folder)
+    with pytest.raises(ValueError, match=pattern) as error:
+        LOADERS[loader](folder, dtype=torch.float32)
+    assert "\n" not in str(error.value) and str(folder) in str(error.value)
+
+
+def test_components_passed_in_are_used_and_not_checked(saved, folder):
+    """A `[null, null]` component is fine when the caller passes it (as the CLI does for encoders a rank skips)."""
+    _edit_index(folder, lambda i: {**i, "vae": [None, None]})
+    vae = saved[1].vae
+    pipe = AVATAR.from_pretrained(folder, vae=vae, dtype=torch.float32)
+    assert pipe.vae is vae
+
+
+@pytest.mark.parametrize("damage", ["model_index.json a list", "a [null, null] component"])
+def test_the_command_line_answers_damaged_structure_with_one_line(folder, tmp_path, capsys, damage):
+    """Before: `AttributeError: 'list' object has no attribute 'get'` from the command line's folder check; a
+    `[null, null]` VAE passed every check and failed after loading."""
+    import numpy as np
+    import PIL.Image
+
+    from skyreels_diffusers.app.cli import main
+    from tests.reliability.fault_cases import _wav
+
+    image = tmp_path / "face.png"
+    PIL.Image.fromarray(np.full((64, 48, 3), 128, np.uint8)).save(image)
+    make, pattern = DAMAGED_STRUCTURE[damage]
+    make(folder)
+    argv = ["generate", "--task", "talking_avatar", "--model", str(folder), "--input-image", str(image)]
+    argv += ["--input-audio", str(_wav(tmp_path / "a.wav", 1.0)), "--steps", "1", "--output", str(tmp_path / "o.mp4")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --model: ") or err.startswith("error: model folder"), err
+    assert len(err.splitlines()) == 1 and "model_index.json" in err, err
+    assert not (tmp_path / "o.mp4").exists()

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .request import GenerationRequest, check_parallel, request_fields
+from .request import COMPONENT_FILE_FLAGS, GenerationRequest, check_parallel, request_fields
 from .run import run
 from .tasks import DEFAULT_PROMPT, DEFAULT_SEED, TASKS, per_task
 
@@ -37,14 +37,30 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
         "model",
         "model-id",
         default=None,
-        help="'tiny' (random weights, offline) or a converted pipeline folder (scripts/convert_checkpoints.py)",
+        help="'tiny' (random weights, offline), a converted pipeline folder (scripts/convert_checkpoints.py), or a "
+        "ComfyUI models folder (diffusion_models/, text_encoders/, vae/, clip_vision/, wav2vec2/: each component is "
+        "the one file there of its layout; name the transformer with --transformer)",
     )
     _flag(
         parser,
         "transformer",
         default=None,
-        help="a single-file transformer replacing the folder's: community GGUF (kept quantised) or original "
-        ".safetensors/.pth (with --low-vram a GGUF transformer streams as is, without FP8)",
+        help="a single-file transformer (replacing a pipeline folder's): kijai's / ComfyUI's FP8-scaled file (kept "
+        "FP8), community GGUF (kept quantised) or original .safetensors/.pth; a bare name is looked up in the ComfyUI "
+        "folder's diffusion_models/ (with --low-vram a quantised transformer streams as is)",
+    )
+    for name, what in (
+        ("text-encoder", "UMT5-XXL (ComfyUI's bf16 or fp8_e4m3fn_scaled, kijai's, the original .pth)"),
+        ("vae", "Wan2.1 VAE (wan_2.1_vae.safetensors, Wan2.1_VAE.pth)"),
+        ("image-encoder", "CLIP ViT-H/14 vision (clip_vision_h.safetensors; talking avatar)"),
+        ("audio-encoder", "wav2vec2 (kijai's wav2vec2-chinese-base file; talking avatar)"),
+    ):
+        _flag(parser, name, default=None, help=f"component file: {what}")
+    _flag(
+        parser,
+        "tokenizer",
+        default=None,
+        help="with component files: a tokenizer folder or Hub id (default google/umt5-xxl)",
     )
     _flag(parser, "prompt", default=DEFAULT_PROMPT)
     _flag(parser, "negative-prompt", default=None)
@@ -179,15 +195,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         "attention-backend",
         default=None,
-        help="diffusers attention backend (default: PyTorch SDPA's choice; e.g. _native_cudnn, flash, sage, "
-        "triton_8bit, triton_8bit_accurate)",
+        help="attention backend (default: fa3 on Hopper with FlashAttention-3 installed, else PyTorch SDPA's choice; "
+        "e.g. native, _native_cudnn, fa3, fa3_fp8, triton_8bit, triton_8bit_accurate, sage)",
     )
     _flag(
         parser,
         "fast",
         action="store_true",
-        help="lossy speed preset: 8-bit self-attention (triton_8bit) + FP8 linears (fp8_dynamic) + compile "
-        "(GPU with FP8; docs/performance.md has its speed and error)",
+        help="lossy speed preset: 8-bit self-attention (of triton_8bit / fa3_fp8 the measured faster that runs here) + FP8 "
+        "linears (fp8_dynamic) + compile (GPU with FP8; docs/performance.md has its speed and error)",
     )
     _flag(
         parser,
@@ -237,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generation_request(args: argparse.Namespace) -> GenerationRequest:
     """The request of parsed `generate` arguments: every flag left out stays None, i.e. the task's default."""
-    return GenerationRequest(**{k: v for k, v in vars(args).items() if k in request_fields() and v is not None})
+    values = {k: v for k, v in vars(args).items() if k in request_fields() and v is not None}
+    if args.model is None and any(values.get(name) for name in COMPONENT_FILE_FLAGS):
+        values["model"] = ""  # the pipeline from the component files alone
+    return GenerationRequest(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,8 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "generate":
-        if args.model is None:
-            print("error: --model: pass --model tiny (random weights) or a converted pipeline folder", file=sys.stderr)
+        if args.model is None and not any(getattr(args, name, None) for name in COMPONENT_FILE_FLAGS):
+            print(
+                "error: --model: pass --model tiny (random weights), a converted pipeline folder or a ComfyUI models "
+                "folder (or component files: --transformer --text-encoder --vae ...)",
+                file=sys.stderr,
+            )
             return 2
         from ..parallel import is_main_process
 

@@ -16,17 +16,21 @@ converted) and which tasks it holds, with their transformer folders and schedule
 Each pipeline folder gets a `model_index.json` naming our classes and a model card. The transformer and the 11 GB
 text encoder stream tensor by tensor (`tensor_io`: peak memory the largest tensor plus a constant, a progress bar
 each); the small components (VAE, CLIP, wav2vec2) load whole. `.pth` files are read with only tensor-rebuilding
-globals allowed (`weights_only=True` or `tensor_io`'s restricted unpickler). Output appears atomically (temporary
-folder, renamed at the end).
+globals allowed (`weights_only=True` or `tensor_io`'s restricted unpickler). Output appears atomically: it is
+written into a hidden temporary folder next to the destination (`.NAME.HOST.PID.RANDOM.tmp`) and renamed at the end;
+an error, Ctrl-C or SIGTERM removes that folder, and one left by a killed run is swept by the next conversion.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -55,6 +59,7 @@ from ..loaders.transformer_conversion import (
     map_keys,
 )
 from ..models import SkyReelsV3Transformer3DModel
+from ..pipelines.video_io import pid_alive, sigterm_as_exit
 from .tasks import REPO_LAYOUTS, REPOS, TASKS
 
 
@@ -70,6 +75,68 @@ def _planned_tensors(source: TensorSource, mapped: list, shapes: dict, dtype: to
             PlannedTensor(item.target, shape, target_dtype, lambda item=item: item.take(source.get(item.source)))
         )
     return planned
+
+
+#: a conversion's temporary folder next to its destination: `.<name>.<host>.<pid>.<random>.tmp` (host and pid tell
+#: whether its converter is still running, so that a later run can sweep what a killed one left)
+_TEMP_FOLDER = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def check_destination(dst: Path) -> None:
+    """A destination the converter can fill: a missing or empty folder whose parent can be created. A file, a
+    non-empty folder or a parent that is a file raise one-line `FileExistsError` / `NotADirectoryError`."""
+    if dst.is_file() or (dst.exists() and not dst.is_dir()):
+        raise FileExistsError(f"{dst} is a file; give a folder (it is created when missing)")
+    if dst.is_dir() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty")
+    parent = next((p for p in dst.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise NotADirectoryError(f"{parent} is a file, so {dst} cannot be created")
+
+
+def sweep_stale_conversions(dst: Path) -> list[Path]:
+    """Remove the temporary folders that killed conversions (SIGKILL, a power cut: no clean-up could run) left next
+    to `dst`: only names of the converter's own pattern, written on this host by a process that is gone."""
+    removed = []
+    try:
+        entries = list(dst.parent.iterdir())
+    except OSError:
+        return removed
+    host = _host()
+    for entry in entries:
+        match = _TEMP_FOLDER.match(entry.name)
+        if match and match["host"] == host and not pid_alive(int(match["pid"])) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            print(f"[convert] removed {entry.name}, left by a conversion that was killed", file=sys.stderr)
+    return removed
+
+
+@contextlib.contextmanager
+def temporary_folder(dst: Path):
+    """A new hidden folder next to `dst` for the output to be written into, removed on any failure, Ctrl-C or
+    SIGTERM (main thread); folders left by earlier killed conversions are swept first."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_conversions(dst)
+    with sigterm_as_exit():
+        for _ in range(100):
+            tmp = dst.parent / f".{dst.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            try:
+                tmp.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise FileExistsError(f"no free temporary name next to {dst}")
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def convert_transformer(
@@ -94,6 +161,7 @@ def convert_transformer(
     Returns the written config. Raises `KeyError` naming missing/unexpected keys (nothing is left at `dst` then).
     """
     src, dst = Path(src), Path(dst)
+    check_destination(dst)
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found")
@@ -105,13 +173,9 @@ def convert_transformer(
     check_mapped_keys(mapped, set(shapes), str(src), variant)
     planned = _planned_tensors(source, mapped, shapes, dtype)
 
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty")
-
+    check_destination(dst)
     # Write into a temporary sibling folder and move it into place at the end: no half-written output.
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with temporary_folder(dst) as tmp:
         write_safetensors_shards(
             tmp, planned, "diffusion_pytorch_model", max_shard_size, description=f"transformer ({variant})"
         )
@@ -120,9 +184,6 @@ def convert_transformer(
         if dst.exists():
             dst.rmdir()
         os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config
 
 
@@ -306,11 +367,8 @@ def convert_repo(
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source repo not found: {src}")
-    if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} exists and is not empty")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    check_destination(dst)
+    with temporary_folder(dst) as tmp:
         sources = {name: _transformer_source(src, TASKS[name].transformer_folder) for name in REPOS[task]}
         components = _repo_components(task, src, dtype, max_shard_size)
         outputs = {}
@@ -327,9 +385,6 @@ def convert_repo(
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     folders = list(outputs.values())
     if push_to_hub:
         from huggingface_hub import HfApi

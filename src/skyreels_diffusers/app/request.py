@@ -9,12 +9,14 @@ command-line flag that sets the argument.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..loaders.pipeline_folder import read_model_index
 from ..pipelines.buckets import RESOLUTIONS, scale_to_long_side
 from .tasks import DEFAULT_PROMPT, DEFAULT_SEED, TASKS, Media, TaskSpec
 from .tiny import TINY_LONG_SIDE
@@ -59,7 +61,7 @@ def flagged(error: InputError) -> RequestError:
     if isinstance(error, RequestError):
         return error
     message = error.message
-    for argument in {*ARGUMENT_FIELDS, *REQUEST_FIELDS}:
+    for argument in MENTIONED_ARGUMENTS:
         message = message.replace(f"`{argument}`", flag_of(argument))
     return RequestError(ARGUMENT_FIELDS.get(error.argument, error.argument), message)
 
@@ -89,7 +91,13 @@ class GenerationRequest:
 
     task: str
     model: str = "tiny"
-    transformer: str | None = None  # single-file / GGUF transformer replacing the folder's
+    transformer: str | None = None  # single-file / GGUF / FP8-scaled transformer replacing the folder's
+    # component files (ComfyUI's / kijai's / the original's) replacing the folder's, or the whole pipeline from files
+    text_encoder: str | None = None
+    vae: str | None = None
+    image_encoder: str | None = None
+    audio_encoder: str | None = None
+    tokenizer: str | None = None  # for pipelines built from files: a tokenizer folder or Hub id
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str | None = None
     duration: int | None = None
@@ -140,6 +148,10 @@ class GenerationRequest:
 
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("fps", "media"))
+#: pipeline arguments a request sets (under another name, or its own), which messages name as flags
+MENTIONED_ARGUMENTS = {*ARGUMENT_FIELDS}.union(
+    *(set(REQUEST_FIELDS) & set(inspect.signature(spec.pipeline_class.__call__).parameters) for spec in TASKS.values())
+)
 
 
 def with_task_defaults(request: GenerationRequest) -> GenerationRequest:
@@ -162,17 +174,18 @@ def with_task_defaults(request: GenerationRequest) -> GenerationRequest:
 
 
 def _apply_fast_preset(request: GenerationRequest) -> GenerationRequest:
-    """`--fast`: fill in `optimization.FAST_PRESET` (8-bit attention, FP8 linears, compile); conflicting choices
-    are an error naming the flag."""
-    from ..optimization import FAST_PRESET
+    """`--fast`: fill in `optimization.fast_preset()` (the first 8-bit attention that runs here, FP8 linears,
+    compile); conflicting choices are an error naming the flag."""
+    from ..optimization import fast_preset
 
     if request.low_vram:
         raise RequestError("fast", "--fast quantizes with fp8_dynamic; --low-vram quantizes weight-only: choose one")
-    for name, value in FAST_PRESET.items():
+    preset = fast_preset()
+    for name, value in preset.items():
         current = getattr(request, name)
         if current not in (None, False, value):
             raise RequestError("fast", f"--fast sets --{name.replace('_', '-')} {value}; got {current!r} as well")
-    return dataclasses.replace(request, **FAST_PRESET)
+    return dataclasses.replace(request, **preset)
 
 
 def validate(request: GenerationRequest) -> GenerationRequest:
@@ -204,10 +217,10 @@ def _check_run_options(request: GenerationRequest) -> None:
     if request.quantize is not None and request.quantize not in QUANTIZATION_MODES:
         raise RequestError("quantize", f"must be one of {QUANTIZATION_MODES}, got {request.quantize!r}")
     if request.attention_backend is not None:
-        from ..models.attention_8bit_backend import check_8bit_backend_available
+        from ..models.attention_backends import check_attention_backend_available
 
         try:
-            check_8bit_backend_available(request.attention_backend)
+            check_attention_backend_available(request.attention_backend)
         except (ImportError, RuntimeError) as error:
             raise RequestError("attention_backend", str(error)) from None
     _check_parallel_backend(request)
@@ -217,10 +230,31 @@ def _check_run_options(request: GenerationRequest) -> None:
     if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
         raise RequestError("seed", f"must be an integer in [0, 2^63), got {request.seed!r}")
     _check_duration(request)
-    if request.model != "tiny":
-        _check_model_folder(Path(request.model), request.spec)
+    _check_model(request)
     if request.transformer is not None:
         _check_transformer_file(request)
+
+
+def _check_model(request: GenerationRequest) -> None:
+    """`--model` and the component-file flags: a pipeline folder (with files replacing some of its components), a
+    ComfyUI models folder, or the files alone."""
+    takes = inspect.signature(request.spec.pipeline_class.__init__).parameters
+    for name in COMPONENT_FILE_FLAGS:
+        if getattr(request, name) is not None and name not in takes:
+            raise RequestError(name, f"{request.task} has no {name.replace('_', ' ')}")
+    if uses_component_files(request):
+        _check_component_files(request)
+        return
+    if request.model != "tiny":
+        _check_model_folder(Path(request.model), request.spec)
+    if request.tokenizer is not None:
+        raise RequestError("tokenizer", "is for pipelines built from component files (a pipeline folder has its own)")
+    for name in COMPONENT_FILE_FLAGS[1:]:
+        value = getattr(request, name)
+        if value is not None and request.model == "tiny":
+            raise RequestError(name, "needs --model: a pipeline folder, a ComfyUI models folder, or none (files only)")
+        if value is not None and not Path(value).is_file():
+            raise RequestError(name, f"{value!r}: no such file")
 
 
 def _check_parallel_backend(request: GenerationRequest) -> None:
@@ -300,23 +334,64 @@ def _validate_shard_weights(request: GenerationRequest) -> None:
         raise RequestError(
             "shard_weights", f"cannot be combined with {', '.join(used)} (FSDP2 shards resident bf16 weights)"
         )
+    transformer = Path(request.transformer) if request.transformer else None
+    if transformer is not None and transformer.suffix == ".safetensors" and transformer.is_file():
+        if _holds_fp8(transformer):
+            raise RequestError(
+                "shard_weights", f"cannot shard an FP8 transformer file ({transformer.name}): bf16 only"
+            )
+
+
+#: flags naming one component's file (the pipeline's component names)
+COMPONENT_FILE_FLAGS = ("transformer", "text_encoder", "vae", "image_encoder", "audio_encoder")
+
+
+def uses_component_files(request: GenerationRequest) -> bool:
+    """The pipeline is built from single component files: `--model` is a ComfyUI `models` folder, or empty."""
+    from ..loaders.comfyui import COMFYUI_FOLDERS
+
+    if request.model == "":
+        return True
+    folder = Path(request.model)
+    if request.model == "tiny" or not folder.is_dir() or (folder / "model_index.json").is_file():
+        return False
+    return any((folder / sub).is_dir() for subs in COMFYUI_FOLDERS.values() for sub in subs)
+
+
+def _check_component_files(request: GenerationRequest) -> None:
+    """Every weight file the task's pipeline needs, found (header only) or named; all missing ones listed at once."""
+    from ..loaders.comfyui import find_component_files
+
+    components = {name: getattr(request, name) for name in COMPONENT_FILE_FLAGS}
+    models_dir = Path(request.model) if request.model else None
+    _, missing = find_component_files(request.spec.pipeline_class, models_dir, components)
+    if missing:
+        lines = "; ".join(f"--{name.replace('_', '-')} FILE ({reason})" for name, reason in missing.items())
+        raise RequestError("model", f"{request.task} needs component files: {lines}")
 
 
 def _check_model_folder(folder: Path, spec: TaskSpec) -> None:
     if not folder.is_dir():
-        raise RequestError("model", f"{str(folder)!r} is neither 'tiny' nor a local pipeline folder")
+        raise RequestError(
+            "model", f"{str(folder)!r} is neither 'tiny', a pipeline folder nor a ComfyUI models folder"
+        )
     index = folder / "model_index.json"
     if not index.is_file():
-        raise RequestError("model", f"{folder} has no model_index.json (convert the original weights first)")
-    entries = json.loads(index.read_text())
+        raise RequestError(
+            "model",
+            f"{folder} has no model_index.json (convert the original weights first) and no ComfyUI "
+            "models subfolders (diffusion_models/, text_encoders/, vae/, ...)",
+        )
+    try:
+        entries = read_model_index(folder)  # a damaged model_index.json: one line naming it
+    except ValueError as error:
+        raise RequestError("model", str(error)) from None
     if entries.get("_class_name") != spec.pipeline_class.__name__:
         raise RequestError(
             "model",
             f"{folder} holds a {entries.get('_class_name')!r} pipeline, not the "
             f"{spec.pipeline_class.__name__} of --task {spec.name}",
         )
-    import inspect
-
     for name in inspect.signature(spec.pipeline_class.__init__).parameters:
         if name != "self" and (name not in entries or not (folder / name).is_dir()):
             raise RequestError("model", f"{folder} is missing the {name!r} component")
@@ -326,13 +401,18 @@ TRANSFORMER_FILE_TYPES = (".gguf", ".safetensors", ".pth", ".pt")
 
 
 def _check_transformer_file(request: GenerationRequest) -> None:
-    path = Path(request.transformer)
+    from ..loaders.comfyui import find_component_file
+
     if request.model == "tiny":
         raise RequestError(
             "transformer", "needs --model FOLDER (a converted pipeline folder for the other components)"
         )
+    models_dir = Path(request.model) if uses_component_files(request) and request.model else None
+    path = find_component_file(models_dir, "transformer", request.transformer)[0] or Path(request.transformer)
     if path.suffix not in TRANSFORMER_FILE_TYPES or not path.is_file():
         raise RequestError("transformer", f"{request.transformer!r} is not a {'/'.join(TRANSFORMER_FILE_TYPES)} file")
+    if request.quantize is not None and path.suffix == ".safetensors" and _holds_fp8(path):
+        raise RequestError("quantize", f"{path.name} is already FP8 (scaled-FP8 file); drop --quantize / --fast")
     if path.suffix == ".gguf":
         if request.quantize is not None:
             raise RequestError("quantize", "cannot quantise a GGUF transformer again; drop --quantize")
@@ -342,6 +422,17 @@ def _check_transformer_file(request: GenerationRequest) -> None:
             raise RequestError(
                 "transformer", "GGUF files need the gguf package: pip install 'skyreels-diffusers[gguf]'"
             ) from None
+
+
+def _holds_fp8(path: Path) -> bool:
+    """Whether a safetensors file holds FP8 tensors (header only)."""
+    from ..loaders.scaled_fp8 import FP8_DTYPES
+    from ..loaders.tensor_io import safetensors_index
+
+    try:
+        return any(info.dtype in FP8_DTYPES for info in safetensors_index(path).values())
+    except (ValueError, KeyError):
+        return False  # the loader reports the damaged file
 
 
 def output_size(request: GenerationRequest) -> tuple[int | None, int | None]:
@@ -383,8 +474,23 @@ def num_attention_heads(request: GenerationRequest) -> int:
         from ..models.configs import TINY_TRANSFORMER_CONFIGS
 
         return TINY_TRANSFORMER_CONFIGS[request.spec.variant]["num_attention_heads"]
+    if uses_component_files(request):
+        return _file_heads(request)
     config = json.loads((Path(request.model) / "transformer" / "config.json").read_text())
     return config.get("num_attention_heads", 40)
+
+
+def _file_heads(request: GenerationRequest) -> int:
+    """Heads of a transformer file: its width over the head width of every Wan2.1 size (header only)."""
+    from ..loaders.comfyui import find_component_file
+    from ..loaders.single_file import COMFY_PREFIXES, WAN_HEAD_DIM
+    from ..loaders.tensor_io import file_index
+
+    path = find_component_file(Path(request.model) if request.model else None, "transformer", request.transformer)[0]
+    if path is None or path.suffix == ".gguf":
+        return 40  # the real sizes; the loader reports a missing file
+    shapes = {k.removeprefix(COMFY_PREFIXES[0]): v.shape for k, v in file_index(path).items()}
+    return shapes["patch_embedding.weight"][0] // WAN_HEAD_DIM if "patch_embedding.weight" in shapes else 40
 
 
 def check_parallel(request: GenerationRequest, world_size: int) -> None:

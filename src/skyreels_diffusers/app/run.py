@@ -13,20 +13,27 @@ import torch
 from ..errors import InputError
 from .output import check_output_writable, default_output_path, write_or_keep
 from .request import (
+    COMPONENT_FILE_FLAGS,
     GenerationRequest,
     as_input_error,
     check_parallel,
     flagged,
     output_size,
     pipeline_kwargs,
+    uses_component_files,
     validate,
 )
 from .tiny import tiny_pipeline
 
 
+#: the dtypes of a run's components: bf16, the VAE and wav2vec2 in float32 (as in the original)
+RUN_DTYPES = {"default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32}
+
+
 def load_transformer_file(request: GenerationRequest):
-    """`--transformer FILE`: the transformer from an original single file or a community GGUF (kept quantised,
-    bf16 compute), configured by the pipeline folder's `transformer/config.json`."""
+    """`--transformer FILE`: the transformer from an original single file, a community GGUF (kept quantised, bf16
+    compute) or a kijai / ComfyUI FP8-scaled file (kept FP8), configured by the pipeline folder's
+    `transformer/config.json`."""
     from ..models import SkyReelsV3Transformer3DModel
 
     kwargs = {}
@@ -43,28 +50,63 @@ def load_transformer_file(request: GenerationRequest):
     )
 
 
+def load_component_files(request: GenerationRequest, skip: dict) -> dict:
+    """`--text-encoder / --vae / --image-encoder / --audio-encoder FILE` beside a pipeline folder: those components
+    from their files (the folder supplies the rest)."""
+    from ..loaders import component_files as files
+
+    given = {}
+    loaders = {
+        "text_encoder": lambda path: {"text_encoder": files.load_text_encoder_file(path, torch.bfloat16)},
+        "vae": lambda path: {"vae": files.load_vae_file(path)},
+        "image_encoder": lambda path: {"image_encoder": files.load_image_encoder_file(path, torch.bfloat16)},
+        "audio_encoder": lambda path: dict(
+            zip(("audio_encoder", "feature_extractor"), files.load_audio_encoder_file(path))
+        ),
+    }
+    for name, load in loaders.items():
+        if getattr(request, name) is not None and name not in skip:
+            given.update(load(getattr(request, name)))
+    return given
+
+
+def load_pipeline_files(request: GenerationRequest, skip: dict):
+    """The task's pipeline from single component files (a ComfyUI `models` folder and / or the component flags)."""
+    from ..loaders.comfyui import DEFAULT_TOKENIZER, load_pipeline_from_files
+
+    return load_pipeline_from_files(
+        request.spec.pipeline_class,
+        request.model or None,
+        scheduler=request.spec.make_scheduler(),
+        tokenizer=request.tokenizer or DEFAULT_TOKENIZER,
+        torch_dtype=RUN_DTYPES,
+        transformer_variant=request.spec.variant,
+        skip=tuple(skip),
+        **{name: getattr(request, name) for name in COMPONENT_FILE_FLAGS if getattr(request, name) is not None},
+    )
+
+
 def load_pipeline(request: GenerationRequest):
-    """The task's pipeline: tiny random weights in-process, or a converted folder (bf16, VAE in fp32)."""
+    """The task's pipeline: tiny random weights in-process, a converted folder, or single component files (a ComfyUI
+    models folder and / or the component flags); bf16, the VAE and wav2vec2 in float32."""
     from .distributed import drop_main_only_encoders, encoder_kwargs_to_skip, world_info
 
     if request.model == "tiny":
         print("[skyreels-v3] --model tiny: tiny RANDOM weights, the output is noise (for trying the tools).")
         pipe = tiny_pipeline(request.task, seed=0)
         drop_main_only_encoders(pipe)  # under torchrun, rank 0 alone runs the text and audio encoders
+    elif uses_component_files(request):
+        pipe = load_pipeline_files(request, encoder_kwargs_to_skip(*world_info()[::-1]))
     else:
         from ..loaders.pipeline_folder import load_pipeline_folder
 
         given = encoder_kwargs_to_skip(*world_info()[::-1])
+        given.update(load_component_files(request, given))
         if request.transformer is not None:
             given["transformer"] = load_transformer_file(request)
         # strict: the folder's pipeline class, every file and every weight checked (wav2vec2 in float32, as in the
         # original; the VAE in float32)
-        pipe = load_pipeline_folder(
-            request.model,
-            request.spec.pipeline_class,
-            {"default": torch.bfloat16, "vae": torch.float32, "audio_encoder": torch.float32},
-            **given,
-        )
+        pipe = load_pipeline_folder(request.model, request.spec.pipeline_class, RUN_DTYPES, **given)
     from ..optimization import apply_memory_mode, enable_fast_path, quantize_transformer
 
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,6 +13,9 @@
   multiple of 128 tokens; V transposed to `(head_dim, tokens)`, the layout Hopper's FP8 MMA wants for P·V). The
   two reductions it needs first (K's mean, V's per-channel max) are PyTorch reductions.
 
+* `rotate=True` (off by default) first multiplies Q and K by a ±1 Hadamard matrix (`rotation.py`): the scores are
+  unchanged, K's outlier channels are spread over all channels, so the per-token / per-block 8-bit scales waste less.
+
 `attention_8bit` is the entry point (a `torch.library` custom op, opaque to `torch.compile`). With
 `TRITON_INTERPRET=1` the same kernels run on CPU tensors in Triton's interpreter (tests; slow).
 `reference_attention_8bit` is the same quantisation math in plain PyTorch.
@@ -26,6 +29,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .rotation import rotate as rotate_qk
 
 
 LOG2E = 1.4426950408889634
@@ -361,10 +366,17 @@ def _best_config(args: tuple, flags: dict, tokens: int, batch_heads: int) -> tup
     return _BEST_CONFIG[key]
 
 
-def quantize_qkv(query, key, value, qk: str = "int8", pv: str = "fp8", scale: float | None = None) -> dict:
+def quantize_qkv(
+    query, key, value, qk: str = "int8", pv: str = "fp8", scale: float | None = None, compensate_v: bool = True
+) -> dict:
     """The pre-pass: 8-bit Q (per-token scales) and K (smoothed; per-128-token scales), and FP8 Vᵀ (smoothed;
     per-channel scales) when `pv == "fp8"`. Inputs `(B, L, H, D)`; outputs head-major `(B * H, L_pad, D)`, scales
-    `(B * H, L_pad)` / `(B * H, L_pad / 128)`, Vᵀ `(B * H, D, L_pad)`. The Q scales include `scale * log2(e)`."""
+    `(B * H, L_pad)` / `(B * H, L_pad / 128)`, Vᵀ `(B * H, D, L_pad)`. The Q scales include `scale * log2(e)`.
+
+    `v_offset` `(B, H, D)` is what the kernel adds to each output row: V's centre, less (with `compensate_v`) the
+    mean FP8 rounding error of V over the tokens. A row that spreads its weight over many keys (Gaussian inputs) is
+    a near-zero average whose error is that mean rounding error; taking it off leaves P's rounding. A peaked row moves
+    by the same ~1e-4 of V's range, which does not matter there."""
     batch, tokens, heads, dim = query.shape
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     l_pad = triton.cdiv(tokens, PAD) * PAD
@@ -415,6 +427,11 @@ def quantize_qkv(query, key, value, qk: str = "int8", pv: str = "fp8", scale: fl
         INTERPRET=interpreter_mode(),
         num_warps=8,
     )
+    out["v_offset"] = out["v_mean"]
+    if pv == "fp8" and compensate_v:
+        fp8_mean = out["v"][:, :, :tokens].to(value.dtype).mean(-1, dtype=torch.float32)  # (B * H, D)
+        dequantised_mean = fp8_mean.view(batch, heads, dim) * out["v_scale"]
+        out["v_offset"] = value.mean(dim=1, dtype=torch.float32) - dequantised_mean
     return out
 
 
@@ -447,15 +464,20 @@ def attention_8bit_impl(
     config: tuple | None = None,
     fast_exp: bool = False,
     fold_p_scale: bool = True,
+    rotate: bool = False,
+    compensate_v: bool = True,
 ) -> torch.Tensor:
     """8-bit attention on `(B, L, H, D)` tensors, returning `(B, L, H, D)` in the input dtype. `config` fixes
     `(BLOCK_M, BLOCK_N, num_warps, num_stages[, warp_specialize])` instead of autotuning (benchmarks; the
     interpreter); `fast_exp` computes P with the half-precision `ex2` (measured no faster on an H200: off by
     default); `fold_p_scale=False` scales P into FP8's range with a multiply per score instead of inside the
-    exponent (the earlier kernel, kept for the benchmark's comparison)."""
+    exponent (the earlier kernel, kept for the benchmark's comparison); `rotate` Hadamard-rotates Q and K first
+    (see the module docstring); `compensate_v=False` leaves V's mean rounding error in (`quantize_qkv`)."""
     _check(query, key, value, qk, pv)
+    if rotate:
+        query, key, scale = rotate_qk(query, key, scale)
     batch, tokens, heads, dim = query.shape
-    pre = quantize_qkv(query, key, value, qk, pv, scale)
+    pre = quantize_qkv(query, key, value, qk, pv, scale, compensate_v)
     out = torch.empty_like(query)
     v = pre["v"] if pv == "fp8" else value
     args = (
@@ -464,7 +486,7 @@ def attention_8bit_impl(
         pre["k"],
         pre["k_scale"],
         v,
-        pre["v_mean"],
+        pre["v_offset"],
         pre["v_scale"],
         out,
         tokens,
@@ -495,13 +517,14 @@ def attention_8bit(
     scale: float | None = None,
     qk: str = "int8",
     pv: str = "fp8",
+    rotate: bool = False,
 ) -> torch.Tensor:
     """8-bit self-attention (see the module docstring), as an op `torch.compile` keeps whole."""
-    return attention_8bit_impl(query, key, value, scale, qk, pv)
+    return attention_8bit_impl(query, key, value, scale, qk, pv, rotate=rotate)
 
 
 @attention_8bit.register_fake
-def _(query, key, value, scale=None, qk="int8", pv="fp8"):
+def _(query, key, value, scale=None, qk="int8", pv="fp8", rotate=False):
     return torch.empty_like(query)
 
 
@@ -515,12 +538,21 @@ def _quantize_reference(x: torch.Tensor, qk: str) -> tuple[torch.Tensor, torch.T
 
 
 def reference_attention_8bit(
-    query, key, value, scale: float | None = None, qk: str = "int8", pv: str = "fp8"
+    query,
+    key,
+    value,
+    scale: float | None = None,
+    qk: str = "int8",
+    pv: str = "fp8",
+    rotate: bool = False,
+    compensate_v: bool = True,
 ) -> torch.Tensor:
     """The kernel's quantisation math in PyTorch (float32), on `(B, L, H, D)`: smoothed K, 8-bit Q per token and K
     per block of 128 tokens,
     exact softmax, P (scaled by 2^8.8 against the row maximum) and V (per channel) in FP8 or P in bf16. The kernel
     quantises P against the running maximum of its key blocks instead, so the two agree closely, not exactly."""
+    if rotate:
+        query, key, scale = rotate_qk(query, key, scale)
     dim = query.shape[-1]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     q, k, v = (x.float().transpose(1, 2) for x in (query, key, value))  # (B, H, L, D)
@@ -540,7 +572,10 @@ def reference_attention_8bit(
         p_scale = 2.0**P_LOG2_SCALE.value
         pq = (p * p_scale).to(torch.float8_e4m3fn).float()
         vq = ((v - v_mean) / v_scale).to(torch.float8_e4m3fn).float()
-        return ((pq @ vq) * v_scale / p_scale / denominator + v_mean).transpose(1, 2).to(query.dtype)
+        offset = v_mean
+        if compensate_v:  # V's mean rounding error taken off (`quantize_qkv`)
+            offset = v.mean(dim=2, keepdim=True) - (vq * v_scale).mean(dim=2, keepdim=True)
+        return ((pq @ vq) * v_scale / p_scale / denominator + offset).transpose(1, 2).to(query.dtype)
     else:
         out = p.to(query.dtype).float() @ v
     return (out / denominator).transpose(1, 2).to(query.dtype)

@@ -112,30 +112,42 @@ def planned_tensors(source: TensorSource, mapped, dtype: torch.dtype) -> list[Pl
     return planned
 
 
-def convert_wan_vae(pth: Path):
-    """`Wan2.1_VAE.pth` -> `AutoencoderKLWan` (Wan2.1 architecture; base width and latent channels read off the
-    tensors), float32, strict."""
+def build_wan_vae(converted: dict, what: str, dtype: torch.dtype = torch.float32, config=None):
+    """diffusers-named Wan2.1 VAE tensors -> `AutoencoderKLWan` (base width and latent channels read off the tensors
+    unless `config`: a dict of `AutoencoderKLWan` arguments or a folder / `config.json`), strict."""
     from diffusers import AutoencoderKLWan
-    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    original = load_pth(require_file(pth, "VAE checkpoint"))
-    converted = convert_wan_vae_to_diffusers(original)
-    config = dict(
-        base_dim=converted["encoder.conv_in.weight"].shape[0],
-        z_dim=converted["post_quant_conv.weight"].shape[0],
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
-    )
+    if config is None:
+        config = dict(
+            base_dim=converted["encoder.conv_in.weight"].shape[0],
+            z_dim=converted["post_quant_conv.weight"].shape[0],
+            dim_mult=[1, 2, 4, 4],
+            num_res_blocks=2,
+            attn_scales=[],
+            temperal_downsample=[False, True, True],
+        )
+    elif not isinstance(config, dict):
+        config = AutoencoderKLWan.load_config(config)
     with torch.device("meta"):
-        vae = AutoencoderKLWan(**config)
+        vae = AutoencoderKLWan.from_config(config)
     missing = sorted(set(vae.state_dict()) - set(converted))
     unexpected = sorted(set(converted) - set(vae.state_dict()))
     if missing or unexpected:
-        raise KeyError(f"VAE checkpoint {pth}: missing keys {missing}, unexpected keys {unexpected}")
-    vae.load_state_dict({k: v.float() for k, v in converted.items()}, strict=True, assign=True)
+        raise KeyError(f"{what}: missing keys {missing}, unexpected keys {unexpected}")
+    wrong = {k: tuple(v.shape) for k, v in converted.items() if tuple(v.shape) != tuple(vae.state_dict()[k].shape)}
+    if wrong:
+        raise ValueError(f"{what}: tensors of the wrong shape for the Wan VAE: {wrong}")
+    vae.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
     return vae.eval()
+
+
+def convert_wan_vae(pth: Path):
+    """`Wan2.1_VAE.pth` -> `AutoencoderKLWan` (Wan2.1 architecture; base width and latent channels read off the
+    tensors), float32, strict."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    original = load_pth(require_file(pth, "VAE checkpoint"))
+    return build_wan_vae(convert_wan_vae_to_diffusers(original), f"VAE checkpoint {pth}")
 
 
 # open-clip XLM-RoBERTa ViT-H/14 visual tower -> transformers CLIPVisionModel (the text tower is not used)
@@ -167,17 +179,19 @@ CLIP_HEAD_DIM = 80  # ViT-H/14: 1280 wide, 16 heads
 def convert_clip(pth: Path, dtype: torch.dtype):
     """open-clip `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth` -> `CLIPVisionModel` (visual tower;
     exact GELU, LayerNorm eps 1e-5, heads of 80 channels; sizes read off the tensors)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    what = f"CLIP checkpoint {pth}"
+    converted = rename_state_dict(load_pth(require_file(pth, "CLIP checkpoint")), CLIP_KEY_MAP, what)
+    return build_clip_vision(converted, dtype, what)
 
-    converted = rename_state_dict(
-        load_pth(require_file(pth, "CLIP checkpoint")), CLIP_KEY_MAP, f"CLIP checkpoint {pth}"
-    )
+
+def clip_vision_config(converted: dict):
+    """`CLIPVisionConfig` of a ViT-H/14-like tower read off its (transformers-named) tensors, heads of 80."""
+    from transformers import CLIPVisionConfig
+
     embeddings = "vision_model.embeddings."
-    converted[embeddings + "class_embedding"] = converted[embeddings + "class_embedding"].reshape(-1)
-    converted[embeddings + "position_embedding.weight"] = converted[embeddings + "position_embedding.weight"][0]
     hidden, _, patch, _ = converted[embeddings + "patch_embedding.weight"].shape
-    tokens = converted[embeddings + "position_embedding.weight"].shape[0]
-    config = CLIPVisionConfig(
+    tokens = converted[embeddings + "position_embedding.weight"].reshape(-1, hidden).shape[0]
+    return CLIPVisionConfig(
         hidden_size=hidden,
         num_attention_heads=max(1, hidden // CLIP_HEAD_DIM),
         intermediate_size=converted["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
@@ -188,6 +202,21 @@ def convert_clip(pth: Path, dtype: torch.dtype):
         layer_norm_eps=1e-5,
         projection_dim=hidden,
     )
+
+
+def build_clip_vision(converted: dict, dtype: torch.dtype, what: str, config=None):
+    """transformers-named CLIP vision tensors (`vision_model.*`) -> `CLIPVisionModel`, strict; the class and
+    position embeddings are reshaped from the original / open-clip shapes; `config` read off the tensors if None."""
+    from transformers import CLIPVisionModel
+
+    config = config or clip_vision_config(converted)
+    embeddings = "vision_model.embeddings."
+    hidden = config.hidden_size
+    converted[embeddings + "class_embedding"] = converted[embeddings + "class_embedding"].reshape(-1)
+    converted[embeddings + "position_embedding.weight"] = converted[embeddings + "position_embedding.weight"].reshape(
+        -1, hidden
+    )
+    tokens = converted[embeddings + "position_embedding.weight"].shape[0]
     with torch.device("meta"):
         model = CLIPVisionModel(config)
     expected = set(model.state_dict())
@@ -195,13 +224,17 @@ def convert_clip(pth: Path, dtype: torch.dtype):
         converted = {k.removeprefix("vision_model."): v for k, v in converted.items()}
     missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
     if missing or unexpected:
-        raise KeyError(f"CLIP checkpoint {pth}: missing keys {missing}, unexpected keys {unexpected}")
+        raise KeyError(f"{what}: missing keys {missing}, unexpected keys {unexpected}")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = {k: (tuple(v.shape), shapes[k]) for k, v in converted.items() if tuple(v.shape) != shapes[k]}
+    if wrong:
+        raise ValueError(f"{what}: tensor shapes do not fit the CLIP vision model (got, expected): {wrong}")
     model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
     # the position ids are a non-persistent buffer (not in the state dict): built on the meta device, give them values
     for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:
             if not name.endswith("position_ids"):
-                raise RuntimeError(f"CLIP checkpoint {pth}: buffer {name} was left uninitialised")
+                raise RuntimeError(f"{what}: buffer {name} was left uninitialised")
             module_name, _, attribute = name.rpartition(".")
             module = model.get_submodule(module_name)
             module.register_buffer(attribute, torch.arange(tokens)[None], persistent=False)

@@ -2,9 +2,12 @@
 
 What users have: the original checkpoints as one file or shards (`*.safetensors`, `*.pth`; Wan-native keys for the
 extension / shot-switching / talking-avatar transformers, diffusers-style keys for reference-to-video), the same
-with ComfyUI's `model.diffusion_model.` prefix, and community GGUF quantisations (city96's convert script and
+with ComfyUI's `model.diffusion_model.` prefix, community GGUF quantisations (city96's convert script and
 llama.cpp's quantiser: `general.architecture = "wan"`, the original Wan-native tensor names, vectors and the
-modulation tables in F32, the 5-D patch embedding added back in F32, linears in Q8_0 ... Q2_K, F16 or BF16).
+modulation tables in F32, the 5-D patch embedding added back in F32, linears in Q8_0 ... Q2_K, F16 or BF16), and
+ComfyUI / kijai scaled-FP8 files (`*_fp8_scaled*.safetensors`: Wan-native names, FP8 linear weights each with a
+float32 scale; `scaled_fp8.py`). FP8 linears stay FP8 (torchao weight-only, as the `fp8_weight_only` preset) unless
+`keep_fp8=False` dequantises them.
 
 The keys go through the converter's tables (`transformer.KEY_MAPS`, one source of truth), strictly: every key of
 the model must come from the file and every key of the file must land in the model. GGUF linears stay quantised
@@ -30,6 +33,14 @@ from typing import Any
 
 import torch
 
+from .scaled_fp8 import (
+    MARKER,
+    assign_fp8_linears,
+    safetensors_metadata,
+    split_fp8_linears,
+    split_fp8_scales,
+)
+from .tensor_io import safetensors_index
 from .transformer_conversion import (
     KEY_MAPS,
     VARIANT_LAYOUT,
@@ -128,6 +139,12 @@ def _read_one(file: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
+            safetensors_index(file)  # header only: a truncated file names the first tensor it cuts
+        except KeyError:  # a dtype the index does not know: safetensors itself reads (or refuses) the file
+            pass
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{file} is not a readable safetensors file (damaged header: {error})") from None
+        try:
             return load_file(str(file))
         except (SafetensorError, OSError) as error:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {error}") from None
@@ -141,9 +158,11 @@ def _read_one(file: Path) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefix(state: dict) -> dict:
+    """ComfyUI's prefix removed when every key has it (a scaled-FP8 file's `scaled_fp8` marker may lack it)."""
     for prefix in COMFY_PREFIXES:
-        if state and all(key.startswith(prefix) for key in state):
-            return {key[len(prefix) :]: value for key, value in state.items()}
+        keys = [key for key in state if key != MARKER]
+        if keys and all(key.startswith(prefix) for key in keys):
+            return {key.removeprefix(prefix): value for key, value in state.items()}
     return state
 
 
@@ -278,6 +297,37 @@ def _dequantize_non_linear(model: torch.nn.Module, state: dict, shapes: dict) ->
         state[key] = dequantize_gguf_tensor(value).float().reshape(shapes[key])
 
 
+def _read_source(path_or_dict) -> tuple[str, dict, dict]:
+    """(what, state dict, safetensors metadata) of a path / shard list / state dict, ComfyUI prefixes removed."""
+    if isinstance(path_or_dict, dict):
+        return "state dict", _strip_prefix(dict(path_or_dict)), {}
+    files = checkpoint_files(path_or_dict)
+    return ", ".join(str(f) for f in files), read_checkpoint(files), safetensors_metadata(files)
+
+
+def _variant_for_keys(variant: str, keys) -> str:
+    """Reference-to-video and extension transformers share one architecture: a reference file saved with Wan-native
+    names (as kijai's conversions are) loads through the Wan table, an extension file in diffusers names through the
+    diffusers one."""
+    keys = set(keys)
+    if variant == "reference" and "blocks.0.self_attn.q.weight" in keys:
+        return "extension"
+    if variant == "extension" and "blocks.0.attn1.to_q.weight" in keys:
+        return "reference"
+    return variant
+
+
+def convert_scales(scales: dict, variant: str, what: str) -> dict[str, torch.Tensor]:
+    """Scales keyed by original weight names -> by our names (a fused weight's per-row scale is split with it)."""
+    if not scales:
+        return {}
+    try:
+        mapped = map_keys(list(scales), KEY_MAPS[VARIANT_LAYOUT[variant]])
+    except KeyError as error:
+        raise KeyError(f"{what}: {error.args[0]}") from None
+    return {m.target: m.take(scales[m.source]) if scales[m.source].ndim else scales[m.source] for m in mapped}
+
+
 def load_transformer_single_file(
     cls,
     path_or_dict,
@@ -286,45 +336,53 @@ def load_transformer_single_file(
     torch_dtype: torch.dtype | None = None,
     quantization_config=None,
     device: str | torch.device | None = None,
+    keep_fp8: bool = True,
     **unused,
 ):
     """See `SkyReelsV3SingleFileMixin.from_single_file` (`cls`: the model class)."""
-    from accelerate import init_empty_weights
-    from diffusers.models.model_loading_utils import load_model_dict_into_meta
-    from diffusers.quantizers import DiffusersAutoQuantizer
-
     torch_dtype = unused.pop("dtype", None) or torch_dtype
     unused.pop("low_cpu_mem_usage", None)  # always low-memory (meta init)
     if unused:
         raise TypeError(f"from_single_file got unexpected keyword argument(s): {sorted(unused)}")
     if variant is not None and variant not in VARIANT_LAYOUT:
         raise ValueError(f"variant must be one of {sorted(VARIANT_LAYOUT)}, got {variant!r}")
-    if isinstance(path_or_dict, dict):
-        what, state = "state dict", _strip_prefix(dict(path_or_dict))
-    else:
-        files = checkpoint_files(path_or_dict)
-        what, state = ", ".join(str(f) for f in files), read_checkpoint(files)
+    what, state, metadata = _read_source(path_or_dict)
+    scales = split_fp8_scales(state, what, metadata, COMFY_PREFIXES)
     is_gguf = any(hasattr(v, "quant_type") for v in state.values())
     if is_gguf and quantization_config is None:
         raise ValueError(
             f"{what} holds GGUF-quantised tensors: pass quantization_config="
             "GGUFQuantizationConfig(compute_dtype=torch.bfloat16)"
         )
-    if variant is None:
-        try:
-            variant = detect_variant(state)
-        except ValueError as error:
-            raise ValueError(f"{what}: {error}") from None
+    if scales and quantization_config is not None:
+        raise ValueError(f"{what} holds FP8 weights with their scales: quantization_config does not apply to it")
+    try:
+        variant = _variant_for_keys(variant, state) if variant else detect_variant(state)
+    except ValueError as error:
+        raise ValueError(f"{what}: {error}") from None
     try:
         model_config = resolve_config(cls, config, variant, state)
     except KeyError as error:
         raise KeyError(f"{what}: tensor {error.args[0]!r}, needed to infer the config, is missing") from None
     converted = convert_checkpoint(cls, state, variant, model_config, what)
+    scales = convert_scales(scales, variant, what)
     del state
+    if scales:  # FP8 files compute in bf16 unless told otherwise
+        torch_dtype = torch_dtype or torch.bfloat16
+    return _build_model(cls, model_config, converted, scales, torch_dtype, quantization_config, device, keep_fp8, what)
+
+
+def _build_model(cls, model_config, converted, scales, torch_dtype, quantization_config, device, keep_fp8, what):
+    """The model on the meta device, then every weight loaded (GGUF linears quantised, FP8 linears kept FP8 or
+    dequantised); refuses to return a parameter left unloaded."""
+    from accelerate import init_empty_weights
+    from diffusers.models.model_loading_utils import load_model_dict_into_meta
+    from diffusers.quantizers import DiffusersAutoQuantizer
 
     with init_empty_weights():
         model = cls.from_config(model_config)
     keep_in_fp32 = list(cls._keep_in_fp32_modules or [])
+    fp8_linears = split_fp8_linears(model, converted, scales, keep_fp8)
     hf_quantizer = None
     if quantization_config is not None:
         hf_quantizer = DiffusersAutoQuantizer.from_config(quantization_config)
@@ -334,15 +392,17 @@ def load_transformer_single_file(
         hf_quantizer.preprocess_model(
             model=model, device_map=None, state_dict=converted, keep_in_fp32_modules=keep_in_fp32
         )
+    device = torch.device(device or "cpu")
     load_model_dict_into_meta(
         model,
         converted,
         dtype=torch_dtype,
-        device_map={"": torch.device(device or "cpu")},
+        device_map={"": device},
         hf_quantizer=hf_quantizer,
         keep_in_fp32_modules=keep_in_fp32,
         unexpected_keys=[],
     )
+    assign_fp8_linears(model, fp8_linears, torch_dtype, keep_in_fp32, device)
     if hf_quantizer is not None:
         hf_quantizer.postprocess_model(model)
         model.hf_quantizer = hf_quantizer
@@ -373,8 +433,22 @@ class SkyReelsV3SingleFileMixin:
             quantization_config (*optional*): `GGUFQuantizationConfig(compute_dtype=torch.bfloat16)` for `.gguf`
                 files: the linears stay quantised and are dequantised on the fly.
             device (*optional*): where to put the weights (default CPU).
+            keep_fp8 (`bool`, defaults to True): scaled-FP8 files (kijai's / ComfyUI's `*_fp8_scaled*`): keep the
+                FP8 linear weights in FP8 with the file's scales (torchao weight-only FP8, the compute path of the
+                `fp8_weight_only` preset: about the file's size in memory); False dequantises every weight to
+                `torch_dtype`. FP8 files compute in bfloat16 when `torch_dtype` is not given.
 
         Raises `KeyError` / `ValueError` naming the file and the missing, unexpected or misshapen keys, a GGUF
-        file of another architecture, or a truncated file; nothing is ever left randomly initialised.
+        file of another architecture, a truncated file (and the tensor it cuts), or, in a scaled-FP8 file, a
+        missing scale, a scale beside a non-FP8 tensor or an unsupported quantisation format (naming the tensor);
+        nothing is ever left randomly initialised.
+
+        Example (a kijai FP8-scaled talking-avatar transformer, kept in FP8):
+
+        ```py
+        >>> transformer = SkyReelsV3Transformer3DModel.from_single_file(
+        ...     "Wan21-SkyReelsV3-A2V_fp8_scaled_mixed.safetensors", torch_dtype=torch.bfloat16
+        ... )
+        ```
         """
         return load_transformer_single_file(cls, pretrained_model_link_or_path_or_dict, **kwargs)

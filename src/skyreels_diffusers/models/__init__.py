@@ -1,4 +1,4 @@
-from . import attention_8bit_backend  # noqa: F401  (registers the 'triton_8bit' attention backends)
+from . import attention_backends  # noqa: F401  (registers the 'fa3', 'fa3_fp8' and 'triton_8bit' attention backends)
 from .attention_processor import (
     SkyReelsV3Attention,
     SkyReelsV3AttnProcessor,

@@ -8,7 +8,7 @@ Importing this module (the package does) registers both names with diffusers' at
 `GenerationRequest.attention_backend` accept them. The backend runs the kernel on self-attention (query and key
 of one length, no mask, head dim 64/128, bf16/fp16) and hands every other call to diffusers' `native` backend
 unchanged (PyTorch SDPA); the SkyReels-V3 processors also send their cross-attentions to `native` explicitly
-(`cross_attention_backend`), since a text cross-attention can have as many tokens as the video.
+(`attention_backends.cross_attention_backend`), since a text cross-attention can have as many tokens as the video.
 
 Context parallelism: the backend is registered as supporting it. Under Ulysses, diffusers' templated attention
 hands the kernel the full sequence of this rank's heads (the kernel's K mean and scales are then those of the
@@ -32,8 +32,8 @@ from diffusers.models.attention_dispatch import (
 
 ATTENTION_8BIT = "triton_8bit"
 ATTENTION_8BIT_ACCURATE = "triton_8bit_accurate"
-# backend name -> (Q·K precision, P·V precision) of the kernel
-BACKENDS = {ATTENTION_8BIT: ("int8", "fp8"), ATTENTION_8BIT_ACCURATE: ("int8", "bf16")}
+# backend name -> (Q·K precision, P·V precision, Hadamard-rotated Q/K) of the kernel
+BACKENDS = {ATTENTION_8BIT: ("int8", "fp8", False), ATTENTION_8BIT_ACCURATE: ("int8", "bf16", False)}
 
 
 def _add_backend_name(name: str) -> AttentionBackendName:
@@ -48,17 +48,6 @@ def _add_backend_name(name: str) -> AttentionBackendName:
     AttentionBackendName._member_names_.append(member._name_)
     AttentionBackendName._value2member_map_[name] = member
     return member
-
-
-def is_8bit_backend(backend) -> bool:
-    """True for the names (or members) of the 8-bit backends."""
-    return backend is not None and str(getattr(backend, "value", backend)) in BACKENDS
-
-
-def cross_attention_backend(backend):
-    """The backend a cross-attention uses when the model's backend is `backend`: diffusers' `native` SDPA in place
-    of an 8-bit backend, `backend` itself otherwise (None stays None: the default path is unchanged)."""
-    return AttentionBackendName.NATIVE if is_8bit_backend(backend) else backend
 
 
 def check_8bit_backend_available(name: str) -> None:
@@ -99,7 +88,7 @@ def _runs_kernel(query, key, value, attn_mask, dropout_p: float, is_causal: bool
 
 
 def _make_backend(name: str):
-    qk, pv = BACKENDS[name]
+    qk, pv, rotate = BACKENDS[name]
 
     def forward_op(
         ctx,
@@ -123,7 +112,7 @@ def _make_backend(name: str):
             )
         if not _runs_kernel(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
             raise ValueError(f"attention backend {name!r} under context parallelism takes self-attention only")
-        return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv)
+        return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv, rotate)
 
     def backward_op(ctx, grad_out, *args, **kwargs):
         raise NotImplementedError(f"attention backend {name!r} is inference-only (no backward)")
@@ -158,7 +147,7 @@ def _make_backend(name: str):
         from ..kernels import attention_8bit  # noqa: F401  (registers torch.ops.skyreels.attention_8bit)
 
         if _parallel_config is None:
-            return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv)
+            return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv, rotate)
         return _templated_context_parallel_attention(
             query,
             key,

@@ -14,7 +14,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttention
 
-from .attention_8bit_backend import cross_attention_backend
+from .attention_backends import cross_attention_backend
 
 
 def rms_norm_fp32(hidden_states: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
@@ -51,7 +51,8 @@ class SkyReelsV3AttnProcessor:
       length; its output is added to the text attention output before `to_out`.
     * Self-attention passes the model's parallel config (context parallelism); cross-attention attends from the
       local query shard to the full, replicated text/image tokens and passes none.
-    * With an 8-bit backend (`triton_8bit`), only self-attention runs on it; cross-attentions use `native` SDPA.
+    * With a lossy backend (`fa3_fp8`, `triton_8bit`), only self-attention runs on it; cross-attentions use an
+      exact one (`cross_attention_backend`: `fa3` for `fa3_fp8`, `native` SDPA for the Triton kernels).
     """
 
     _attention_backend = None

@@ -10,14 +10,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.utils import logging
 
 
 SAMPLE_RATE = 16000
 VIDEO_FPS = 25  # wav2vec2 features are resampled to the avatar's 25 fps
 MIN_SECONDS = 0.4
-DEFAULT_MAX_SECONDS = 200.0
+#: the longest speech any call accepts (`max_audio_seconds` may lower the limit, never raise it past this)
+MAX_SECONDS = 200.0
+DEFAULT_MAX_SECONDS = MAX_SECONDS
 TARGET_LUFS = -23.0
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".m4a", ".aac", ".ogg")
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -79,34 +84,77 @@ def pcm_to_float(array: np.ndarray) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _decode(path: Path, name: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """All channels, native rate, float32 `[samples, channels]` (PyAV: wav, mp3, flac, m4a/aac, ogg).
+#: undecodable packets skipped after the first decoded frame (the tag block of a second mp3 joined to the first
+#: is one); more mean a damaged file, which is refused
+MAX_SKIPPED_PACKETS = 8
 
-    With `max_seconds`, decoding stops as soon as the limit is passed (for files whose header states no duration)."""
+
+def _decode(path: Path, name: str, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """All channels, float32 `[samples, channels]`, and their rate (PyAV: wav, mp3, flac, m4a/aac, ogg).
+
+    Each decoded frame carries its own sample rate and channel layout: a stream whose rate or layout changes (two
+    mp3 files joined) is decoded as runs of equal frames, each resampled to the highest rate and spread to the most
+    channels (`join_segments`), so every second of audio stays one second. A few undecodable packets after the first
+    frame (a joined file's tag block) are skipped with a warning. With `max_seconds`, decoding stops as soon as the
+    limit is passed (for files whose header states no duration)."""
     import av
 
-    chunks, rate, decoded = [], None, 0
+    segments: list[tuple[int, list[np.ndarray]]] = []
+    seconds, skipped = 0.0, []
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise ValueError(f"`{name}`: {path} has no audio stream.")
             stream = container.streams.audio[0]
-            rate = stream.rate
-            for frame in container.decode(stream):
-                array = frame.to_ndarray()
-                if frame.format.is_planar:
-                    array = array.T  # [samples, channels]
-                else:
-                    array = array.reshape(-1, len(frame.layout.channels))
-                chunks.append(pcm_to_float(array))
-                decoded += len(array)
-                if max_seconds is not None and decoded > max_seconds * rate:
-                    raise ValueError(_too_long(name, decoded / rate, max_seconds, at_least=True))
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:
+                    if not segments or len(skipped) >= MAX_SKIPPED_PACKETS:
+                        raise
+                    skipped.append(seconds)
+                    continue
+                for frame in frames:
+                    array = frame.to_ndarray()
+                    array = array.T if frame.format.is_planar else array.reshape(-1, len(frame.layout.channels))
+                    rate = int(frame.sample_rate or stream.rate)
+                    if not segments or segments[-1][0] != rate or segments[-1][1][0].shape[1] != array.shape[1]:
+                        segments.append((rate, []))
+                    segments[-1][1].append(pcm_to_float(array))
+                    seconds += len(array) / rate
+                    if max_seconds is not None and seconds > max_seconds:
+                        raise ValueError(_too_long(name, seconds, max_seconds, at_least=True))
     except av.error.FFmpegError as error:
         raise ValueError(f"`{name}`: {path} is not a readable audio file ({error}).") from None
-    if not chunks:
+    if not segments:
         raise ValueError(f"`{name}`: {path} has no decodable audio.")
-    return np.concatenate(chunks), int(rate)
+    if skipped:
+        logger.warning(
+            f"`{name}`: skipped {len(skipped)} undecodable packet(s) of {path.name} (at "
+            f"{', '.join(f'{t:.2f}' for t in skipped)} s; a joined file's tag block, or damage)."
+        )
+    return join_segments([(rate, np.concatenate(chunks)) for rate, chunks in segments])
+
+
+def join_segments(segments: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, int]:
+    """Runs of audio `(rate, [samples, channels])` -> one `[samples, channels]` array at the highest rate: each run
+    is resampled on its own (soxr HQ) and given the largest channel count (mono repeated; other counts averaged
+    to mono first, as no layout maps onto another)."""
+    rate = max(r for r, _ in segments)
+    channels = max(a.shape[1] for _, a in segments)
+    if len(segments) == 1:
+        return segments[0][1], rate
+    import soxr
+
+    joined = []
+    for run_rate, samples in segments:
+        if samples.shape[1] != channels:
+            mono = samples if samples.shape[1] == 1 else samples.mean(axis=1, keepdims=True)
+            samples = np.repeat(mono, channels, axis=1)
+        if run_rate != rate:
+            samples = soxr.resample(np.ascontiguousarray(samples), run_rate, rate, quality="HQ")
+        joined.append(np.asarray(samples, dtype=np.float32).reshape(-1, channels))
+    return np.concatenate(joined), rate
 
 
 def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
@@ -170,10 +218,14 @@ def load_speech(
 
 
 def _too_long(name: str, seconds: float, max_seconds: float, at_least: bool = False) -> str:
+    """The over-the-limit message; its hint is one the user can follow (no raising the limit past `MAX_SECONDS`)."""
+    if max_seconds < MAX_SECONDS:
+        hint = f"raise `max_audio_seconds` to allow up to {MAX_SECONDS:g} s"
+    else:
+        hint = f"{MAX_SECONDS:g} s is the longest audio accepted; split the speech into parts of at most that"
     return (
         f"`{name}`: {'more than ' if at_least else ''}{seconds:.1f} s of audio is over the limit of "
-        f"{max_seconds:g} s "
-        "(raise `max_audio_seconds` to allow longer audio)."
+        f"{max_seconds:g} s ({hint})."
     )
 
 

@@ -95,9 +95,21 @@ def check_common_inputs(
             )
 
 
+#: the largest guidance scale accepted (text, reference-image and audio guidance alike). The original's defaults are
+#: 1 (its distilled release), 5 (extension; reference-image guidance) and 7.5 (reference text guidance), and video
+#: models are guided with 3 to 10 in practice; far beyond that the amplified difference of the two predictions
+#: swamps the prediction itself and the video saturates (1e30 gave a flat grey video), so 20 leaves room above any
+#: real use and refuses what can only give noise.
+MAX_GUIDANCE_SCALE = 20.0
+
+
 def check_guidance_scale(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not 1.0 <= value < float("inf"):
-        raise PipelineInputError(name, f"must be a finite number >= 1 (1 = guidance off), got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1.0 <= value <= MAX_GUIDANCE_SCALE:
+        raise PipelineInputError(
+            name,
+            f"must be a number in [1, {MAX_GUIDANCE_SCALE:g}] (1 = guidance off; the original uses 1 to 7.5), "
+            f"got {value!r}.",
+        )
 
 
 class SkyReelsV3PipelineMixin:
@@ -113,6 +125,32 @@ class SkyReelsV3PipelineMixin:
         if vae is not None:
             self.vae_scale_factor_temporal = vae.config.scale_factor_temporal
             self.vae_scale_factor_spatial = vae.config.scale_factor_spatial
+
+    @classmethod
+    def from_comfyui(cls, models_dir: str | os.PathLike | None = None, **kwargs):
+        """Build the pipeline from single component files: a ComfyUI `models` folder and / or explicit files.
+
+        `transformer=` names the transformer file (kijai's / ComfyUI's FP8-scaled files stay FP8 with their scales;
+        original single files, GGUF); `text_encoder=`, `vae=`, `image_encoder=`, `audio_encoder=` are found in
+        `models_dir` (`text_encoders/`, `vae/`, `clip_vision/`, `wav2vec2/`) or given as paths or objects;
+        `scheduler=` is the task's scheduler; `tokenizer=` a folder or Hub id (default `google/umt5-xxl`). Every
+        missing component is listed in one `MissingComponentsError` before any weight is read. Other keyword
+        arguments: `loaders.comfyui.load_pipeline_from_files`.
+
+        ```py
+        >>> from skyreels_diffusers import SkyReelsV3TalkingAvatarPipeline
+        >>> from skyreels_diffusers.app.tasks import TASKS  # the task's scheduler (its shift)
+
+        >>> pipe = SkyReelsV3TalkingAvatarPipeline.from_comfyui(
+        ...     "ComfyUI/models",
+        ...     transformer="Wan21-SkyReelsV3-A2V_fp8_scaled_mixed.safetensors",
+        ...     scheduler=TASKS["talking_avatar"].make_scheduler(),
+        ... )
+        ```
+        """
+        from ..loaders.comfyui import load_pipeline_from_files
+
+        return load_pipeline_from_files(cls, models_dir, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property

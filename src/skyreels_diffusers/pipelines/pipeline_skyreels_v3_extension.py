@@ -13,6 +13,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.utils import replace_example_docstring
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from ..loaders.pipeline_folder import StrictPipelineLoadingMixin
 from ..models import SkyReelsV3Transformer3DModel
 from ..schedulers import SkyReelsV3FlowUniPCScheduler
 from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32
@@ -79,7 +80,11 @@ def chunk_latent_frames(
 
 
 class SkyReelsV3ExtensionPipeline(
-    DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin, SkyReelsV3VideoInputMixin
+    StrictPipelineLoadingMixin,
+    DiffusionPipeline,
+    WanLoraLoaderMixin,
+    SkyReelsV3PipelineMixin,
+    SkyReelsV3VideoInputMixin,
 ):
     r"""
     Single-shot video extension with SkyReels-V3 (14B).

@@ -16,6 +16,7 @@ from diffusers.utils import replace_example_docstring
 from diffusers.video_processor import VideoProcessor
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from ..loaders.pipeline_folder import StrictPipelineLoadingMixin
 from ..models import SkyReelsV3Transformer3DModel
 from ..schedulers import SkyReelsV3FlowUniPCScheduler
 from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP64
@@ -57,7 +58,9 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class SkyReelsV3ReferencePipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin):
+class SkyReelsV3ReferencePipeline(
+    StrictPipelineLoadingMixin, DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin
+):
     r"""
     Reference-to-video generation with SkyReels-V3 (14B).
 

@@ -12,6 +12,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from diffusers.utils import replace_example_docstring
 from transformers import AutoTokenizer, UMT5EncoderModel
 
+from ..loaders.pipeline_folder import StrictPipelineLoadingMixin
 from ..models import SkyReelsV3Transformer3DModel
 from ..schedulers import SkyReelsV3FlowUniPCScheduler
 from ..schedulers.scheduling_flow_unipc import SIGMA_MAX_FP32
@@ -50,7 +51,11 @@ EXAMPLE_DOC_STRING = """
 
 
 class SkyReelsV3ShotSwitchingPipeline(
-    DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin, SkyReelsV3VideoInputMixin
+    StrictPipelineLoadingMixin,
+    DiffusionPipeline,
+    WanLoraLoaderMixin,
+    SkyReelsV3PipelineMixin,
+    SkyReelsV3VideoInputMixin,
 ):
     r"""
     Shot-switching video extension with SkyReels-V3 (14B, its own weights): a new shot of 2-5 s after a cut.

@@ -18,6 +18,7 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from ..loaders.pipeline_folder import StrictPipelineLoadingMixin
 from ..models import SkyReelsV3Transformer3DModel
 from ..schedulers import SkyReelsV3FlowEulerScheduler
 from .audio_io import DEFAULT_MAX_SECONDS, VIDEO_FPS, SpeechAudio, audio_windows, load_speech, wav2vec2_features
@@ -159,7 +160,9 @@ class AvatarRun:
     clip_latents: list[torch.Tensor] = field(default_factory=list)
 
 
-class SkyReelsV3TalkingAvatarPipeline(DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin):
+class SkyReelsV3TalkingAvatarPipeline(
+    StrictPipelineLoadingMixin, DiffusionPipeline, WanLoraLoaderMixin, SkyReelsV3PipelineMixin
+):
     r"""
     Talking-avatar generation with SkyReels-V3 (19B): a portrait and speech (up to 200 s) -> a lip-synced video.
 

@@ -17,7 +17,10 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+from diffusers.utils import logging
 
+
+logger = logging.get_logger(__name__)
 
 ImageInput = str | os.PathLike | PIL.Image.Image
 VideoInput = str | os.PathLike | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image]
@@ -35,7 +38,71 @@ def load_image(image: ImageInput, name: str = "image", exif_transpose: bool = Tr
     check_image_shape(img.width, img.height, name)
     if exif_transpose:
         img = PIL.ImageOps.exif_transpose(img)
-    return img.convert("RGB")
+    return to_rgb(img, name)
+
+
+#: Pillow modes `convert("RGB")` maps without losing range (8 bits per channel; LAB and CMYK are colour-converted)
+_RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "YCbCr", "HSV", "LAB", "CMYK")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+#: how far a float image may stray past its range (resampling overshoot) before it is refused; such values are clipped
+FLOAT_SLACK = 1e-3
+
+
+def to_rgb(image: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
+    """Any image Pillow opens -> 8-bit RGB without clipping: 16-bit (`I;16*`) scaled by 255/65535, 32-bit
+    integer (`I`) by the smallest of 8, 16 or 31 bits that holds its largest value, float (`F`) from [0, 1] (or
+    [0, 255], Pillow's own convention, when its values exceed 1; overshoots within `FLOAT_SLACK` are clipped),
+    transparent pixels (alpha, or a palette's transparent colour) composited over white (the letterbox fill).
+    Negative, non-finite or out-of-range values and unknown modes raise `ValueError` naming `name` (Pillow's own
+    `convert("RGB")` clips 16-bit and float images to white and black).
+
+    Example:
+        >>> import numpy as np, PIL.Image
+        >>> sixteen_bit = PIL.Image.fromarray(np.full((4, 4), 32896, np.uint16))  # mid grey in 16 bits
+        >>> to_rgb(sixteen_bit).getpixel((0, 0))
+        (128, 128, 128)
+    """
+    mode = image.mode
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+        rgba = _unpremultiplied(image) if mode in ("RGBa", "La") else image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    if mode in _RGB_MODES:
+        return image.convert("RGB")
+    if mode.startswith("I;16"):
+        return _gray_to_rgb(np.asarray(image, dtype=np.float64) * (255.0 / 65535.0))
+    if mode == "I":
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and values.min() < 0:
+            raise ValueError(f"`{name}`: a 32-bit integer image with negative values; save it as 8- or 16-bit.")
+        top = int(values.max(initial=0))
+        scale = next(2**bits - 1 for bits in (8, 16, 31) if top <= 2**bits - 1)
+        return _gray_to_rgb(values * (255.0 / scale))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+        if not np.isfinite(values).all() or low < -FLOAT_SLACK or high > 255 + FLOAT_SLACK:
+            raise ValueError(
+                f"`{name}`: a floating-point image with values in [{low:g}, {high:g}]; expected 0 to 1 (or 0 to "
+                "255): save it as 8- or 16-bit."
+            )
+        return _gray_to_rgb(values * 255.0 if high <= 1.0 + FLOAT_SLACK else values)
+    raise ValueError(f"`{name}`: Pillow image mode {mode!r} is not supported; save the image as 8-bit RGB.")
+
+
+def _gray_to_rgb(values: np.ndarray) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.rint(values).clip(0, 255).astype(np.uint8)).convert("RGB")
+
+
+def _unpremultiplied(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`RGBa` / `La` (colour premultiplied by alpha) -> `RGBA`."""
+    values = np.asarray(image, dtype=np.float64)
+    colour, alpha = values[..., :-1], values[..., -1:]
+    colour = np.where(alpha > 0, colour * 255.0 / np.maximum(alpha, 1), 0)
+    if colour.shape[-1] == 1:
+        colour = np.repeat(colour, 3, axis=-1)
+    rgba = np.concatenate([colour, alpha], axis=-1)
+    return PIL.Image.fromarray(np.rint(rgba).clip(0, 255).astype(np.uint8), "RGBA")
 
 
 #: widest aspect ratio (long side / short side) an input image may have: the buckets span about 1:4.5 to 4.5:1 and
@@ -114,14 +181,12 @@ def load_video(video: VideoInput, name: str = "video", apply_rotation: bool = Tr
                 stream = container.streams.video[0]
                 fps = float(stream.average_rate) if stream.average_rate else None
                 for frame in container.decode(stream):
-                    array = frame.to_ndarray(format="rgb24")
-                    turns = _frame_rotation(frame) if apply_rotation else 0
-                    frames.append(np.rot90(array, k=turns).copy() if turns else array)
+                    frames.append(_frame_array(frame, apply_rotation))
         except av.error.FFmpegError as error:
             raise ValueError(f"`{name}`: {path} is not a readable video ({error}).") from None
         if not frames:
             raise ValueError(f"`{name}`: {path} has no decodable frames.")
-        return np.stack(frames), fps
+        return stack_frames(frames, name), fps
     if isinstance(video, torch.Tensor):
         video = video.detach().cpu().numpy()
     if isinstance(video, np.ndarray):
@@ -131,7 +196,7 @@ def load_video(video: VideoInput, name: str = "video", apply_rotation: bool = Tr
             video = to_uint8(video)
         return video, None
     if isinstance(video, (list, tuple)) and video and all(isinstance(f, PIL.Image.Image) for f in video):
-        return np.stack([np.asarray(f.convert("RGB")) for f in video]), None
+        return stack_frames([np.asarray(to_rgb(f, name)) for f in video], name), None
     raise ValueError(f"`{name}` must be a path, a [F, H, W, 3] array or a list of PIL images, got {type(video)}.")
 
 
@@ -174,13 +239,16 @@ def load_video_tail(
                     container.seek(0)
             if tail is None:
                 tail = _decode_ring(container, stream, num_frames)
-            frames = None
-            for i in range(len(tail)):  # into one array, releasing each decoded frame as it is converted
+            frames, sizes = None, set()
+            for i in reversed(range(len(tail))):  # into one array, releasing each decoded frame as it is converted
                 array = _frame_array(tail[i], apply_rotation)
                 tail[i] = None
-                if frames is None:
+                if frames is None:  # the last frame's size: the one the continuation starts from
                     frames = np.empty((len(tail), *array.shape), dtype=np.uint8)
-                frames[i] = array
+                sizes.add(array.shape[:2])
+                frames[i] = array if array.shape == frames.shape[1:] else _resized(array, frames.shape[1:3])
+            if len(sizes) > 1:
+                _warn_sizes(name, sizes, frames.shape[1:3])
     except av.error.FFmpegError as error:
         raise ValueError(f"`{name}`: {path} is not a readable video ({error}).") from None
     if frames is None:
@@ -223,6 +291,30 @@ def _frame_array(frame, apply_rotation: bool) -> np.ndarray:
     return np.rot90(array, k=turns).copy() if turns else array
 
 
+def stack_frames(frames: list[np.ndarray], name: str = "video") -> np.ndarray:
+    """RGB frames -> one `[F, H, W, 3]` array; frames of another size than the last (a video whose frame size
+    changes) are scaled to the last frame's size, the one a continuation starts from, with a warning."""
+    size = frames[-1].shape[:2]
+    sizes = {frame.shape[:2] for frame in frames}
+    if len(sizes) > 1:
+        _warn_sizes(name, sizes, size)
+        frames = [frame if frame.shape[:2] == size else _resized(frame, size) for frame in frames]
+    return np.stack(frames)
+
+
+def _resized(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    height, width = size
+    return np.asarray(PIL.Image.fromarray(frame).resize((width, height), PIL.Image.BICUBIC))
+
+
+def _warn_sizes(name: str, sizes: set, size: tuple[int, int]) -> None:
+    shown = ", ".join(f"{w} x {h}" for h, w in sorted(sizes))
+    logger.warning(
+        f"`{name}`: the frame size changes within the video ({shown}); every frame is scaled to the last "
+        f"frame's {size[1]} x {size[0]}."
+    )
+
+
 def to_uint8(frames, truncate: bool = False) -> np.ndarray:
     """Float frames in [0, 1] -> uint8 by rounding, or by truncation with `truncate=True` (the original's extension
     and avatar pipelines truncated, which darkens every frame by half a level on average and compounds across
@@ -248,7 +340,7 @@ TEMP_SUFFIX = ".tmp"
 _TEMP_PATTERN = re.compile(rf"^\..+\.(\d+)\.[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:
@@ -273,7 +365,7 @@ def sweep_stale_temp_files(path: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMP_PATTERN.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             try:
                 entry.unlink()
                 removed.append(entry)
@@ -296,7 +388,7 @@ def _create_temp_file(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _sigterm_as_exit():
+def sigterm_as_exit():
     """In the main thread, while the default SIGTERM action is in place: turn SIGTERM into `SystemExit(143)` so that
     clean-up code runs (the default action would kill the process past every `finally`). Otherwise a no-op."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
@@ -354,7 +446,7 @@ def write_video(
     if not overwrite and path.exists():
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
     sweep_stale_temp_files(path)
-    with _sigterm_as_exit():
+    with sigterm_as_exit():
         tmp = _create_temp_file(path)
         try:
             _encode_mp4(str(tmp), frames, fps, audio, audio_sample_rate, crf)
