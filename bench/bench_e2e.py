@@ -62,12 +62,12 @@ from skyreels_diffusers.app.tasks import TASKS
 from skyreels_diffusers.app.tiny import tiny_components
 
 
-# case: (task, (height, width), seconds, default steps)
+# case: (task, (height, width), seconds); the steps and the video's length are the task's defaults (the registry's)
 CASES = {
-    "reference_720p": ("reference_to_video", (720, 1280), 5, 8),
-    "extension_720p": ("single_shot_extension", (720, 1280), 5, 8),
-    "avatar_480p": ("talking_avatar", (480, 832), 4, 4),
-    "avatar_720p": ("talking_avatar", (720, 1280), 4, 4),
+    "reference_720p": ("reference_to_video", (720, 1280), TASKS["reference_to_video"].defaults.duration),
+    "extension_720p": ("single_shot_extension", (720, 1280), TASKS["single_shot_extension"].defaults.duration),
+    "avatar_480p": ("talking_avatar", (480, 832), 4),  # seconds of audio
+    "avatar_720p": ("talking_avatar", (720, 1280), 4),
 }
 PRESETS = ("default", "compile", "fp8", "fp8_compile", "fast")
 TINY_SIZE = (32, 48)
@@ -397,7 +397,8 @@ def main(argv=None) -> int:
     ulysses = args.ulysses_degree or world // args.ring_degree
     rows = []
     for case in args.cases:
-        task, size, seconds, default_steps = CASES[case]
+        task, size, seconds = CASES[case]
+        default_steps = TASKS[task].defaults.steps
         if task == "talking_avatar" and args.avatar_seconds:
             seconds = args.avatar_seconds
         size = TINY_SIZE if args.tiny else size

@@ -16,6 +16,7 @@ PACKAGE = "skyreels_diffusers"
 LAYERS = {
     PACKAGE: "package",  # the public `__init__`: re-exports the library layers
     f"{PACKAGE}._quiet": "package",
+    f"{PACKAGE}.errors": "errors",  # the library's argument error, which every layer raises
     f"{PACKAGE}.schedulers": "schedulers",
     f"{PACKAGE}.loaders": "loaders",
     f"{PACKAGE}.kernels": "models",  # the models' own compute kernels (the 8-bit attention)
@@ -39,15 +40,16 @@ LAYERS = {
     f"{PACKAGE}.app.cli": "app.cli",
 }
 
-LIBRARY = {"schedulers", "loaders", "models", "parallel", "optimization", "pipelines"}
+LIBRARY = {"errors", "schedulers", "loaders", "models", "parallel", "optimization", "pipelines"}
 # Layer -> the layers it may import (its own included). Everything else is a violation.
 ALLOWED = {
-    "schedulers": {"schedulers"},
-    "loaders": {"loaders"},
-    "models": {"models", "loaders"},
-    "parallel": {"parallel", "models", "loaders"},
-    "optimization": {"optimization", "models", "loaders"},
-    "pipelines": {"pipelines", "models", "schedulers", "loaders"},
+    "errors": {"errors"},
+    "schedulers": {"schedulers", "errors"},
+    "loaders": {"loaders", "errors"},
+    "models": {"models", "loaders", "errors"},
+    "parallel": {"parallel", "models", "loaders", "errors"},
+    "optimization": {"optimization", "models", "loaders", "errors"},
+    "pipelines": {"pipelines", "models", "schedulers", "loaders", "errors"},
     "package": {"package", *LIBRARY},
     "app": {"app"},
     "app.tasks": {"app.tasks", *LIBRARY},
@@ -191,3 +193,61 @@ def test_graph_sees_every_kind_of_import(tmp_path):
         f"{PACKAGE}.pipelines.pipe -> {PACKAGE}.parallel (pipelines may not import parallel)",
         f"{PACKAGE}.pipelines.pipe -> {PACKAGE}.parallel.ranks (pipelines may not import parallel)",
     }
+
+
+# ---------------------------------------------------------------------------------------------- one task registry
+REGISTRY = SRC / PACKAGE / "app" / "tasks.py"
+TASK_NAMES = {"reference_to_video", "single_shot_extension", "shot_switching_extension", "talking_avatar"}
+VARIANT_NAMES = {"reference", "extension", "avatar"}
+TASK_IDENTIFIERS = {"task", "task_type", "task_name", "variant"}
+
+
+def _strings(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return set().union(*(_strings(e) for e in node.elts))
+    return set()
+
+
+def _identifier(node: ast.AST) -> str | None:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+
+
+def task_branches(source: str) -> list[str]:
+    """Comparisons that branch on a task or variant: against one of their names (`x == "talking_avatar"`,
+    `variant in ("reference", "extension")`), or of a value named task / variant against anything but None
+    (`spec.variant == other`). Looking a name up in a table (`KEY_MAPS[variant]`) is not a branch."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        names = set().union(*(_strings(o) for o in operands)) & (TASK_NAMES | VARIANT_NAMES)
+        none = any(isinstance(o, ast.Constant) and o.value is None for o in operands)
+        equality = any(isinstance(op, (ast.Eq, ast.NotEq, ast.Is, ast.IsNot)) for op in node.ops)
+        named = any(_identifier(o) in TASK_IDENTIFIERS for o in operands)
+        if names or (named and equality and not none):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_task_or_variant_branch_outside_the_registry():
+    """Every fact of a task lives in `app/tasks.py` (ARCHITECTURE.md rule 8): no module branches on a task's or a
+    variant's name (before: the request, run, distributed, web, tiny, convert and loader modules did)."""
+    found = []
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        if path != REGISTRY:
+            found += [f"{path.relative_to(SRC)}:{line}" for line in task_branches(path.read_text())]
+    assert not found, "task/variant branches outside app/tasks.py:\n" + "\n".join(found)
+
+
+def test_task_branch_finder_sees_them():
+    source = (
+        "if request.task == 'talking_avatar':\n    pass\n"
+        "x = 1 if spec.variant != 'reference' else 2\n"
+        "ok = variant in ('extension', 'avatar')\n"
+        "same = task == other.task\n"
+        "fine = variant is None or KEY_MAPS[variant] == 'wan'\n"
+    )
+    assert sorted(line.split(":")[0] for line in task_branches(source)) == ["1", "3", "4", "5"]

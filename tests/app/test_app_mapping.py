@@ -77,7 +77,7 @@ def test_validation_errors_name_the_input(tmp_path, task, fields, field):
     request = build_request(task, form(**fields), "tiny", tmp_path)
     with pytest.raises(ValueError) as error:
         validate(request)
-    assert error_field(str(error.value)) == field
+    assert error_field(error.value) == field
 
 
 @pytest.mark.slow

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from skyreels_diffusers.app.request import RequestError
+
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 
@@ -249,11 +251,12 @@ def test_loopback_only_without_keys():
 
 
 def test_error_mapping_and_path_scrubbing():
-    error = invalid_request(ValueError("--input-image: /srv/jobs/uploads/video_1/0/face.png is not an image"), {})
+    error = invalid_request(RequestError("input_image", "/srv/jobs/uploads/video_1/0/face.png is not an image"), {})
     assert error.param == "input_image" and error.status == 422
-    renamed = invalid_request(ValueError("--input-video: bad"), {"input_video": "input_reference"})
+    renamed = invalid_request(RequestError("input_video", "bad"), {"input_video": "input_reference"})
     assert renamed.param == "input_reference"
-    assert invalid_request(ValueError("--height: must be a multiple of 16"), {}).param == "size"
+    assert invalid_request(RequestError("height", "must be a multiple of 16"), {}).param == "size"
+    assert invalid_request(ValueError("not a request error"), {}).param is None
     scrubbed = public_message("--input-image: /srv/jobs/uploads/video_1/0/face.png is not an image", [Path("/srv")])
     assert scrubbed == "--input-image: face.png is not an image"
     assert public_message("cannot open /home/me/x.mp4 (step 1/8)", []) == "cannot open x.mp4 (step 1/8)"

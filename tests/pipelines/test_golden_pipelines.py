@@ -5,6 +5,11 @@ seed, the original's conventions (`reproduce_original=True`), fp32 on the CPU.
 Each run checks every stored intermediate that helps localise a regression: the input preprocessing, the noise, the
 condition latents the transformer sees, the latents after every step (statistics), the final latents and the uint8
 frames (at most one level off, at isolated pixels: float rounding at truncation/rounding boundaries).
+
+The pipeline is driven the way `skyreels-v3 generate --task T --reproduce-original` drives it with the case's
+inputs and the original's flags (`front_door.py`), and one run per case feeds both tests of the case: the
+pipeline-level comparison (every intermediate) and the front-door one (the arguments the request layer chose and the
+frames it would write).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from skyreels_diffusers.models import SkyReelsV3Transformer3DModel
 from skyreels_diffusers.pipelines.pipeline_skyreels_v3_shot_switching import SHOT_NUM_CONDITION_FRAMES_MAP
 from skyreels_diffusers.pipelines.video_io import letterbox, load_image, load_video, resize_frames, to_uint8
 from tests.helpers import FIXTURES
+from tests.pipelines.front_door import RunCache, assert_original_call, front_door_argv, run_front_door
 
 
 PIPELINES = FIXTURES / "pipelines"
@@ -113,10 +119,57 @@ def assert_steps_match(recorder: Recorder, case: PipelineCase) -> None:
         assert_stats_close(ours.squeeze(0), stored["stats"], f"step {i}")
 
 
-def test_reference_to_video_matches_the_original_pipeline(tmp_path):
+def front_door_reference_to_video(folder: Path):
+    """`--ref-imgs ref_astronaut.png ref_cat.jpg --duration 1 --seed 42 --resolution 480P` (the case's run)."""
     case = PipelineCase("reference_to_video")
-    pipe = pipeline(SkyReelsV3ReferencePipeline, "reference_to_video", case, "reference", tmp_path)
-    recorder = Recorder(pipe)
+    pipe = pipeline(SkyReelsV3ReferencePipeline, "reference_to_video", case, "reference", folder)
+    spec = case.meta["spec"]
+    argv = front_door_argv(
+        "reference_to_video",
+        "--ref-imgs",
+        *[str(PIPELINES / "inputs" / name) for name in spec["refs"]],
+        "--duration",
+        str(spec["duration"]),
+        "--seed",
+        str(spec["seed"]),
+        "--resolution",
+        spec["resolution"],
+    )
+    return case, run_front_door(argv, pipe, {"prompt_embeds": case.tensors["prompt_embeds"]}, Recorder(pipe))
+
+
+def front_door_shot_switching(folder: Path):
+    """`--input-video input_video.mp4 --duration 2 --seed 9 --resolution 480P` (the case's run)."""
+    case = PipelineCase("shot_switching_extension")
+    pipe = pipeline(SkyReelsV3ShotSwitchingPipeline, "shot_switching_extension", case, "extension", folder)
+    spec = case.meta["spec"]
+    argv = front_door_argv(
+        "shot_switching_extension",
+        "--input-video",
+        str(PIPELINES / "inputs" / spec["video"]),
+        "--duration",
+        str(spec["duration"]),
+        "--seed",
+        str(spec["seed"]),
+        "--resolution",
+        spec["resolution"],
+    )
+    return case, run_front_door(argv, pipe, {"prompt_embeds": case.tensors["prompt_embeds"]}, Recorder(pipe))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One front-door run per case, shared by its pipeline-level and front-door tests."""
+    builders = {
+        "reference_to_video": front_door_reference_to_video,
+        "shot_switching_extension": front_door_shot_switching,
+    }
+    return RunCache(lambda task: builders[task](tmp_path_factory.mktemp(task)))
+
+
+def test_reference_to_video_matches_the_original_pipeline(runs):
+    case, run = runs("reference_to_video")
+    pipe, recorder = run.pipe, run.recorder
     refs = [load_image(PIPELINES / "inputs" / name) for name in case.meta["spec"]["refs"]]
     height, width = case.meta["info"]["height_width"]
     for i, ref in enumerate(refs):  # the letterboxed references, exactly
@@ -124,17 +177,7 @@ def test_reference_to_video_matches_the_original_pipeline(tmp_path):
             np.asarray(letterbox(ref, width, height)), case.tensors[f"input.ref{i}_letterboxed"]
         )
 
-    frames = pipe(
-        ref_images=refs,
-        prompt_embeds=case.tensors["prompt_embeds"],
-        num_frames=case.meta["info"]["num_frames"],
-        resolution=case.meta["spec"]["resolution"],
-        num_inference_steps=8,
-        generator=torch.Generator("cpu").manual_seed(case.meta["spec"]["seed"]),
-        output_type="np",
-        callback_on_step_end=recorder,
-        reproduce_original=True,
-    ).frames[0]
+    frames = run.video.frames
 
     assert pipe.scheduler.timesteps.tolist() == case.meta["info"]["timesteps"]
     noise_frames = case.meta["info"]["noise_shape"][2]
@@ -149,10 +192,9 @@ def test_reference_to_video_matches_the_original_pipeline(tmp_path):
     assert_frames_close(video[-1:], case.tensors["frames.last"], "last frame")
 
 
-def test_shot_switching_matches_the_original_pipeline(tmp_path):
-    case = PipelineCase("shot_switching_extension")
-    pipe = pipeline(SkyReelsV3ShotSwitchingPipeline, "shot_switching_extension", case, "extension", tmp_path)
-    recorder = Recorder(pipe)
+def test_shot_switching_matches_the_original_pipeline(runs):
+    case, run = runs("shot_switching_extension")
+    pipe, recorder = run.pipe, run.recorder
     spec, chunk = case.meta["spec"], case.meta["info"]["chunks"][0]
     height, width = case.meta["info"]["height_width"]
     video_in, _ = load_video(PIPELINES / "inputs" / spec["video"])
@@ -162,17 +204,7 @@ def test_shot_switching_matches_the_original_pipeline(tmp_path):
     np.testing.assert_array_equal(prefix[:, ::8, ::8], case.tensors["input.prefix_video_uint8.sub"])
     np.testing.assert_array_equal(prefix[-1:], case.tensors["input.prefix_video_uint8.last"])
 
-    frames = pipe(
-        video=str(PIPELINES / "inputs" / spec["video"]),
-        prompt_embeds=case.tensors["prompt_embeds"],
-        duration=spec["duration"],
-        resolution=spec["resolution"],
-        num_inference_steps=8,
-        generator=torch.Generator("cpu").manual_seed(spec["seed"]),
-        output_type="np",
-        callback_on_step_end=recorder,
-        reproduce_original=True,
-    ).frames[0]
+    frames = run.video.frames
 
     assert pipe.scheduler.timesteps.tolist() == [t for t, _ in chunk["timesteps_per_call"]]
     first = recorder.first_call
@@ -183,6 +215,32 @@ def test_shot_switching_matches_the_original_pipeline(tmp_path):
     assert_steps_match(recorder, case)
     assert_latents_close(recorder.steps[-1][0][..., ::2, ::2], case.tensors["final_latents.sub"], "final latents")
     video = to_uint8(frames)  # our [0, 1] output holds the truncated levels exactly
+    assert len(video) == case.meta["info"]["num_output_frames"]
+    assert_frames_close(video[:, ::8, ::8], case.tensors["new_frames.sub"], "frames")
+    assert_frames_close(video[:1], case.tensors["new_frames.first"], "first frame")
+    assert_frames_close(video[-1:], case.tensors["new_frames.last"], "last frame")
+
+
+def test_front_door_reference_to_video_reproduces_the_original(runs):
+    """`skyreels-v3 generate --task reference_to_video --reproduce-original` with only the case's flags: the
+    original's settings reach the pipeline and its frames come out."""
+    case, run = runs("reference_to_video")
+    assert_original_call(run, "reference_to_video")
+    assert run.kwargs["num_frames"] == case.meta["info"]["num_frames"]  # --duration 1 at 24 fps
+    assert len(run.recorder.steps) == len(case.meta["tensors"]["_per_step_latents"])
+    video = to_uint8(run.video.frames)
+    assert_frames_close(video[:, ::8, ::8], case.tensors["frames.sub"], "frames")
+    assert_frames_close(video[:1], case.tensors["frames.first"], "first frame")
+    assert_frames_close(video[-1:], case.tensors["frames.last"], "last frame")
+
+
+def test_front_door_shot_switching_reproduces_the_original(runs):
+    """`skyreels-v3 generate --task shot_switching_extension --reproduce-original` with only the case's flags."""
+    case, run = runs("shot_switching_extension")
+    assert_original_call(run, "shot_switching_extension")
+    assert run.kwargs["duration"] == case.meta["spec"]["duration"] and run.kwargs["resize_mode"] is None
+    assert len(run.recorder.steps) == len(case.meta["tensors"]["_per_step_latents"])
+    video = to_uint8(run.video.frames)
     assert len(video) == case.meta["info"]["num_output_frames"]
     assert_frames_close(video[:, ::8, ::8], case.tensors["new_frames.sub"], "frames")
     assert_frames_close(video[:1], case.tensors["new_frames.first"], "first frame")

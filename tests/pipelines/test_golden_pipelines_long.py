@@ -6,6 +6,10 @@ chunks, and the talking avatar's keyframe clip plus two sliding windows, with th
 Later chunks and windows start from earlier ones' frames (re-encoded truncated uint8 frames, colour-matched float
 frames), so a one-level flip upstream moves them slightly: their frames are held to one level on a slightly larger
 share of pixels than the first chunk's.
+
+One run per case, driven the way `skyreels-v3 generate --task T --reproduce-original` drives it with the case's
+inputs and the original's flags (`front_door.py`), feeds both tests of the case: the pipeline-level comparison and
+the front-door one (the arguments the request layer chose, the frames and the muxed audio it would write).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from skyreels_diffusers.app.tiny import tiny_components
 from skyreels_diffusers.loaders.components import convert_clip, load_wav2vec2
 from skyreels_diffusers.pipelines.audio_io import load_speech, wav2vec2_features
 from skyreels_diffusers.pipelines.video_io import to_uint8
+from tests.pipelines.front_door import RunCache, assert_original_call, front_door_argv, run_front_door
 from tests.pipelines.test_golden_pipelines import PipelineCase, assert_latents_close
 
 
@@ -55,30 +60,83 @@ class StepRecorder:
         return {}
 
 
-def test_single_shot_extension_over_two_chunks_matches_the_original(tmp_path):
+def front_door_single_shot(folder: Path):
+    """`--input-video input_video.mp4 --duration 6 --seed 21 --resolution 480P --height 128 --width 224` (the
+    case's run; the size is the fixture's small bucket)."""
     case = PipelineCase("single_shot_extension")
-    spec, tensors = case.meta["spec"], case.tensors
+    spec = case.meta["spec"]
     pipe = SkyReelsV3ExtensionPipeline(
         **{
             **tiny_components("single_shot_extension"),
-            "transformer": case.transformer("extension", tmp_path),
+            "transformer": case.transformer("extension", folder),
             "vae": case_vae(case),
         }
     )
-    recorder = StepRecorder()
-    frames = pipe(
-        video=str(case.dir / spec["video"]),
-        prompt_embeds=tensors["prompt_embeds"],
-        duration=spec["duration"],
-        resolution=spec["resolution"],
-        height=128,
-        width=224,
-        num_inference_steps=8,
-        generator=torch.Generator("cpu").manual_seed(spec["seed"]),
-        output_type="np",
-        callback_on_step_end=recorder,
-        reproduce_original=True,
-    ).frames[0]
+    argv = front_door_argv(
+        "single_shot_extension",
+        "--input-video",
+        str(case.dir / spec["video"]),
+        "--duration",
+        str(spec["duration"]),
+        "--seed",
+        str(spec["seed"]),
+        "--resolution",
+        spec["resolution"],
+        "--height",
+        "128",
+        "--width",
+        "224",
+    )
+    return case, run_front_door(argv, pipe, {"prompt_embeds": case.tensors["prompt_embeds"]}, StepRecorder())
+
+
+def avatar_audio_embeds(case: PipelineCase) -> torch.Tensor:
+    """The fixture's stand-in for the wav2vec2 features of the real encoder (regenerated from its seed)."""
+    seed = case.meta["weight_seeds"]["audio_embeds"]
+    return torch.randn((100, 12, 768), generator=torch.Generator("cpu").manual_seed(seed)).bfloat16().float()
+
+
+def front_door_avatar(folder: Path):
+    """`--input-image ref_astronaut.png --input-audio speech_like.wav --seed 33 --resolution 480P --height 128
+    --width 112` (the case's run: generate_video.py's avatar settings; the size is the fixture's small bucket)."""
+    case = PipelineCase("talking_avatar")
+    pipe = SkyReelsV3TalkingAvatarPipeline(**avatar_components(case, folder))
+    spec = case.meta["spec"]
+    argv = front_door_argv(
+        "talking_avatar",
+        "--input-image",
+        str(case.dir / spec["image"]),
+        "--input-audio",
+        str(case.dir / spec["audio"]),
+        "--seed",
+        str(spec["seed"]),
+        "--resolution",
+        spec["size_buckget"],
+        "--height",
+        "128",
+        "--width",
+        "112",
+    )
+    embeddings = {
+        "prompt_embeds": case.tensors["prompt_embeds"][None],
+        "window_prompt_embeds": case.tensors["window_prompt_embeds"][None],
+        "audio_embeds": avatar_audio_embeds(case),
+    }
+    return case, run_front_door(argv, pipe, embeddings, StepRecorder())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One front-door run per case, shared by its pipeline-level and front-door tests."""
+    builders = {"single_shot_extension": front_door_single_shot, "talking_avatar": front_door_avatar}
+    return RunCache(lambda task: builders[task](tmp_path_factory.mktemp(task)))
+
+
+def test_single_shot_extension_over_two_chunks_matches_the_original(runs):
+    case, run = runs("single_shot_extension")
+    tensors = case.tensors
+    recorder = run.recorder
+    frames = run.video.frames
 
     assert len(recorder.latents) == 16  # two chunks of 8 steps
     for c in range(2):
@@ -114,38 +172,52 @@ def avatar_components(case: PipelineCase, folder: Path) -> dict:
     }
 
 
-def test_talking_avatar_keyframe_and_windows_match_the_original(tmp_path):
-    case = PipelineCase("talking_avatar")
+def test_talking_avatar_keyframe_and_windows_match_the_original(runs):
+    case, run = runs("talking_avatar")
     tensors = case.tensors
-    pipe = SkyReelsV3TalkingAvatarPipeline(**avatar_components(case, tmp_path))
+    pipe = run.pipe
     # the audio chain at pipeline length: loudness normalisation and the wav2vec2 features
     speech = load_speech(str(case.dir / "speech_like.wav"), name="audio")
     np.testing.assert_allclose(speech.normalized, tensors["audio.loudness_norm"].numpy(), atol=1e-6)
     features = wav2vec2_features(pipe.audio_encoder, pipe.feature_extractor, speech.normalized, speech.num_frames)
     torch.testing.assert_close(features, tensors["audio.tiny_wav2vec2_embedding"], atol=1e-5, rtol=1e-5)
 
-    seed = case.meta["weight_seeds"]["audio_embeds"]
-    audio_embeds = torch.randn((100, 12, 768), generator=torch.Generator("cpu").manual_seed(seed)).bfloat16().float()
+    audio_embeds = run.kwargs["audio_embeds"]
     assert hashlib.sha256(audio_embeds.numpy().tobytes()).hexdigest() == case.meta["tensors"]["audio_embeds"]["sha256"]
-    recorder = StepRecorder()
-    out = pipe(
-        image=str(case.dir / case.meta["spec"]["image"]),
-        audio_embeds=audio_embeds,
-        prompt_embeds=tensors["prompt_embeds"][None],
-        window_prompt_embeds=tensors["window_prompt_embeds"][None],
-        height=128,
-        width=112,
-        num_inference_steps=4,
-        generator=torch.Generator("cpu").manual_seed(33),
-        output_type="np",
-        callback_on_step_end=recorder,
-        reproduce_original=True,
-    )
+    recorder = run.recorder
     assert len(recorder.latents) == 12  # keyframe clip + two windows, 4 steps each
     for c, name in enumerate(["keyframe", "window0", "window1"]):
         final = tensors[f"{name}.final_latents"]
         assert_latents_close(recorder.latents[4 * c + 3].reshape(final.shape), final, f"{name} final latents")
-    video = to_uint8(out.frames[0])
+    video = to_uint8(run.video.frames)
     assert video.shape == tuple(case.meta["tensors"]["output_frames"]["shape"])
     assert_frames_near(video[:, ::8, ::8], tensors["output_frames.sub"], 1e-3, "frames")
     assert_frames_near(video[-1:], tensors["output_frames.last"], 1e-3, "last frame")
+
+
+def test_front_door_single_shot_extension_reproduces_the_original(runs):
+    """`skyreels-v3 generate --task single_shot_extension --reproduce-original` with only the case's flags."""
+    case, run = runs("single_shot_extension")
+    assert_original_call(run, "single_shot_extension")
+    assert run.kwargs["duration"] == case.meta["spec"]["duration"] and run.kwargs["resize_mode"] is None
+    assert len(run.recorder.latents) == 16  # two chunks of the original's 8 steps
+    video = to_uint8(run.video.frames)
+    reference = case.tensors["output_frames.sub"]
+    assert video.shape == tuple(case.meta["tensors"]["output_frames"]["shape"])
+    assert_frames_near(video[:, ::8, ::8], reference, 5e-3, "all frames")
+    assert_frames_near(video[:1], case.tensors["output_frames.first"], 5e-3, "first frame")
+    assert_frames_near(video[-1:], case.tensors["output_frames.last"], 5e-3, "last frame")
+
+
+def test_front_door_talking_avatar_reproduces_the_original(runs):
+    """`skyreels-v3 generate --task talking_avatar --reproduce-original` with no --steps: the original's 4 steps per
+    clip (before: 8, the extension's default), its frames, and the loudness-normalised audio it muxed."""
+    case, run = runs("talking_avatar")
+    assert_original_call(run, "talking_avatar")
+    assert len(run.recorder.latents) == 12  # keyframe clip + two windows, 4 steps each
+    video = to_uint8(run.video.frames)
+    assert video.shape == tuple(case.meta["tensors"]["output_frames"]["shape"])
+    assert_frames_near(video[:, ::8, ::8], case.tensors["output_frames.sub"], 1e-3, "frames")
+    assert_frames_near(video[-1:], case.tensors["output_frames.last"], 1e-3, "last frame")
+    assert run.video.audio_sample_rate == 16000
+    np.testing.assert_allclose(run.video.audio, case.tensors["audio.loudness_norm"].numpy(), atol=1e-6)

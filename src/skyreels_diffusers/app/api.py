@@ -75,6 +75,8 @@ SERVER_OPTIONS = (
     "transformer",
 )
 #: CLI flag (in a validation message) -> the API field, where the two differ beyond `-` / `_`
+#: OpenAI's `variant` of `GET /v1/videos/{id}/content` that exist here (no thumbnail, no spritesheet)
+CONTENT_KINDS = ("video",)
 FLAG_FIELDS = {"--duration": "seconds", "--height": "size", "--width": "size", "--task": "model"}
 MAX_FILES = 8
 MAX_FIELDS = 64
@@ -161,16 +163,14 @@ def owner_of(authorization: str | None, key_digests: tuple[str, ...]) -> str:
 
 
 def invalid_request(error: Exception, renamed: dict[str, str]) -> ApiError:
-    """The request layer's validation error -> 422 naming the API field, with the CLI's message. (The one place
-    that reads the request layer's error: `--flag: message` today.) `renamed`: request field -> the API field
-    the client used for it (`input_reference`)."""
-    message = str(error)
-    flag = message.split(":", 1)[0].strip() if message.startswith("--") else None
+    """The request layer's validation error -> 422 naming the API field, with the CLI's message (the one place that
+    reads the request layer's error: its typed `argument` / `flag`). `renamed`: request field -> the API field the
+    client used for it (`input_reference`)."""
+    argument, flag = getattr(error, "argument", None), getattr(error, "flag", None)
     param = None
-    if flag is not None:
-        field_name = flag[2:].replace("-", "_")
-        param = FLAG_FIELDS.get(flag) or renamed.get(field_name, field_name)
-    return ApiError(422, message, param=param)
+    if argument is not None:
+        param = FLAG_FIELDS.get(flag) or renamed.get(argument, argument)
+    return ApiError(422, str(error), param=param)
 
 
 # ------------------------------------------------------------------------------------------------ request body
@@ -470,10 +470,11 @@ class VideosApi:
             "has_more": len(records) > len(page),
         }
 
-    def content(self, headers, video_id: str, variant: str) -> Path:
+    def content(self, headers, video_id: str, content_kind: str) -> Path:
+        """The mp4 of a finished job; `content_kind`: OpenAI's `variant` query parameter (only "video" here)."""
         record = self.owned(headers, video_id)
-        if variant != "video":
-            raise ApiError(422, f"variant: only 'video' is available, got {variant!r}", param="variant")
+        if content_kind not in CONTENT_KINDS:
+            raise ApiError(422, f"variant: only 'video' is available, got {content_kind!r}", param="variant")
         if record["status"] != "completed":
             message = f"the video is {record['status']}; its content exists once completed"
             raise ApiError(409, message, code="not_ready")
@@ -492,7 +493,7 @@ def _shown(checked: GenerationRequest) -> dict:
     """What the video object shows of a validated request: prompt, size `WxH`, seconds (the audio's for the
     avatar), seed."""
     height, width = output_size(checked)
-    speech = checked.media.get("speech")
+    speech = checked.media.speech
     seconds = f"{speech.duration:g}" if speech is not None else str(checked.duration)
     return dict(prompt=checked.prompt, size=f"{width}x{height}", seconds=seconds, seed=checked.seed)
 

@@ -14,9 +14,9 @@ import argparse
 import os
 import sys
 
-from .request import COMPONENT_FILE_FLAGS, DEFAULT_PROMPT, GenerationRequest, check_parallel, request_fields
+from .request import COMPONENT_FILE_FLAGS, GenerationRequest, check_parallel, request_fields
 from .run import run
-from .tasks import TASKS
+from .tasks import DEFAULT_PROMPT, DEFAULT_SEED, TASKS, per_task
 
 
 def _flag(parser, name: str, *aliases: str, **kwargs):
@@ -64,19 +64,45 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _flag(parser, "prompt", default=DEFAULT_PROMPT)
     _flag(parser, "negative-prompt", default=None)
-    _flag(parser, "duration", type=int, default=5, help="seconds (shot switching: 2-5; talking avatar: the audio's)")
+    _flag(
+        parser,
+        "duration",
+        type=int,
+        default=None,
+        help="seconds; shot switching 2-5 (default: "
+        + per_task(lambda spec: spec.defaults.duration or "the audio's length")
+        + ")",
+    )
     _flag(
         parser,
         "resolution",
         choices=["480P", "540P", "720P"],
         default=None,
-        help="bucket table (default 720P, talking avatar 480P; with --model tiny a 256-px size unless given)",
+        help=f"bucket table (default: {per_task(_resolution)}; with --model tiny a 256-px size unless given)",
     )
     _flag(parser, "height", type=int, default=None, help="output height, multiple of 16 (overrides the bucket)")
     _flag(parser, "width", type=int, default=None, help="output width, multiple of 16 (overrides the bucket)")
-    _flag(parser, "seed", type=int, default=42)
-    _flag(parser, "steps", "num-inference-steps", type=int, default=8)
-    _flag(parser, "guidance-scale", type=float, default=1.0)
+    _flag(parser, "seed", type=int, default=DEFAULT_SEED)
+    _flag(
+        parser,
+        "steps",
+        "num-inference-steps",
+        type=int,
+        default=None,
+        help=f"denoising steps, per clip for the avatar (default: {per_task(lambda spec: spec.defaults.steps)})",
+    )
+    _flag(
+        parser,
+        "guidance-scale",
+        type=float,
+        default=None,
+        help=f"text guidance, 1 = off (default: {per_task(lambda spec: spec.defaults.guidance_scale)})",
+    )
+
+
+def _resolution(spec) -> str:
+    original = spec.defaults.original_resolution
+    return spec.defaults.resolution + (f" ({original} with --reproduce-original)" if original else "")
 
 
 def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +145,13 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="talking_avatar: mux the original audio (default) or the -23 LUFS one (the original's)",
     )
-    _flag(parser, "max-audio-seconds", type=float, default=200.0)
+    _flag(
+        parser,
+        "max-audio-seconds",
+        type=float,
+        default=None,
+        help=f"longest accepted audio, in seconds (default: {per_task(lambda spec: spec.defaults.max_audio_seconds)})",
+    )
     _flag(parser, "resume-dir", default=None, help="talking_avatar: per-window checkpoints; rerun to resume")
     _flag(
         parser,
@@ -228,6 +260,14 @@ def _add_serve_command(sub) -> None:
     )
 
 
+def generation_request(args: argparse.Namespace) -> GenerationRequest:
+    """The request of parsed `generate` arguments: every flag left out stays None, i.e. the task's default."""
+    values = {k: v for k, v in vars(args).items() if k in request_fields() and v is not None}
+    if args.model is None and any(values.get(name) for name in COMPONENT_FILE_FLAGS):
+        values["model"] = ""  # the pipeline from the component files alone
+    return GenerationRequest(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -260,10 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "generate":
-        values = {k: v for k, v in vars(args).items() if k in request_fields() and v is not None}
-        if args.model is None and any(values.get(name) for name in COMPONENT_FILE_FLAGS):
-            values["model"] = ""  # the pipeline from the component files alone
-        elif args.model is None:
+        if args.model is None and not any(getattr(args, name, None) for name in COMPONENT_FILE_FLAGS):
             print(
                 "error: --model: pass --model tiny (random weights), a converted pipeline folder or a ComfyUI models "
                 "folder (or component files: --transformer --text-encoder --vae ...)",
@@ -273,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..parallel import is_main_process
 
         try:
-            path = run(GenerationRequest(**values))
+            path = run(generation_request(args))
         except ValueError as error:
             if is_main_process():
                 print(f"error: {error}", file=sys.stderr)
@@ -282,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_main_process():
                 again = (
                     "run the same command again to resume from --resume-dir"
-                    if values.get("resume_dir")
+                    if args.resume_dir
                     else "nothing was written"
                     if not interrupt.args
                     else ""

@@ -10,6 +10,9 @@
   `CLIPVisionModel`, `chinese-wav2vec2-base/` -> `Wav2Vec2Model` + feature extractor, the flow Euler scheduler with
   shift 11.
 
+Where each repository keeps its components is the registry's `REPO_LAYOUTS` (a folder is re-saved, a `.pth` file
+converted) and which tasks it holds, with their transformer folders and schedulers, its `TASKS`.
+
 Each pipeline folder gets a `model_index.json` naming our classes and a model card. The transformer and the 11 GB
 text encoder stream tensor by tensor (`tensor_io`: peak memory the largest tensor plus a constant, a progress bar
 each); the small components (VAE, CLIP, wav2vec2) load whole. `.pth` files are read with only tensor-rebuilding
@@ -57,7 +60,7 @@ from ..loaders.transformer_conversion import (
 )
 from ..models import SkyReelsV3Transformer3DModel
 from ..pipelines.video_io import pid_alive, sigterm_as_exit
-from .tasks import REPOS, TASKS
+from .tasks import REPO_LAYOUTS, REPOS, TASKS
 
 
 def _planned_tensors(source: TensorSource, mapped: list, shapes: dict, dtype: torch.dtype | None):
@@ -309,47 +312,41 @@ def _save_components(
     _write_model_card(folder, task, source)
 
 
-def _repo_components(task: str, src: Path, dtype: torch.dtype, max_shard_size: str) -> dict:
-    """Every component but the transformer and the scheduler, from the repo's layout (diffusers layout for the
-    reference repo, Wan-native files for the others); the text encoders stream tensor by tensor."""
+def _repo_components(repo: str, src: Path, dtype: torch.dtype, max_shard_size: str) -> dict:
+    """Every component but the transformer and the scheduler, where the repository's layout (`REPO_LAYOUTS`) keeps
+    them: transformers / diffusers folders are re-saved, Wan-native `.pth` files converted; the text encoder streams
+    tensor by tensor."""
+    from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer
 
-    if task == "reference_to_video":
-        from diffusers import AutoencoderKLWan
-
-        write = partial(
-            copy_text_encoder,
-            require_file(src / "text_encoder", "text_encoder folder"),
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-        )
-        return {
-            "tokenizer": AutoTokenizer.from_pretrained(require_file(src / "tokenizer", "tokenizer folder")),
-            "text_encoder": StreamedComponent("transformers", "UMT5EncoderModel", write),
-            "vae": AutoencoderKLWan.from_pretrained(
-                require_file(src / "vae", "vae folder"), torch_dtype=torch.float32
-            ),
-        }
-    write = partial(
-        write_t5,
-        require_file(src / "models_t5_umt5-xxl-enc-bf16.pth", "T5 checkpoint"),
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-    )
+    layout = REPO_LAYOUTS[repo]
+    text_encoder = src / layout.text_encoder
+    if text_encoder.suffix == ".pth":
+        write = partial(write_t5, require_file(text_encoder, "T5 checkpoint"), dtype=dtype)
+    else:
+        write = partial(copy_text_encoder, require_file(text_encoder, "text_encoder folder"), dtype=dtype)
+    vae = src / layout.vae
     components = {
-        "tokenizer": AutoTokenizer.from_pretrained(require_file(src / "google" / "umt5-xxl", "tokenizer folder")),
-        "text_encoder": StreamedComponent("transformers", "UMT5EncoderModel", write),
-        "vae": convert_wan_vae(src / "Wan2.1_VAE.pth"),
+        "tokenizer": AutoTokenizer.from_pretrained(require_file(src / layout.tokenizer, "tokenizer folder")),
+        "text_encoder": StreamedComponent(
+            "transformers", "UMT5EncoderModel", partial(write, max_shard_size=max_shard_size)
+        ),
+        "vae": convert_wan_vae(vae)
+        if vae.suffix == ".pth"
+        else AutoencoderKLWan.from_pretrained(require_file(vae, "vae folder"), torch_dtype=torch.float32),
     }
-    if task == "talking_avatar":
-        audio_encoder, feature_extractor = load_wav2vec2(src / "chinese-wav2vec2-base")
-        components.update(
-            image_encoder=convert_clip(src / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth", dtype),
-            audio_encoder=audio_encoder,
-            feature_extractor=feature_extractor,
-        )
-        require_file(src / "config.json", "avatar transformer config")
+    if layout.image_encoder is not None:
+        components["image_encoder"] = convert_clip(src / layout.image_encoder, dtype)
+    if layout.audio_encoder is not None:
+        components["audio_encoder"], components["feature_extractor"] = load_wav2vec2(src / layout.audio_encoder)
     return components
+
+
+def _transformer_source(src: Path, folder: str) -> Path:
+    """The original transformer folder of a task (its `config.json` checked before any component is converted)."""
+    path = src if folder == "." else require_file(src / folder, f"{folder} folder")
+    require_file(path / "config.json", f"transformer config ({folder}/config.json)")
+    return path
 
 
 def convert_repo(
@@ -372,11 +369,10 @@ def convert_repo(
         raise FileNotFoundError(f"source repo not found: {src}")
     check_destination(dst)
     with temporary_folder(dst) as tmp:
+        sources = {name: _transformer_source(src, TASKS[name].transformer_folder) for name in REPOS[task]}
         components = _repo_components(task, src, dtype, max_shard_size)
         outputs = {}
-        for name in REPOS[task]:  # one pipeline folder per task the repo holds
-            folder = TASKS[name].transformer_folder
-            transformer_src = src if folder == "." else require_file(src / folder, f"{folder} folder")
+        for name, transformer_src in sources.items():  # one pipeline folder per task the repo holds
             single = len(REPOS[task]) == 1
             _save_components(
                 tmp / ("pipeline" if single else name), name, transformer_src, components, dtype, max_shard_size, src

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.encoders import MAIN_ONLY_ENCODERS, compute_on_main
+from .tasks import TASKS
 
 
 def world_info() -> tuple[int, int]:
@@ -42,33 +43,13 @@ def encoder_kwargs_to_skip(world: int, rank: int) -> dict:
 
 @torch.no_grad()  # as inside the pipeline: no autograd graph, and the same kernels (hence the same embeddings)
 def task_embeddings(
-    pipe,
-    task: str,
-    prompt: str,
-    negative_prompt: str | None,
-    guidance_scale: float,
-    *,
-    window_prompt: str | None = None,
-    portrait=None,
-    speech=None,
-    height: int | None = None,
-    width: int | None = None,
+    pipe, task: str, prompt: str, negative_prompt: str | None, guidance_scale: float, **inputs
 ) -> dict:
-    """The pipeline keyword arguments that replace its own encoder calls (computed here, on this rank):
-    UMT5 embeddings of the prompt (and negative prompt with guidance); for the avatar also the window prompt's, the
-    portrait's CLIP tokens and the wav2vec2 features of `speech`. Equal to what the pipeline computes itself."""
-    if task != "talking_avatar":
-        embeds, negative = pipe.encode_prompt(prompt, negative_prompt, guidance_scale > 1.0)
-        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
-    # the avatar's own prompt rules (its negative prompt, the window prompt)
-    embeds, negative, window = pipe.encode_prompts(
-        prompt, negative_prompt, window_prompt, None, None, None, guidance_scale > 1.0, 512
-    )
-    out = {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "window_prompt_embeds": window}
-    reference = pipe.prepare_portrait(portrait, height, width).to(pipe._execution_device)[0, :, 0]
-    out["image_embeds"] = pipe.encode_image(reference[None])
-    out["audio_embeds"] = pipe.encode_audio(speech)
-    return out
+    """The pipeline keyword arguments that replace its own encoder calls (computed here, on this rank), as the task
+    defines them (`TaskSpec.embeddings`): UMT5 embeddings of the prompt (and negative prompt with guidance); for the
+    avatar also the window prompt's, the portrait's CLIP tokens and the wav2vec2 features of `speech`. Equal to
+    what the pipeline computes itself."""
+    return TASKS[task].embeddings(pipe, prompt, negative_prompt, guidance_scale, **inputs)
 
 
 def precomputed_embeddings(pipe, task: str, device: torch.device, **kwargs) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..pipelines.video_io import write_video
-from .request import GenerationRequest, _error
+from .request import GenerationRequest, RequestError
 
 
 def check_output_writable(output: Path, overwrite: bool = False) -> None:
@@ -19,17 +19,17 @@ def check_output_writable(output: Path, overwrite: bool = False) -> None:
     import tempfile
 
     if output.suffix.lower() != ".mp4":
-        raise _error("output", f"must end in .mp4, got {output}")
+        raise RequestError("output", f"must end in .mp4, got {output}")
     if output.is_dir():
-        raise _error("output", f"{output} is a folder; give the path of an .mp4 file")
+        raise RequestError("output", f"{output} is a folder; give the path of an .mp4 file")
     if output.exists() and not overwrite:
-        raise _error("output", f"{output} exists; pass --overwrite to replace it or pick another name")
+        raise RequestError("output", f"{output} exists; pass --overwrite to replace it or pick another name")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".skyreels-v3-probe-"):
             pass
     except OSError as error:
-        raise _error("output", f"cannot write to {output.parent} ({error.strerror or error})") from None
+        raise RequestError("output", f"cannot write to {output.parent} ({error.strerror or error})") from None
 
 
 def write_or_keep(frames: np.ndarray, output: Path, overwrite: bool = False, unique: bool = False, **kwargs) -> Path:
@@ -52,7 +52,7 @@ def write_or_keep(frames: np.ndarray, output: Path, overwrite: bool = False, uni
     fd, kept = tempfile.mkstemp(prefix="skyreels-v3-frames-", suffix=".npy")
     with os.fdopen(fd, "wb") as file:
         np.save(file, frames)
-    raise _error(
+    raise RequestError(
         "output",
         f"writing {output} failed ({failure.strerror or failure}); the {len(frames)} generated "
         f"frames are kept in {kept} (numpy.load it, or write it with "
@@ -97,9 +97,9 @@ def write_windows(pipe, kwargs: dict, output: Path, request: GenerationRequest, 
             pass
         return None
     audio, rate = run.audio, run.audio_sample_rate
-    if audio is None and request.media.get("speech") is not None:  # precomputed features (torchrun): the request's
+    if audio is None and request.media.speech is not None:  # precomputed features (torchrun): the request's
         default = "normalized" if request.reproduce_original else "original"
-        audio, rate = muxed_audio(request.media["speech"], request.output_audio or default)
+        audio, rate = muxed_audio(request.media.speech, request.output_audio or default)
     writer = GrowingVideoWriter(
         partial_path(output), fps=run.fps, audio=audio, audio_sample_rate=rate, crf=request.crf
     )
@@ -140,7 +140,7 @@ def finish_or_keep(writer, output: Path, overwrite: bool = False, unique: bool =
         except OSError as error:
             failure = error
         break
-    raise _error(
+    raise RequestError(
         "output",
         f"writing {output} failed ({failure.strerror or failure}); the video is kept in {writer.path} "
         "(a playable mp4 of every finished window)",

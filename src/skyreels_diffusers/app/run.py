@@ -4,17 +4,21 @@ parallel options), generate, and write the mp4. Under torchrun every rank runs t
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .output import check_output_writable, default_output_path, write_or_keep, write_windows
 from .request import (
     COMPONENT_FILE_FLAGS,
     GenerationRequest,
+    as_input_error,
     check_parallel,
-    flag_error,
+    flagged,
     output_size,
     pipeline_kwargs,
     uses_component_files,
@@ -158,6 +162,15 @@ def _validate_everywhere(request: GenerationRequest) -> GenerationRequest:
     return outcome
 
 
+@dataclass
+class GeneratedVideo:
+    """What a run writes: uint8-able frames `[F, H, W, 3]` in [0, 1] and the audio to mux (or None)."""
+
+    frames: np.ndarray
+    audio: np.ndarray | None = None
+    audio_sample_rate: int | None = None
+
+
 def run(
     request: GenerationRequest,
     pipe=None,
@@ -166,73 +179,137 @@ def run(
     should_stop=None,
 ) -> Path | None:
     """Validate, load, generate and write the mp4; returns its path (None on ranks other than 0 under torchrun, and
-    when `should_stop()` turned true during the run: a cancelled job writes nothing)."""
-    from ..parallel import init_distributed, is_main_process
-    from .distributed import muxed_audio, parallelize, pipeline_text_kwargs, precomputed_embeddings
+    when `should_stop()` turned true during the run: a cancelled job writes nothing). A task made window by window
+    (the registry's `windowed`: the talking avatar) writes its mp4 as it grows, playable while the run goes on."""
+    from ..parallel import init_distributed
 
-    rank, world, device = init_distributed()
+    _, world, device = init_distributed()
     if world > 1 and request.device is None:
         request = dataclasses.replace(request, device=str(device))
-    if not request.media:
+    if request.media is None:
         request = _validate_everywhere(request)
     output = Path(request.output) if request.output else default_output_path(request)
     check_output_writable(output, overwrite=request.overwrite)
     pipe = pipe or load_pipeline(request)
+    if request.spec.windowed:
+        kwargs = prepare_call(request, pipe, callback_on_step_end, callback_on_window_end)
+        with arguments_under_their_flags():
+            return write_windows(pipe, kwargs, output, request, should_stop)
+    video = generate(request, pipe, callback_on_step_end, callback_on_window_end)
+    if video is None or (should_stop is not None and should_stop()):
+        return None
+    return write_or_keep(
+        video.frames,
+        output,
+        overwrite=request.overwrite,
+        unique=not request.output,  # a default name taken meanwhile (another run) -> the next free one
+        fps=request.fps,
+        audio=video.audio,
+        audio_sample_rate=video.audio_sample_rate,
+        crf=request.crf,
+    )
+
+
+@contextmanager
+def arguments_under_their_flags():
+    """An argument refused during the run (e.g. a resume folder) is reported under the flag that sets it."""
+    try:
+        yield
+    except InputError as error:
+        raise flagged(error) from None
+    except ValueError as error:
+        typed = as_input_error(error)
+        if typed is None:
+            raise
+        raise flagged(typed) from None
+
+
+def prepare_call(
+    request: GenerationRequest,
+    pipe,
+    callback_on_step_end=None,
+    callback_on_window_end=None,
+    embeddings: dict | None = None,
+) -> dict:
+    """Under torchrun, share the pipeline out over the ranks (once per pipeline) and run the encoders once; returns
+    the pipeline call's keyword arguments.
+
+    `embeddings`: encoder outputs that replace the pipeline's own encoder calls (`prompt_embeds`, ...,
+    `audio_embeds`: `TaskSpec.embeddings`); under torchrun rank 0 computes them and every rank receives them."""
+    from ..parallel import init_distributed, is_main_process
+    from .distributed import parallelize, precomputed_embeddings
+
+    _, world, device = init_distributed()
     if world > 1:  # tokens, VAE tiles (and with --shard-weights the weights) over the ranks; once per pipeline
         parallelize(
             pipe, request.ulysses_degree, request.ring_degree, request.parallel_backend, request.shard_weights, device
         )
         pipe.set_progress_bar_config(disable=not is_main_process())
+    size = output_size(request)
+    if embeddings is None and world > 1:  # encoders once: rank 0 encodes, every rank receives the embeddings
+        embeddings = precomputed_embeddings(pipe, request.task, device, **embedding_inputs(request, size))
+    return call_arguments(request, size, embeddings, callback_on_step_end, callback_on_window_end)
+
+
+def generate(
+    request: GenerationRequest,
+    pipe,
+    callback_on_step_end=None,
+    callback_on_window_end=None,
+    embeddings: dict | None = None,
+) -> GeneratedVideo | None:
+    """Run the task's pipeline on a validated request: what `run` does between loading and writing, the whole video
+    at once (None on ranks other than 0 under torchrun). `embeddings`: see `prepare_call`."""
+    from ..parallel import is_main_process
+    from .distributed import muxed_audio
+
+    kwargs = prepare_call(request, pipe, callback_on_step_end, callback_on_window_end, embeddings)
+    with arguments_under_their_flags():
+        out = pipe(**kwargs)
+    if not is_main_process():
+        return None
+    audio, rate = getattr(out, "audio", None), getattr(out, "audio_sample_rate", None)
+    speech = request.media.speech
+    if audio is None and speech is not None:
+        output_audio = request.output_audio or ("normalized" if request.reproduce_original else "original")
+        audio, rate = muxed_audio(speech, output_audio)
+    return GeneratedVideo(np.asarray(out.frames[0]), audio, rate)
+
+
+def embedding_inputs(request: GenerationRequest, size: tuple[int | None, int | None]) -> dict:
+    """What `TaskSpec.embeddings` encodes for a validated request."""
+    return dict(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        guidance_scale=request.guidance_scale,
+        height=size[0],
+        width=size[1],
+        window_prompt=pipeline_kwargs(request, size).get("window_prompt"),
+        portrait=request.media.portrait,
+        speech=request.media.speech,
+    )
+
+
+def call_arguments(
+    request: GenerationRequest,
+    size: tuple[int | None, int | None],
+    embeddings: dict | None = None,
+    callback_on_step_end=None,
+    callback_on_window_end=None,
+) -> dict:
+    """The pipeline call of a validated request: `pipeline_kwargs`, the seeded generator, the callbacks, and the
+    precomputed `embeddings` in place of the prompts (and of the audio and window prompt they encode)."""
+    from ..parallel import is_main_process
+    from .distributed import pipeline_text_kwargs
+
     extra = {
         "callback_on_step_end": callback_on_step_end,
         "generator": torch.Generator(device="cpu").manual_seed(request.seed),
     }
-    if request.task == "talking_avatar":
+    if request.spec.windowed:
         extra.update(callback_on_window_end=callback_on_window_end, write_resume=is_main_process())
-    size = output_size(request)
-    if world > 1:  # encoders once: rank 0 encodes, every rank receives the embeddings
-        extra.update(
-            pipeline_text_kwargs(
-                precomputed_embeddings(
-                    pipe,
-                    request.task,
-                    device,
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    guidance_scale=request.guidance_scale,
-                    height=size[0],
-                    width=size[1],
-                    window_prompt=pipeline_kwargs(request, size).get("window_prompt"),
-                    portrait=request.media.get("image"),
-                    speech=request.media.get("speech"),
-                )
-            )
-        )
-        if "audio_embeds" in extra:  # precomputed: the features and the window prompt's embeddings
+    if embeddings:
+        extra.update(pipeline_text_kwargs(embeddings))
+        if "audio_embeds" in embeddings:  # precomputed: the features and the window prompt's embeddings
             extra.update(audio=None, window_prompt=None)
-    kwargs = pipeline_kwargs(request, size, **extra)
-    try:
-        if hasattr(pipe, "windows"):  # made window by window: the mp4 grows as the run goes (and resumes)
-            return write_windows(pipe, kwargs, output, request, should_stop)
-        out = pipe(**kwargs)
-    except ValueError as error:  # an argument refused during the run (e.g. a resume folder): under its flag
-        flagged = flag_error(error)
-        if flagged is error:
-            raise
-        raise flagged from None
-    if not is_main_process() or (should_stop is not None and should_stop()):
-        return None
-    audio, rate = getattr(out, "audio", None), getattr(out, "audio_sample_rate", None)
-    if audio is None and request.media.get("speech") is not None:
-        output_audio = request.output_audio or ("normalized" if request.reproduce_original else "original")
-        audio, rate = muxed_audio(request.media["speech"], output_audio)
-    return write_or_keep(
-        np.asarray(out.frames[0]),
-        output,
-        overwrite=request.overwrite,
-        unique=not request.output,  # a default name taken meanwhile (another run) -> the next free one
-        fps=request.fps,
-        audio=audio,
-        audio_sample_rate=rate,
-        crf=request.crf,
-    )
+    return pipeline_kwargs(request, size, **extra)

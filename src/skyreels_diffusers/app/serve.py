@@ -309,10 +309,10 @@ def serve_main(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = settings_from_args(args)
-        from .request import GenerationRequest, _check_run_options
+        from .request import GenerationRequest, check_run_options, with_task_defaults
 
         for task, model in settings.deployments.items():  # model folders and presets, before Ray starts
-            _check_run_options(GenerationRequest(task=task, model=model, **settings.options))
+            check_run_options(with_task_defaults(GenerationRequest(task=task, model=model, **settings.options)))
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

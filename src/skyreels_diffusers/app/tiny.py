@@ -8,6 +8,8 @@ trying the tools, not for looking at.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import AutoencoderKLWan
 
@@ -129,7 +131,8 @@ def tiny_components(task: str, seed: int = 0) -> dict:
         "vae": tiny_vae(seed),
         "scheduler": spec.make_scheduler(),
     }
-    if spec.variant == "avatar":
+    wanted = inspect.signature(spec.pipeline_class.__init__).parameters
+    if "audio_encoder" in wanted:  # the pipeline takes the avatar's image and audio encoders
         components.update(tiny_avatar_encoders(seed))
     return components
 

@@ -18,25 +18,26 @@ import uuid
 from pathlib import Path
 
 from ..parallel.context_parallel import broadcast_from_main
-from .request import DEFAULT_PROMPT, GenerationRequest
+from .request import GenerationRequest, RequestError
 from .run import run
-from .tasks import TASKS
+from .tasks import DEFAULT_PROMPT, DEFAULT_SEED, TASKS
 
 
 TASK_LABELS = {name: spec.label for name, spec in TASKS.items()}
-# request field -> the input that shows its errors (the CLI flag names the field)
-FIELD_OF_FLAG = {
-    "--ref-imgs": "ref_imgs",
-    "--input-video": "input_video",
-    "--input-image": "input_image",
-    "--input-audio": "input_audio",
-    "--prompt": "prompt",
-    "--duration": "duration",
-    "--resolution": "resolution",
-    "--seed": "seed",
-    "--steps": "steps",
-    "--height": "resolution",
-}
+#: the form's inputs that show errors of their own (each named as its request field); the others' errors go to the
+#: input listed here, or under the form
+FORM_FIELDS = (
+    "ref_imgs",
+    "input_video",
+    "input_image",
+    "input_audio",
+    "prompt",
+    "duration",
+    "resolution",
+    "seed",
+    "steps",
+)
+FIELD_OF_ARGUMENT = {"height": "resolution", "width": "resolution"}
 RESOLUTION_CHOICES = ["default", "480P", "540P", "720P"]
 
 
@@ -51,16 +52,30 @@ def _paths(value) -> list[str]:
     return [getattr(v, "name", v) for v in values if v]
 
 
+def form_defaults(task: str) -> dict:
+    """The values a task's tab starts with: the task's defaults (`tasks.TaskDefaults`), as the CLI's."""
+    defaults = TASKS[task].defaults
+    return {
+        "prompt": DEFAULT_PROMPT,
+        "resolution": "default",
+        "duration": defaults.duration,
+        "seed": DEFAULT_SEED,
+        "steps": defaults.steps,
+    }
+
+
 def build_request(task: str, form: dict, model: str, output_dir: Path, **server) -> GenerationRequest:
-    """The form of one tab -> the CLI's request object (unique output path under `output_dir`)."""
+    """The form of one tab -> the CLI's request object (unique output path under `output_dir`); a setting the tab
+    does not show (the avatar's duration: its audio's) is left to the task's default."""
     resolution = form.get("resolution")
     seed = int(form.get("seed") or 0)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    has_duration = TASKS[task].defaults.duration is not None
     request = GenerationRequest(
         task=task,
         model=model,
         prompt=form.get("prompt") or "",
-        duration=int(form.get("duration") or 0),
+        duration=int(form.get("duration") or 0) if has_duration else None,
         resolution=None if resolution in (None, "", "default") else resolution,
         seed=seed,
         steps=int(form.get("steps") or 0),
@@ -98,13 +113,12 @@ def cli_command(request: GenerationRequest) -> str:
         request.model,
         "--prompt",
         prompt,
-        "--duration",
-        str(request.duration),
         "--seed",
         str(request.seed),
-        "--steps",
-        str(request.steps),
     ]
+    for flag, value in (("--duration", request.duration), ("--steps", request.steps)):
+        if value is not None:
+            args += [flag, str(value)]
     if request.resolution:
         args += ["--resolution", request.resolution]
     if request.ref_imgs:
@@ -172,10 +186,12 @@ def delete_uploads(paths: list[Path]) -> None:
             parent = parent.parent
 
 
-def error_field(message: str) -> str:
-    """Which input an error message (`--flag: ...`) belongs to; `general` when none."""
-    flag = message.split(":", 1)[0].strip()
-    return FIELD_OF_FLAG.get(flag, "general")
+def error_field(error: Exception) -> str:
+    """Which input of the form shows an error: the request field a `RequestError` names (`--height` under the
+    resolution), `general` for any other."""
+    argument = getattr(error, "argument", None) if isinstance(error, RequestError) else None
+    field = FIELD_OF_ARGUMENT.get(argument, argument)
+    return field if field in FORM_FIELDS else "general"
 
 
 class JobRunner:
@@ -317,8 +333,7 @@ def submit_job(
     except Cancelled:
         return None, "", {"general": "Cancelled."}
     except ValueError as error:
-        message = scrub_paths(str(error))
-        return None, "", {error_field(message): f"**Error:** {message}"}
+        return None, "", {error_field(error): f"**Error:** {scrub_paths(str(error))}"}
     except Exception as error:  # noqa: BLE001 (shown to the visitor without a traceback; logged on the server)
         import traceback
 
@@ -449,51 +464,66 @@ def job_handler(
 
 
 def _settings_inputs(gr, task: str, inputs: dict, error_box) -> None:
-    """The prompt and the resolution / duration / seed / steps row of a task's tab, each with its error box."""
-    inputs["prompt"] = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id=f"{task}-prompt")
+    """The prompt and the resolution / duration / seed / steps row of a task's tab, each with its error box (the
+    task's defaults as starting values; no duration for a task whose length is its audio's)."""
+    values = form_defaults(task)
+    inputs["prompt"] = gr.Textbox(label="Prompt", value=values["prompt"], lines=2, elem_id=f"{task}-prompt")
     error_box("prompt")
     with gr.Row():
         inputs["resolution"] = gr.Dropdown(
-            RESOLUTION_CHOICES, value="default", label="Resolution", elem_id=f"{task}-resolution"
+            RESOLUTION_CHOICES, value=values["resolution"], label="Resolution", elem_id=f"{task}-resolution"
         )
-        default_duration = TASKS[task].default_duration
         inputs["duration"] = gr.Number(
-            value=default_duration,
+            value=values["duration"] or 0,
             precision=0,
             label="Duration (s)",
-            visible=default_duration > 0,
+            visible=values["duration"] is not None,
             elem_id=f"{task}-duration",
         )
-        inputs["seed"] = gr.Number(value=42, precision=0, label="Seed", elem_id=f"{task}-seed")
-        inputs["steps"] = gr.Number(
-            value=TASKS[task].default_steps, precision=0, label="Steps", elem_id=f"{task}-steps"
-        )
+        inputs["seed"] = gr.Number(value=values["seed"], precision=0, label="Seed", elem_id=f"{task}-seed")
+        inputs["steps"] = gr.Number(value=values["steps"], precision=0, label="Steps", elem_id=f"{task}-steps")
     for name in ("resolution", "duration", "seed", "steps"):
         error_box(name)
 
 
 def _media_inputs(gr, task: str, inputs: dict, error_box) -> None:
-    """The upload widgets of a task's tab (its variant's inputs), each with its error box."""
-    variant = TASKS[task].variant
-    if variant == "reference":
-        inputs["ref_imgs"] = gr.File(
-            label="Reference images (1-4)", file_count="multiple", file_types=["image"], elem_id=f"{task}-ref-imgs"
-        )
-        preview = gr.Gallery(label="Preview", columns=4, height=160, elem_id=f"{task}-preview")
-        inputs["ref_imgs"].change(lambda files: _paths(files), inputs["ref_imgs"], preview)
-        error_box("ref_imgs")
-    elif variant == "extension":
-        inputs["input_video"] = gr.Video(label="Input video", sources=["upload"], elem_id=f"{task}-input-video")
-        error_box("input_video")
-    else:
-        inputs["input_image"] = checked_by_the_request(
-            gr.Image(label="Portrait", type="filepath", image_mode=None, elem_id=f"{task}-input-image")
-        )
-        error_box("input_image")
-        inputs["input_audio"] = gr.Audio(label="Speech", type="filepath", elem_id=f"{task}-input-audio")
-        audio_info = gr.Markdown("", elem_id=f"{task}-audio-info")
-        inputs["input_audio"].change(_audio_duration, inputs["input_audio"], audio_info)
-        error_box("input_audio")
+    """The upload widgets of a task's tab (its `TaskSpec.inputs`), each with its error box."""
+    for name in TASKS[task].inputs:
+        MEDIA_WIDGETS[name](gr, task, inputs)
+        error_box(name)
+
+
+def _reference_images_widget(gr, task: str, inputs: dict) -> None:
+    inputs["ref_imgs"] = gr.File(
+        label="Reference images (1-4)", file_count="multiple", file_types=["image"], elem_id=f"{task}-ref-imgs"
+    )
+    preview = gr.Gallery(label="Preview", columns=4, height=160, elem_id=f"{task}-preview")
+    inputs["ref_imgs"].change(lambda files: _paths(files), inputs["ref_imgs"], preview)
+
+
+def _video_widget(gr, task: str, inputs: dict) -> None:
+    inputs["input_video"] = gr.Video(label="Input video", sources=["upload"], elem_id=f"{task}-input-video")
+
+
+def _portrait_widget(gr, task: str, inputs: dict) -> None:
+    inputs["input_image"] = checked_by_the_request(
+        gr.Image(label="Portrait", type="filepath", image_mode=None, elem_id=f"{task}-input-image")
+    )
+
+
+def _speech_widget(gr, task: str, inputs: dict) -> None:
+    inputs["input_audio"] = gr.Audio(label="Speech", type="filepath", elem_id=f"{task}-input-audio")
+    audio_info = gr.Markdown("", elem_id=f"{task}-audio-info")
+    inputs["input_audio"].change(_audio_duration, inputs["input_audio"], audio_info)
+
+
+#: request field of an input file -> the widget that uploads it
+MEDIA_WIDGETS = {
+    "ref_imgs": _reference_images_widget,
+    "input_video": _video_widget,
+    "input_image": _portrait_widget,
+    "input_audio": _speech_widget,
+}
 
 
 def checked_by_the_request(image):

@@ -44,6 +44,7 @@ from .tensor_io import safetensors_index
 from .transformer_conversion import (
     KEY_MAPS,
     VARIANT_LAYOUT,
+    VARIANT_MODEL_TYPE,
     check_mapped_keys,
     convert_config,
     expected_state_shapes,
@@ -212,7 +213,7 @@ def infer_config(state: dict, variant: str) -> dict:
         raise ValueError(f"width {dim} is not a multiple of {WAN_HEAD_DIM}: pass config= (a config dict or folder)")
     if VARIANT_LAYOUT[variant] == "wan":
         original = {
-            "model_type": "i2v" if variant == "avatar" else "t2v",
+            "model_type": VARIANT_MODEL_TYPE[variant],
             "patch_size": patch,
             "in_dim": in_dim,
             "dim": dim,
@@ -304,16 +305,20 @@ def _read_source(path_or_dict) -> tuple[str, dict, dict]:
     return ", ".join(str(f) for f in files), read_checkpoint(files), safetensors_metadata(files)
 
 
+#: a key that tells a file's naming: Wan-native or diffusers
+LAYOUT_MARKERS = {"wan": "blocks.0.self_attn.q.weight", "diffusers": "blocks.0.attn1.to_q.weight"}
+#: model type -> the variant whose key table reads each naming (reference-to-video and extension transformers share
+#: one architecture, t2v)
+VARIANT_OF_LAYOUT = {"t2v": {"wan": "extension", "diffusers": "reference"}}
+
+
 def _variant_for_keys(variant: str, keys) -> str:
     """Reference-to-video and extension transformers share one architecture: a reference file saved with Wan-native
     names (as kijai's conversions are) loads through the Wan table, an extension file in diffusers names through the
     diffusers one."""
     keys = set(keys)
-    if variant == "reference" and "blocks.0.self_attn.q.weight" in keys:
-        return "extension"
-    if variant == "extension" and "blocks.0.attn1.to_q.weight" in keys:
-        return "reference"
-    return variant
+    layout = next((name for name, marker in LAYOUT_MARKERS.items() if marker in keys), None)
+    return VARIANT_OF_LAYOUT.get(VARIANT_MODEL_TYPE.get(variant), {}).get(layout, variant)
 
 
 def convert_scales(scales: dict, variant: str, what: str) -> dict[str, torch.Tensor]:

@@ -84,6 +84,8 @@ DIFFUSERS_KEY_MAP: list[tuple[str, str | tuple[str, ...]]] = [
 
 KEY_MAPS = {"wan": WAN_NATIVE_KEY_MAP, "diffusers": DIFFUSERS_KEY_MAP}
 VARIANT_LAYOUT = {"reference": "diffusers", "extension": "wan", "avatar": "wan"}
+#: variant -> the original config's `model_type` ("i2v": the avatar, with its CLIP, audio projection and audio fields)
+VARIANT_MODEL_TYPE = {"reference": "t2v", "extension": "t2v", "avatar": "i2v"}
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def convert_wan_config(original: dict, variant: str) -> dict:
     if unknown:
         raise ValueError(f"Unknown field(s) in the original config.json: {unknown}")
     model_type = original.get("model_type", "t2v")
-    expected_type = "i2v" if variant == "avatar" else "t2v"
+    expected_type = VARIANT_MODEL_TYPE[variant]
     if model_type != expected_type:
         raise ValueError(f"variant {variant!r} expects model_type {expected_type!r}, the config says {model_type!r}")
     if tuple(original.get("window_size", (-1, -1))) != (-1, -1):
@@ -211,7 +213,7 @@ def convert_wan_config(original: dict, variant: str) -> dict:
         "qk_norm": "rms_norm_across_heads",
         "eps": original.get("eps", 1e-6),
     }
-    if variant == "avatar":
+    if expected_type == "i2v":
         config.update(
             image_dim=CLIP_DIM, added_kv_proj_dim=dim, audio_in_dim=WAV2VEC2_DIM, audio_in_layers=WAV2VEC2_LAYERS
         )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ..errors import InputError
 
-class PipelineInputError(ValueError):
-    """A bad pipeline argument: `argument` names it (the request layer maps it to its command-line flag)."""
 
-    def __init__(self, argument: str, message: str):
-        super().__init__(f"`{argument}` {message}")
-        self.argument = argument
+class PipelineInputError(InputError):
+    """A bad pipeline argument: `argument` names it (the request layer maps it to its command-line flag), `message`
+    is a predicate ("must be an integer in [1, 100], got 0."); `str()` reads "`argument` message"."""
+
+    template = "`{argument}` {message}"

@@ -128,6 +128,15 @@ class SkyReelsV3ExtensionPipeline(
         )
         self._set_vae_scale_factors()
 
+    @staticmethod
+    def check_duration(duration) -> int:
+        """1 to `MAX_DURATION` whole seconds; returns the input frames the pipeline conditions on (25)."""
+        if not isinstance(duration, int) or isinstance(duration, bool) or not 1 <= duration <= MAX_DURATION:
+            raise PipelineInputError(
+                "duration", f"must be an integer number of seconds in [1, {MAX_DURATION}], got {duration!r}."
+            )
+        return NUM_CONDITION_FRAMES
+
     @classmethod
     def check_inputs(
         cls,
@@ -148,11 +157,8 @@ class SkyReelsV3ExtensionPipeline(
         callback_on_step_end_tensor_inputs=None,
     ) -> None:
         """Validate every argument before any model work (needs no weights: a classmethod)."""
-        if not isinstance(duration, int) or isinstance(duration, bool) or not 1 <= duration <= MAX_DURATION:
-            raise PipelineInputError(
-                "duration", f"must be an integer number of seconds in [1, {MAX_DURATION}], got {duration!r}."
-            )
-        cls.check_video_inputs(video, resolution, height, width, resize_mode, fps, NUM_CONDITION_FRAMES)
+        num_condition_frames = cls.check_duration(duration)
+        cls.check_video_inputs(video, resolution, height, width, resize_mode, fps, num_condition_frames)
         check_common_inputs(
             prompt,
             negative_prompt,

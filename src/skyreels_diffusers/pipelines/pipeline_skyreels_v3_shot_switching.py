@@ -76,6 +76,7 @@ class SkyReelsV3ShotSwitchingPipeline(
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _flow_sigma_max = SIGMA_MAX_FP32
 
+    # Copied from skyreels_diffusers.pipelines.pipeline_skyreels_v3_extension.SkyReelsV3ExtensionPipeline.__init__
     def __init__(
         self,
         tokenizer: AutoTokenizer,
@@ -94,7 +95,17 @@ class SkyReelsV3ShotSwitchingPipeline(
         )
         self._set_vae_scale_factors()
 
+    @staticmethod
+    def check_duration(duration) -> int:
+        """2, 3, 4 or 5 seconds; returns the input frames the pipeline conditions on (9, 17, 25 or 33)."""
+        if isinstance(duration, bool) or duration not in SHOT_NUM_CONDITION_FRAMES_MAP:
+            raise PipelineInputError(
+                "duration", f"must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} seconds, got {duration!r}."
+            )
+        return SHOT_NUM_CONDITION_FRAMES_MAP[duration]
+
     @classmethod
+    # Copied from skyreels_diffusers.pipelines.pipeline_skyreels_v3_extension.SkyReelsV3ExtensionPipeline.check_inputs
     def check_inputs(
         cls,
         video,
@@ -114,13 +125,8 @@ class SkyReelsV3ShotSwitchingPipeline(
         callback_on_step_end_tensor_inputs=None,
     ) -> None:
         """Validate every argument before any model work (needs no weights: a classmethod)."""
-        if isinstance(duration, bool) or duration not in SHOT_NUM_CONDITION_FRAMES_MAP:
-            raise PipelineInputError(
-                "duration", f"must be one of {sorted(SHOT_NUM_CONDITION_FRAMES_MAP)} seconds, got {duration!r}."
-            )
-        cls.check_video_inputs(
-            video, resolution, height, width, resize_mode, fps, SHOT_NUM_CONDITION_FRAMES_MAP[duration]
-        )
+        num_condition_frames = cls.check_duration(duration)
+        cls.check_video_inputs(video, resolution, height, width, resize_mode, fps, num_condition_frames)
         check_common_inputs(
             prompt,
             negative_prompt,
