@@ -93,14 +93,11 @@ def register_cpu_lse_backend() -> None:
 
 def run_tiled(argv: list[str]) -> int:
     """One process: the CLI's request through `app.run.run` with the tiny pipeline's VAE tiled."""
-    from skyreels_diffusers.app.cli import build_parser
-    from skyreels_diffusers.app.request import GenerationRequest, request_fields
+    from skyreels_diffusers.app.cli import build_parser, generation_request
     from skyreels_diffusers.app.run import run
     from skyreels_diffusers.app.tiny import tiny_pipeline
 
-    args = build_parser().parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k in request_fields() and v is not None}
-    request = GenerationRequest(**values)
+    request = generation_request(build_parser().parse_args(argv))
     pipe = tiny_pipeline(request.task, seed=0)  # what `--model tiny` loads
     pipe.vae.enable_tiling()
     print(run(request, pipe=pipe))
