@@ -203,7 +203,9 @@ def _file_digest(path: Path) -> str:
 
 def _content_digest(content: dict[str, Any]) -> str:
     """SHA-256 of a saved dict's entries (tensors by their exact bytes), without its own `checksum`."""
-    return hashlib.sha256(_dumps(canonical({k: v for k, v in content.items() if k != "checksum"})).encode()).hexdigest()
+    return hashlib.sha256(
+        _dumps(canonical({k: v for k, v in content.items() if k != "checksum"})).encode()
+    ).hexdigest()
 
 
 class ResumeStore:
