@@ -465,10 +465,11 @@ class SkyReelsV3TalkingAvatarPipeline(
 
     @staticmethod
     def load_inputs(
-        image, audio, audio_sample_rate, audio_embeds, max_audio_seconds: float
+        image, audio, audio_sample_rate, audio_embeds, max_audio_seconds: float, drop_alpha: bool = False
     ) -> tuple[PIL.Image.Image, SpeechAudio | None, int]:
-        """The portrait, the decoded speech (None with `audio_embeds`) and the number of video frames."""
-        portrait = load_image(image, name="image", exif_transpose=True)
+        """The portrait (transparent pixels white, or with `drop_alpha` the colour they hide, as the original's
+        `convert("RGB")`), the decoded speech (None with `audio_embeds`) and the number of video frames."""
+        portrait = load_image(image, name="image", exif_transpose=True, drop_alpha=drop_alpha)
         if audio_embeds is not None:
             return portrait, None, len(audio_embeds)
         speech = (
@@ -803,7 +804,7 @@ class SkyReelsV3TalkingAvatarPipeline(
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         portrait, speech, num_frames = self.load_inputs(
-            image, audio, audio_sample_rate, audio_embeds, max_audio_seconds
+            image, audio, audio_sample_rate, audio_embeds, max_audio_seconds, drop_alpha=reproduce_original
         )
         if height is None:
             height, width = avatar_bucket_size(portrait.height, portrait.width, resolution)
