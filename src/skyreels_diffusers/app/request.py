@@ -108,9 +108,7 @@ def reported(error: BaseException) -> RequestError | None:
         return RunFailure(None, one_line(error))
     if isinstance(error, torch.OutOfMemoryError):
         first = str(error).split(". ")[0]
-        return RunFailure(
-            None, f"out of GPU memory ({first}); try --offload, --low-vram or a lower --resolution / --duration"
-        )
+        return RunFailure(None, f"out of GPU memory ({first}); try --offload, --low-vram or a lower --resolution")
     if isinstance(error, ValueError):
         typed = as_input_error(error)
         return flagged(typed) if typed is not None else RequestError(None, one_line(error))
