@@ -12,7 +12,8 @@ rank 0 (broadcast), context parallelism over the ranks, the parallel VAE, option
 Cases: reference_720p (5 s, 121 frames, 8 steps), extension_720p (5 s: one chunk of 7 + 33 latent frames, 8
 steps), avatar_480p / avatar_720p (keyframe clip + windows of 81 frames, 4 steps each; `--avatar-seconds` of audio,
 default 4 s = 2 windows). Presets: default (bf16 eager), compile (regional torch.compile), fp8 (torchao FP8
-weight-only, eager), fp8_compile (FP8 dynamic activations + compile).
+weight-only, eager), fp8_compile (FP8 dynamic activations + compile), fast (`--fast`: `optimization.FAST_PRESET`,
+8-bit self-attention + FP8 dynamic + compile).
 
 Per run (rank 0's clock; every stage is device-synchronised): encoders (rank 0 + broadcast), the time before the
 first step (inputs, VAE encode), every transformer forward (= step, no CFG), the decode after the last step (VAE
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +69,7 @@ CASES = {
     "avatar_480p": ("talking_avatar", (480, 832), 4),  # seconds of audio
     "avatar_720p": ("talking_avatar", (720, 1280), 4),
 }
-PRESETS = ("default", "compile", "fp8", "fp8_compile")
+PRESETS = ("default", "compile", "fp8", "fp8_compile", "fast")
 TINY_SIZE = (32, 48)
 AVATAR_PROJECTION_SECONDS = 200
 
@@ -115,20 +117,36 @@ def sharded_random_transformer(variant: str, device: torch.device, tiny: bool):
 
 @torch.no_grad()
 def fill_random(model: torch.nn.Module, seed: int = 0) -> None:
-    """Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (nn.Linear's range), norm weights 1, biases 0; on each rank's
-    local shard."""
+    """Weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (nn.Linear's range), norm weights 1, biases 0. Each parameter is
+    drawn whole from a generator of its own (`seed` and its name) and a sharded one keeps its own rows of it, so the
+    model is the same on one GPU, on every rank and with `--shard-weights` over any number of ranks: the frames of
+    all these runs compare."""
     from torch.distributed.tensor import DTensor
 
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
         local = param.to_local() if isinstance(param, DTensor) else param
         if name.endswith("bias"):
             local.zero_()
-        elif param.dim() == 1:
+            continue
+        if param.dim() == 1:
             local.fill_(1.0)
-        else:
-            bound = 1 / math.sqrt(param.shape[-1] if param.dim() == 2 else param[0].numel())
-            local.uniform_(-bound, bound, generator=generator)
+            continue
+        generator = torch.Generator(device=local.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        bound = 1 / math.sqrt(math.prod(param.shape[1:]))  # fan-in
+        whole = torch.empty(param.shape, dtype=local.dtype, device=local.device)
+        whole.uniform_(-bound, bound, generator=generator)
+        start = shard_offset(param) if isinstance(param, DTensor) else 0
+        local.copy_(whole.narrow(0, start, local.shape[0]))
+
+
+def shard_offset(param) -> int:
+    """The first row of this rank's FSDP2 shard of `param` (dim-0 shards of `ceil(rows / ranks)` rows)."""
+    from torch.distributed.tensor import Shard
+
+    (placement,) = param.placements
+    assert placement == Shard(0), f"unexpected placement {placement}"
+    rows, ranks = param.shape[0], param.device_mesh.size()
+    return min(rows, param.device_mesh.get_local_rank() * -(-rows // ranks))
 
 
 def build_pipeline(task: str, device: torch.device, tiny: bool, shard: bool, main: bool):
@@ -143,6 +161,8 @@ def build_pipeline(task: str, device: torch.device, tiny: bool, shard: bool, mai
         components = real_components(task, device, main_encoders=main, transformer=not shard)
         if shard:
             components["transformer"] = sharded_random_transformer(variant, device, tiny=False)
+    if not shard:  # the values the sharded build gets (`fill_random`): every kind of run has the same model
+        fill_random(components["transformer"].to(device))
     pipe = TASKS[task].pipeline_class(**components)
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and not (shard and name == "transformer"):
@@ -152,8 +172,12 @@ def build_pipeline(task: str, device: torch.device, tiny: bool, shard: bool, mai
 
 
 def apply_preset(pipe, preset: str) -> None:
-    from skyreels_diffusers.optimization import enable_fast_path, quantize_transformer
+    from skyreels_diffusers.optimization import FAST_PRESET, enable_fast_path, quantize_transformer
 
+    if preset == "fast":  # what `skyreels-v3 generate --fast` applies
+        quantize_transformer(pipe.transformer, FAST_PRESET["quantize"])
+        enable_fast_path(pipe, compile=FAST_PRESET["compile"], attention_backend=FAST_PRESET["attention_backend"])
+        return
     if preset in ("fp8", "fp8_compile"):
         quantize_transformer(pipe.transformer, "fp8_weight_only" if preset == "fp8" else "fp8_dynamic")
     enable_fast_path(pipe, compile=preset in ("compile", "fp8_compile"))
@@ -275,8 +299,8 @@ def run_case(
 
 def compare_frames(frames: np.ndarray, path: Path) -> dict:
     """Save the frames (uint8) to `path`; against the one-GPU file of the same case beside it (`*_1gpu.npy`), the
-    max and mean absolute difference in uint8 levels (same seed and random weights: unsharded runs only, since
-    `--shard-weights` fills its shards with other random values)."""
+    max and mean absolute difference in uint8 levels (every run has the same seed and the same random weights, with
+    or without `--shard-weights`; compare runs whose VAE tiles alike: `--vae-tiling` on one GPU)."""
     pixels = np.clip(np.rint(frames * 255), 0, 255).astype(np.uint8)
     np.save(path, pixels)
     reference = path.with_name(path.name.rsplit("_", 1)[0] + "_1gpu.npy")

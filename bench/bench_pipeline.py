@@ -37,10 +37,45 @@ SIZES = {"480P": (480, 848), "540P": (544, 960), "720P": (720, 1280)}
 AVATAR_SIZES = {"480P": (480, 832), "540P": (544, 960), "720P": (720, 1280)}
 
 
-def real_components(task: str, device, main_encoders: bool = True, transformer: bool = True) -> dict:
+#: the real components' sizes (random weights): UMT5-XXL encoder, CLIP ViT-H/14 vision tower, wav2vec2-base, the
+#: Wan2.1 VAE (diffusers' defaults); the transformer's come from `TRANSFORMER_CONFIGS` by variant
+REAL_SIZES = {
+    "text_encoder": dict(
+        vocab_size=256384,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+    ),
+    "image_encoder": dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        hidden_act="gelu",
+    ),
+    "audio_encoder": {},
+    "vae": {},
+}
+#: one seed per component: under torchrun rank 0 alone builds the text and audio encoders, and a component seeded
+#: after them would get other random weights on the other ranks (each rank a different model)
+COMPONENT_SEEDS = {"text_encoder": 1, "transformer": 2, "image_encoder": 3, "vae": 4, "audio_encoder": 5}
+
+
+def real_components(
+    task: str, device, main_encoders: bool = True, transformer: bool = True, sizes: dict | None = None
+) -> dict:
     """Random weights at real size, built on `device` in bf16 (VAE and wav2vec2 in fp32, as the pipelines use them).
     `main_encoders=False` leaves out the text and audio encoders (ranks > 0 under torchrun: rank 0 encodes);
-    `transformer=False` leaves out the transformer (the caller builds it, e.g. sharded from the meta device)."""
+    `transformer=False` leaves out the transformer (the caller builds it, e.g. sharded from the meta device);
+    `sizes` replaces `REAL_SIZES` (and, under "transformer", the transformer's config) for tests."""
     from diffusers import AutoencoderKLWan
     from transformers import (
         CLIPVisionConfig,
@@ -51,50 +86,39 @@ def real_components(task: str, device, main_encoders: bool = True, transformer: 
         Wav2Vec2Model,
     )
 
-    variant = TASKS[task].variant
+    sizes = {**REAL_SIZES, "transformer": TRANSFORMER_CONFIGS[TASKS[task].variant], **(sizes or {})}
+
+    def seeded(name: str, build):
+        torch.manual_seed(COMPONENT_SEEDS[name])  # the same weights whatever this process built before
+        return build().eval()
+
     previous = torch.get_default_dtype()
-    torch.manual_seed(0)
     with torch.device(device):
         torch.set_default_dtype(torch.bfloat16)
         try:
             components = {
                 "tokenizer": tiny_tokenizer(),  # ids < 259: any real-vocab embedding row works
-                "text_encoder": UMT5EncoderModel(
-                    UMT5Config(
-                        vocab_size=256384,
-                        d_model=4096,
-                        d_kv=64,
-                        d_ff=10240,
-                        num_layers=24,
-                        num_heads=64,
-                        relative_attention_num_buckets=32,
-                        relative_attention_max_distance=128,
-                        feed_forward_proj="gated-gelu",
-                        dropout_rate=0.0,
-                    )
-                ).eval()
+                "text_encoder": seeded("text_encoder", lambda: UMT5EncoderModel(UMT5Config(**sizes["text_encoder"])))
                 if main_encoders
                 else None,
             }
             if transformer:
-                components["transformer"] = SkyReelsV3Transformer3DModel(**TRANSFORMER_CONFIGS[variant]).eval()
+                components["transformer"] = seeded(
+                    "transformer", lambda: SkyReelsV3Transformer3DModel(**sizes["transformer"])
+                )
             if task == "talking_avatar":
-                components["image_encoder"] = CLIPVisionModel(
-                    CLIPVisionConfig(
-                        hidden_size=1280,
-                        intermediate_size=5120,
-                        num_hidden_layers=32,
-                        num_attention_heads=16,
-                        image_size=224,
-                        patch_size=14,
-                        hidden_act="gelu",
-                    )
-                ).eval()
+                components["image_encoder"] = seeded(
+                    "image_encoder", lambda: CLIPVisionModel(CLIPVisionConfig(**sizes["image_encoder"]))
+                )
         finally:
             torch.set_default_dtype(previous)
-        components["vae"] = AutoencoderKLWan().eval()
+        components["vae"] = seeded("vae", lambda: AutoencoderKLWan(**sizes["vae"]))
         if task == "talking_avatar":
-            components["audio_encoder"] = Wav2Vec2Model(Wav2Vec2Config()).eval() if main_encoders else None
+            components["audio_encoder"] = (
+                seeded("audio_encoder", lambda: Wav2Vec2Model(Wav2Vec2Config(**sizes["audio_encoder"])))
+                if main_encoders
+                else None
+            )
             components["feature_extractor"] = avatar_feature_extractor()
     if transformer:
         keep = set(components["transformer"]._keep_in_fp32_modules)

@@ -34,10 +34,21 @@ def cli_args(body: dict) -> list[str]:
     return args
 
 
-def run_cli(body: dict, output: Path, extra: tuple[str, ...] = ()) -> Path:
+def run_cli(body: dict, output: Path, extra: tuple[str, ...] = (), threads: int | None = None) -> Path:
+    """The CLI's video for a request, computed with `threads` CPU threads (default: this process's). A Ray replica
+    runs with as many threads as its `num_cpus` (Ray sets OMP_NUM_THREADS, at least 1), and CPU kernels sum in an
+    order that depends on the thread count: the same video with 2 threads differs by up to 2 levels in a few frames,
+    so a comparison with a replica's video computes the reference with the replica's thread count."""
+    import torch
+
     from skyreels_diffusers.app.cli import main
 
-    assert main([*cli_args(body), *extra, "--output", str(output)]) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        assert main([*cli_args(body), *extra, "--output", str(output)]) == 0
+    finally:
+        torch.set_num_threads(before)
     return output
 
 
@@ -72,7 +83,11 @@ def assert_same_video(served, reference) -> None:
     """Same frames, same audio track (the served mp4 against the CLI's). Both must be lossless (`crf` 0): at other
     CRFs libx264's lookahead makes a few frames differ from one encode of the same frames to the next."""
     got, want = frames(served), frames(reference)
-    assert got.shape == want.shape and np.array_equal(got, want)
+    assert got.shape == want.shape, f"served frames {got.shape}, the CLI's {want.shape}"
+    differ = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert np.array_equal(got, want), (
+        f"frames differ: max {differ.max()}, in {np.count_nonzero(differ.max(axis=(1, 2, 3)))} frames"
+    )
     served_audio, reference_audio = audio(served), audio(reference)
     assert (served_audio is None) == (reference_audio is None)
     if reference_audio is not None:

@@ -29,6 +29,11 @@ import psutil  # noqa: E402
 
 from skyreels_diffusers.app.api import ServeSettings  # noqa: E402
 from tests.app.serve_helpers import assert_same_video, cli_error, run_cli  # noqa: E402
+
+
+#: CPU threads of each replica below (Ray sets OMP_NUM_THREADS to an actor's num_cpus, at least 1): the CLI's
+#: reference videos are computed with as many
+REPLICA_THREADS = 1
 from tests.helpers import random_image, random_video  # noqa: E402
 from tests.parallel.test_context_parallel import free_port  # noqa: E402
 
@@ -68,7 +73,7 @@ def server(tmp_path_factory):
         api_keys=(KEY_A, KEY_B),
         port=port,
         task_replicas={"reference_to_video": 2},
-        cpus_per_replica=0.5,
+        cpus_per_replica=0.5,  # Ray gives such a replica OMP_NUM_THREADS=1: REPLICA_THREADS
         max_queued=4,
         lease_seconds=6,
         graceful_shutdown_s=1,
@@ -202,7 +207,7 @@ def test_eight_concurrent_jobs_over_three_tasks_equal_the_cli(server, tmp_path):
     assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers if a.status_code != 200]
     ids = [a.json()["id"] for a in answers]
     references = [
-        run_cli(fields, tmp_path / f"cli{i}.mp4", tuple(upload[1]) if upload else ())
+        run_cli(fields, tmp_path / f"cli{i}.mp4", tuple(upload[1]) if upload else (), threads=REPLICA_THREADS)
         for i, (fields, upload) in enumerate(jobs)
     ]
     for job, reference in zip(ids, references):
@@ -244,7 +249,7 @@ def test_a_replica_killed_mid_job_and_a_full_queue(server, tmp_path):
     assert video["status"] == "in_progress", video
     first = store.get(job)
     os.kill(first["lease"]["pid"], signal.SIGKILL)
-    reference = run_cli(long_job, tmp_path / "cli.mp4")
+    reference = run_cli(long_job, tmp_path / "cli.mp4", threads=REPLICA_THREADS)
     video = wait_for(client, job)
     history = store.get(job)["history"]
     assert video["status"] == "completed" and video["attempts"] == 2, f"{store.get(job)['error']} {history}"
@@ -287,7 +292,7 @@ def test_a_restarted_server_keeps_results_and_reruns_unfinished_jobs(server, tmp
     for job, expected in server["completed"].items():
         assert client.get(f"/v1/videos/{job}", headers=auth()).json()["status"] == "completed"
         assert content(client, job) == expected
-    reference = run_cli(running_body, tmp_path / "r.mp4")
+    reference = run_cli(running_body, tmp_path / "r.mp4", threads=REPLICA_THREADS)
     for job in (running, queued):
         video = wait_for(client, job)
         assert video["status"] == "completed", video

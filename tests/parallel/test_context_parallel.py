@@ -225,3 +225,23 @@ def test_8bit_backend_under_ulysses_equals_one_process(tmp_path):
     one, two = (torch.load(tmp_path / f"attn8_{name}.pt", weights_only=True).float() for name in ("single", 0))
     assert one.shape == two.shape and torch.isfinite(two).all()
     assert ((two - one).norm() / one.norm()).item() < 1e-2
+
+
+def test_ring_on_the_default_attention_backend_is_refused_before_loading(monkeypatch):
+    """Ring attention needs the kernels' log-sum-exp: on the default backend (native SDPA, which returns none) the
+    request is refused naming --ring-degree and the backends that work; with one of them, or xfuser, it passes."""
+    from skyreels_diffusers.app.request import GenerationRequest, check_parallel
+
+    request = GenerationRequest(task="reference_to_video", ulysses_degree=2, ring_degree=2)
+    with pytest.raises(ValueError, match="--ring-degree: .*log-sum-exp.*--attention-backend _native_cudnn"):
+        check_parallel(request, 4)
+    check_parallel(GenerationRequest(task="reference_to_video", ulysses_degree=2), 2)
+    check_parallel(
+        GenerationRequest(
+            task="reference_to_video", ulysses_degree=2, ring_degree=2, attention_backend="_native_cudnn"
+        ),
+        4,
+    )
+    check_parallel(
+        GenerationRequest(task="reference_to_video", ulysses_degree=2, ring_degree=2, parallel_backend="xfuser"), 4
+    )

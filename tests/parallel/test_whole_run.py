@@ -288,3 +288,21 @@ def test_torchrun_cli_with_shard_weights_matches_one_process(tmp_path):
     assert single.shape == sharded.shape and single_audio == sharded_audio == 1
     difference = np.abs(sharded.astype(int) - single.astype(int))
     assert difference.max() <= 2 and (difference > 0).mean() < 1e-3
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_embeddings_are_the_pipelines_own_with_autograd_on(task):
+    """`run.run` asks for the embeddings outside `torch.no_grad()`: they must still be the ones the pipeline
+    computes inside its call, bit for bit (autograd picks other kernels: 7e-7 apart before), and carry no graph."""
+    from skyreels_diffusers.app.distributed import task_embeddings
+    from skyreels_diffusers.app.tiny import tiny_pipeline
+    from tests.parallel.whole_run_worker import embedding_kwargs
+
+    pipe = tiny_pipeline(task, seed=0)
+    expected = _encode(pipe, task)  # inside no_grad, as the pipeline's call
+    with torch.enable_grad():
+        received = task_embeddings(pipe, task, **embedding_kwargs(task))
+    assert set(received) == set(expected)
+    for name, value in expected.items():
+        assert not received[name].requires_grad, name
+        assert torch.equal(received[name], value), (task, name)

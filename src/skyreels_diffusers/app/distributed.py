@@ -41,6 +41,7 @@ def encoder_kwargs_to_skip(world: int, rank: int) -> dict:
     return dict.fromkeys(MAIN_ONLY_ENCODERS) if world > 1 and rank > 0 else {}
 
 
+@torch.no_grad()  # as inside the pipeline: no autograd graph, and the same kernels (hence the same embeddings)
 def task_embeddings(
     pipe, task: str, prompt: str, negative_prompt: str | None, guidance_scale: float, **inputs
 ) -> dict:

@@ -644,12 +644,17 @@ def _file_heads(request: GenerationRequest) -> int:
 
 def check_parallel(request: GenerationRequest, world_size: int) -> None:
     """The sequence-parallel degrees against the model's heads and the number of processes."""
-    from ..parallel.context_parallel import check_degrees
+    from ..parallel.context_parallel import check_degrees, check_ring_backend
 
     try:
         check_degrees(num_attention_heads(request), request.ulysses_degree, request.ring_degree, world_size)
     except ValueError as error:
         raise RequestError("ulysses_degree", str(error)) from None
+    if request.parallel_backend == "diffusers":  # xfuser's USP attention does its ring itself
+        try:
+            check_ring_backend(request.ring_degree, request.attention_backend)
+        except ValueError as error:
+            raise RequestError("ring_degree", str(error)) from None
 
 
 def request_fields() -> list[str]:

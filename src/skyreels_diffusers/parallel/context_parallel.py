@@ -62,6 +62,22 @@ def check_degrees(num_heads: int, ulysses_degree: int, ring_degree: int, world_s
         )
 
 
+#: attention backends whose kernels return no log-sum-exp: ring attention cannot merge their partial results
+#: (diffusers' default `native` SDPA, None = the default)
+NO_LSE_BACKENDS = (None, "native")
+
+
+def check_ring_backend(ring_degree: int, attention_backend: str | None) -> None:
+    """A clear error, before any model loads, for ring attention on a backend that cannot do it (diffusers would
+    raise "Native attention does not support return_lse=True" at the first attention)."""
+    if ring_degree > 1 and attention_backend in NO_LSE_BACKENDS:
+        raise ValueError(
+            f"ring attention (degree {ring_degree}) merges partial softmaxes by their log-sum-exp, which the default "
+            "attention backend (PyTorch SDPA, `native`) does not return: add --attention-backend _native_cudnn "
+            "(or flash, _native_flash, sage, fa3), or use --ulysses-degree alone."
+        )
+
+
 def enable_context_parallel(
     model, ulysses_degree: int = 1, ring_degree: int = 1, ulysses_anything: bool = True
 ) -> None:
