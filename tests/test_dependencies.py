@@ -41,6 +41,7 @@ UNDECLARED_OK = {
 NOT_IMPORTED_OK = {
     "accelerate": "diffusers needs it for enable_model_cpu_offload / sequential offload and low-memory loading",
     "ruff": "the lint step's command-line tool (scripts/lint.sh)",
+    "pytest-xdist": "a pytest plug-in: scripts/test.sh spreads the suite over the cores with its `-n` option",
     "pre-commit": "runs the lint hooks of .pre-commit-config.yaml on each commit",
     "xfuser": "imported by parallel/xfuser.py (GPU only, so not installed by the `dev` extra)",
     "ftfy": "diffusers' Wan prompt cleaning (reused by the pipelines) fixes text with it when it is installed",

@@ -64,6 +64,20 @@ def torchao_quantization_config(mode: str):
     return TorchAoConfig(_torchao_config(mode), modules_to_not_convert=list(NOT_QUANTIZED))
 
 
+def check_quantization_available(mode: str, device: str | torch.device) -> None:
+    """Raise a clear `RuntimeError`, before any model loads, where `mode` cannot run on `device`: `fp8_dynamic`
+    needs FP8 tensor cores (a CUDA GPU of compute capability 8.9+); the other modes run anywhere."""
+    if mode != "fp8_dynamic":
+        return
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9):
+        return
+    raise RuntimeError(
+        "fp8_dynamic needs FP8 tensor cores (a CUDA GPU of compute capability 8.9+: Ada, Hopper); use "
+        "fp8_weight_only or fp8_storage here"
+    )
+
+
 def quantize_transformer(transformer, mode: str, compute_dtype: torch.dtype = torch.bfloat16) -> None:
     """Put the transformer's block linear layers in FP8, in place.
 

@@ -18,6 +18,7 @@ CLI_FLAGS = {
     "guidance_scale": "--guidance-scale",
     "resolution": "--resolution",
     "crf": "--crf",
+    "window_prompt": "--window-prompt",
 }
 
 

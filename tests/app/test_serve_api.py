@@ -148,6 +148,8 @@ def test_keys_and_owners(served):
         (small(size="60x64"), "size"),  # not a multiple of 16
         (small(steps=0), "steps"),
         (small(guidance_scale=-1.0), "guidance_scale"),
+        (small(window_prompt="hi"), "window_prompt"),  # a field of another task (before: ignored)
+        (small(model="talking_avatar", seconds=3), "seconds"),  # the avatar's length is its audio's
     ],
 )
 def test_bad_inputs_get_422_with_the_cli_message(served, capsys, tmp_path, body, param):

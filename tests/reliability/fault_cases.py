@@ -76,15 +76,22 @@ def _media(root: Path) -> dict[str, Path]:
     avatar = tiny_pipeline("talking_avatar")
     m["avatar_folder"] = root / "avatar_folder"
     avatar.save_pretrained(m["avatar_folder"])
+    m["dangling"] = root / "link.mp4"
+    m["dangling"].symlink_to(root / "gone" / "target.mp4")
     return m
 
 
 def _damaged(m: dict[str, Path], root: Path) -> dict[str, Path]:
     from safetensors.torch import load_file, save_file
 
+    from skyreels_diffusers.app.tiny import tiny_pipeline
+    from tests.conversion.community_files import wan_native_state
     from tests.reliability.test_strict_loading import _drop_offsets
 
     out = {}
+    video = tiny_pipeline("single_shot_extension").transformer
+    out["video_transformer"] = root / "video_transformer.safetensors"
+    save_file({k: v.contiguous() for k, v in wan_native_state(video).items()}, str(out["video_transformer"]))
     for name in ("te_missing", "vae_truncated", "no_index", "index_list", "null_vae", "no_offsets"):
         out[name] = Path(shutil.copytree(m["avatar_folder"], root / name))
     path = out["te_missing"] / "text_encoder" / "model.safetensors"
@@ -207,6 +214,31 @@ def cases(m: dict[str, Path], d: dict[str, Path]) -> list[tuple[str, list[str]]]
         ("--duration 100000 (reference_to_video)", [*ref, "--duration", "100000"]),
         ("--guidance-scale inf", [*ref, "--guidance-scale", "inf"]),
         ("--guidance-scale 1e30", [*ref, "--guidance-scale", "1e30"]),
+        ("--seed -1", [*ref, "--seed", "-1"]),
+        ("--device foo", [*ref, "--device", "foo"]),
+        ("--device cuda on a machine without CUDA", [*ref, "--device", "cuda"]),
+        ("--attention-backend flash without flash-attn", [*ref, "--attention-backend", "flash"]),
+        ("--quantize fp8_dynamic on a CPU", [*ref, "--quantize", "fp8_dynamic", "--device", "cpu"]),
+        ("--resume-dir with reference_to_video", [*ref, "--resume-dir", str(m["file_as_dir"]) + "_x"]),
+        ("--input-audio with reference_to_video", [*ref, "--input-audio", str(m["speech"])]),
+        (
+            "--ref-imgs with talking_avatar",
+            [*avatar, "--input-audio", str(m["speech"]), "--ref-imgs", str(m["image"])],
+        ),
+        ("--duration with talking_avatar", [*avatar, "--input-audio", str(m["speech"]), "--duration", "3"]),
+        (
+            "--input-video with talking_avatar",
+            [*avatar, "--input-audio", str(m["speech"]), "--input-video", str(m["short_video"])],
+        ),
+        (
+            "--resume-dir on a disk that cannot be written (/proc)",
+            [*avatar, "--input-audio", str(m["speech"]), "--resume-dir", "/proc/resume"],
+        ),
+        (
+            "a video (extension) transformer file as --transformer of an avatar folder",
+            [*folder_avatar, "--model", str(m["avatar_folder"]), "--transformer", str(d["video_transformer"])],
+        ),
+        ("--output a symbolic link to a missing file", [*ref, "--output", str(m["dangling"])]),
     ]
 
 

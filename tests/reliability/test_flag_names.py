@@ -100,3 +100,23 @@ def test_hints_inside_a_message_name_flags_too(tmp_path, avatar, capsys):
         "error: --input-audio: 4.0 s of audio is over the limit of 1 s (raise --max-audio-seconds to allow up to "
         "200 s)."
     )
+
+
+def test_a_full_or_read_only_resume_disk_is_refused_before_loading(tmp_path, avatar, capsys, monkeypatch):
+    """Before: the run loaded the model, made the first clip and then failed with a PyTorch-internal traceback,
+    leaving a partial state file."""
+    import shutil
+    from collections import namedtuple
+
+    from skyreels_diffusers.app import run as run_module
+
+    monkeypatch.setattr(run_module, "load_pipeline", lambda request: pytest.fail("the model loaded first"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    resume = tmp_path / "resume"
+    code, err = _generate([*avatar, "--resume-dir", str(resume), "--output", str(tmp_path / "x.mp4")], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(
+        f"error: --resume-dir: {resume} is on a disk with 1000 bytes free; the run's resume files"
+    )
+    assert not resume.exists() and not (tmp_path / "x.mp4").exists()

@@ -158,3 +158,67 @@ def test_exif_orientation_is_applied_before_the_conversion(tmp_path, mode):
     rgb = np.asarray(load_image(path, name="input_image"))
     assert rgb.shape == (64, 16, 3)
     np.testing.assert_array_equal(rgb, np.rot90(_grey(RAMP), k=-1))
+
+
+# ---------------------------------------------------------------------------------------------- reproduce_original
+HIDDEN = (10, 200, 30)  # the colour transparent pixels hide
+
+
+def _transparent_images() -> dict[str, PIL.Image.Image]:
+    """Left half opaque red, right half fully transparent over `HIDDEN`, in every mode with transparency."""
+    rgba = np.zeros((16, 64, 4), np.uint8)
+    rgba[:, :32] = (*RED, 255)
+    rgba[:, 32:] = (*HIDDEN, 0)
+    image = PIL.Image.fromarray(rgba, "RGBA")
+    palette = image.convert("P")
+    palette.info["transparency"] = palette.getpixel((40, 0))
+    return {"RGBA": image, "LA": image.convert("LA"), "P": _reopened(palette, "PNG"), "PA": image.convert("PA")}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA"])
+def test_reproduce_original_drops_alpha_as_the_original_does(mode):
+    """The original opens images with Pillow's `convert("RGB")`: transparent pixels show the colour they hide.
+    `reproduce_original=True` promises the original's video, so it decodes them so (before: composited over white
+    under the switch too); the default still composites over white."""
+    image = _transparent_images()[mode]
+    original = np.asarray(image.convert("RGB"))
+    assert not (original[:, 40:] == 255).all()  # the hidden colour (grey for LA), not white
+    np.testing.assert_array_equal(np.asarray(to_rgb(image, drop_alpha=True)), original)
+    default = np.asarray(to_rgb(image))
+    assert (default[:, 40:] == 255).all() and (default[:, :8] == original[:, :8]).all()
+
+
+def test_reproduce_original_reaches_the_decoders_of_every_front_door(tmp_path):
+    """The references (pipeline and request), the portrait (pipeline and request): alpha dropped with the switch
+    only. An RGBa image (premultiplied) keeps the colour Pillow gives it."""
+    from skyreels_diffusers.app.request import GenerationRequest, validate
+    from skyreels_diffusers.pipelines import SkyReelsV3ReferencePipeline, SkyReelsV3TalkingAvatarPipeline
+    from tests.reliability.fault_cases import _wav
+
+    image = _transparent_images()["RGBA"]
+    path = tmp_path / "face.png"
+    image.save(path)
+    speech = _wav(tmp_path / "speech.wav", 1.0)
+    for switch, right in ((False, WHITE), (True, HIDDEN)):
+        refs, _, _ = SkyReelsV3ReferencePipeline.load_references([str(path)], "480P", 32, 32, drop_alpha=switch)
+        portrait = SkyReelsV3TalkingAvatarPipeline.load_inputs(path, None, None, np.zeros((4, 2, 8)), 200, switch)[0]
+        reference_request = GenerationRequest(
+            task="reference_to_video", model="tiny", ref_imgs=[str(path)], reproduce_original=switch
+        )
+        avatar_request = GenerationRequest(
+            task="talking_avatar",
+            model="tiny",
+            input_image=str(path),
+            input_audio=str(speech),
+            reproduce_original=switch,
+        )
+        decoded = [
+            refs[0],
+            portrait,
+            validate(reference_request).media.ref_images[0],
+            validate(avatar_request).media.portrait,
+        ]
+        for picture in decoded:
+            assert picture.getpixel((40, 5)) == right and picture.getpixel((5, 5)) == RED
+    premultiplied = image.convert("RGBa")
+    np.testing.assert_array_equal(np.asarray(to_rgb(premultiplied, drop_alpha=True)), premultiplied.convert("RGB"))

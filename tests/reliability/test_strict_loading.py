@@ -129,9 +129,12 @@ def test_missing_folder_parts(folder, tmp_path):
     shutil.rmtree(folder / "audio_encoder")
     with pytest.raises(ValueError, match=r"component `audio_encoder` \(audio_encoder/\): the subfolder is missing"):
         load_pipeline_folder(folder, AVATAR, torch.float32)
-    (folder / "model_index.json").unlink()
-    with pytest.raises(ValueError, match=r"the folder \(model_index\.json\): missing; not a diffusers pipeline"):
+    (folder / "model_index.json").unlink()  # the converted layout is named (before: "not a diffusers pipeline")
+    with pytest.raises(ValueError, match=r"\(model_index\.json\): missing, but the folder holds a saved pipeline's"):
         load_pipeline_folder(folder, AVATAR, torch.float32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"the folder \(model_index\.json\): missing; not a diffusers pipeline"):
+        load_pipeline_folder(tmp_path / "empty", AVATAR, torch.float32)
     with pytest.raises(ValueError, match="not a folder"):
         load_pipeline_folder(tmp_path / "nowhere", AVATAR, torch.float32)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .jobs import JobStore, new_job_id, public_message
-from .request import GenerationRequest, output_size, validate
+from .request import GenerationRequest, output_size, reported, validate
 from .tasks import TASKS
 
 
@@ -166,6 +166,7 @@ def invalid_request(error: Exception, renamed: dict[str, str]) -> ApiError:
     """The request layer's validation error -> 422 naming the API field, with the CLI's message (the one place that
     reads the request layer's error: its typed `argument` / `flag`). `renamed`: request field -> the API field the
     client used for it (`input_reference`)."""
+    error = reported(error) or error  # a library error raised on purpose: one line, under its argument's flag
     argument, flag = getattr(error, "argument", None), getattr(error, "flag", None)
     param = None
     if argument is not None:

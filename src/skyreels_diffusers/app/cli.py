@@ -14,7 +14,15 @@ import argparse
 import os
 import sys
 
-from .request import COMPONENT_FILE_FLAGS, GenerationRequest, check_parallel, request_fields
+from .request import (
+    COMPONENT_FILE_FLAGS,
+    GenerationRequest,
+    RunFailure,
+    check_device,
+    check_parallel,
+    reported,
+    request_fields,
+)
 from .run import run
 from .tasks import DEFAULT_PROMPT, DEFAULT_SEED, TASKS, per_task
 
@@ -278,13 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "app":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         try:
+            check_device(args.device)
             if args.ulysses_degree != 1 or world != 1:
                 for task in TASKS:  # every tab's model must shard over the degree
                     check_parallel(
                         GenerationRequest(task=task, model=args.model, ulysses_degree=args.ulysses_degree), world
                     )
-            from .web import launch
+            from .web import check_port, launch
 
+            if int(os.environ.get("RANK", "0")) == 0:  # the rank that serves the page
+                check_port(args.host, args.port)
             launch(
                 model=args.model,
                 host=args.host,
@@ -311,10 +322,13 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             path = run(generation_request(args))
-        except ValueError as error:
+        except Exception as error:  # noqa: BLE001 (what is raised on purpose: one line; anything else: a traceback)
+            failure = reported(error)
+            if failure is None:
+                raise
             if is_main_process():
-                print(f"error: {error}", file=sys.stderr)
-            return 2
+                print(f"error: {failure}", file=sys.stderr)
+            return 1 if isinstance(failure, RunFailure) else 2
         except KeyboardInterrupt as interrupt:
             if is_main_process():
                 again = (

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from .request import GenerationRequest
+from .request import GenerationRequest, RunFailure, reported
 from .tasks import TASKS
 from .web import Cancelled, JobRunner
 
@@ -345,7 +345,7 @@ class JobWorker:
         resume (the talking avatar), the job's resume folder on the store (so another replica continues it)."""
         job_id = record["id"]
         extra = {}
-        if "resume_dir" in inspect.signature(TASKS[self.task].pipeline_class.__call__).parameters:
+        if "resume_dir" in TASKS[self.task].options:
             extra["resume_dir"] = str(self.store.resume_dir(job_id))
         output = self.store.work_dir(job_id) / f"attempt-{record['attempts']}.mp4"
         fields = {**record["request"], **self.options, **extra}
@@ -367,12 +367,14 @@ class JobWorker:
         except Cancelled:
             self.store.forget_if_deleted(job_id)
             return "cancelled"
-        except ValueError as error:  # an input refused during the run (the request layer's message)
-            self.store.fail(job_id, token, "invalid_request", public_message(str(error), [self.store.root]))
-            return "failed"
         except Exception as error:  # noqa: BLE001 (the job fails with the reason; the replica goes on)
-            message = public_message(f"{type(error).__name__}: {error}", [self.store.root])
-            self.store.fail(job_id, token, "generation_failed", message)
+            failure = reported(error)  # an input refused during the run, or a run that failed on purpose: one line
+            if failure is None:
+                message, code = f"{type(error).__name__}: {error}", "generation_failed"
+            else:
+                message = str(failure)
+                code = "generation_failed" if isinstance(failure, RunFailure) else "invalid_request"
+            self.store.fail(job_id, token, code, public_message(message, [self.store.root]))
             return "failed"
         finally:
             stop.set()

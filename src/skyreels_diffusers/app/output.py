@@ -22,6 +22,12 @@ def check_output_writable(output: Path, overwrite: bool = False) -> None:
         raise RequestError("output", f"must end in .mp4, got {output}")
     if output.is_dir():
         raise RequestError("output", f"{output} is a folder; give the path of an .mp4 file")
+    if output.is_symlink() and not output.exists():
+        raise RequestError(
+            "output",
+            f"{output} is a symbolic link to {os.readlink(output)}, which does not exist; remove the link or pick "
+            "another name",
+        )
     if output.exists() and not overwrite:
         raise RequestError("output", f"{output} exists; pass --overwrite to replace it or pick another name")
     try:
@@ -63,7 +69,7 @@ def write_or_keep(frames: np.ndarray, output: Path, overwrite: bool = False, uni
 def unique_path(path: Path) -> Path:
     """`path`, or the first of `<stem>-1<suffix>`, `<stem>-2<suffix>`, ... that does not exist."""
     candidate, number = path, 0
-    while candidate.exists():
+    while os.path.lexists(candidate):  # a dangling link is taken too
         number += 1
         candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
     return candidate

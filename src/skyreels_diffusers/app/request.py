@@ -12,11 +12,12 @@ import dataclasses
 import inspect
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from ..loaders.pipeline_folder import read_model_index
+from ..loaders.pipeline_folder import read_model_index, saved_component_folders
 from ..pipelines.buckets import RESOLUTIONS, scale_to_long_side
 from .tasks import DEFAULT_PROMPT, DEFAULT_SEED, TASKS, Media, TaskSpec
 from .tiny import TINY_LONG_SIDE
@@ -40,19 +41,78 @@ ARGUMENT_FIELDS = {
 class RequestError(InputError):
     """A bad request value, under the command-line flag that sets it: `argument` is the request field
     (`max_audio_seconds`), `flag` its flag (`--max-audio-seconds`); `str()` reads "--flag: message", what the CLI
-    prints after "error: " and the web app shows under the field's input."""
+    prints after "error: " and the web app shows under the field's input. `argument` None: no flag (`str()` is the
+    message)."""
 
-    def __init__(self, argument: str, message: str):
+    def __init__(self, argument: str | None, message: str):
         super().__init__(argument, message)
-        self.flag = flag_of(argument)
+        self.flag = None if argument is None else flag_of(argument)
 
     def __str__(self) -> str:
-        return f"{self.flag}: {self.message}"
+        return self.message if self.flag is None else f"{self.flag}: {self.message}"
+
+
+class RunFailure(RequestError):
+    """A run of valid inputs that failed (the model diverged, the GPU ran out of memory): no flag, `str()` is the one
+    line to show; the CLI exits with 1 (2 is for refused inputs)."""
+
+    def __init__(self, argument: str | None = None, message: str = ""):
+        super().__init__(argument, message)
 
 
 def flag_of(argument: str) -> str:
     """The flag that sets a library argument or request field: `num_inference_steps` -> `--steps`."""
     return "--" + ARGUMENT_FIELDS.get(argument, argument).replace("_", "-")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (a `KeyError`'s without the quotes `str()` adds)."""
+    text = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
+
+
+def load_error_types() -> tuple[type[BaseException], ...]:
+    """What loaders raise for a file or folder they cannot use: their own `ValueError`s and `KeyError`s, a missing or
+    unreadable file, a damaged archive, safetensors' own error."""
+    import pickle
+    import zipfile
+
+    from safetensors import SafetensorError
+
+    return (ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError)
+
+
+@contextmanager
+def loading(argument: str):
+    """Errors of a loader reading what `argument` (a request field: `model`, `transformer`, `vae`, ...) names become
+    a `RequestError` under its flag, on one line; a library `InputError` keeps its own argument."""
+    try:
+        yield
+    except InputError as error:
+        raise flagged(error) from None
+    except load_error_types() as error:
+        raise RequestError(argument, one_line(error)) from None
+
+
+def reported(error: BaseException) -> RequestError | None:
+    """The one line a front door shows for an error raised on purpose: a request error as it is, a library
+    `InputError` (or a `ValueError` naming an argument) under its flag, the NaN guard's `FloatingPointError` and an
+    out-of-memory error as a `RunFailure`; None for anything else (a bug: its traceback is worth showing)."""
+    import torch
+
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, InputError):
+        return flagged(error)
+    if isinstance(error, FloatingPointError):  # FiniteWatch: the latents held NaN or inf; nothing was decoded
+        return RunFailure(None, one_line(error))
+    if isinstance(error, torch.OutOfMemoryError):
+        first = str(error).split(". ")[0]
+        return RunFailure(None, f"out of GPU memory ({first}); try --offload, --low-vram or a lower --resolution")
+    if isinstance(error, ValueError):
+        typed = as_input_error(error)
+        return flagged(typed) if typed is not None else RequestError(None, one_line(error))
+    return None
 
 
 def flagged(error: InputError) -> RequestError:
@@ -148,6 +208,11 @@ class GenerationRequest:
 
 
 REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name not in ("fps", "media"))
+#: every field's default (what a request that does not set it holds)
+FIELD_DEFAULTS = {
+    f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    for f in dataclasses.fields(GenerationRequest)
+}
 #: pipeline arguments a request sets (under another name, or its own), which messages name as flags
 MENTIONED_ARGUMENTS = {*ARGUMENT_FIELDS}.union(
     *(set(REQUEST_FIELDS) & set(inspect.signature(spec.pipeline_class.__call__).parameters) for spec in TASKS.values())
@@ -193,6 +258,7 @@ def validate(request: GenerationRequest) -> GenerationRequest:
     checks (no weights); returns the validated request. Raises `RequestError` naming the flag."""
     if request.task not in TASKS:
         raise RequestError("task", f"must be one of {sorted(TASKS)}, got {request.task!r}")
+    check_task_fields(request)
     request = with_task_defaults(request)
     if request.fast:
         request = _apply_fast_preset(request)
@@ -210,29 +276,96 @@ def validate(request: GenerationRequest) -> GenerationRequest:
 
 def check_run_options(request: GenerationRequest) -> None:
     """What only a run has: the model folder, memory, quantisation, parallel and output options."""
-    from ..optimization import QUANTIZATION_MODES
+    from ..optimization import QUANTIZATION_MODES, check_quantization_available
 
     if sum([request.offload, request.low_vram, request.group_offload, request.sequential_offload]) > 1:
         raise RequestError("offload", "choose one of --offload, --group-offload, --sequential-offload, --low-vram")
     if request.quantize is not None and request.quantize not in QUANTIZATION_MODES:
         raise RequestError("quantize", f"must be one of {QUANTIZATION_MODES}, got {request.quantize!r}")
+    check_device(request.device)
     if request.attention_backend is not None:
         from ..models.attention_backends import check_attention_backend_available
 
         try:
             check_attention_backend_available(request.attention_backend)
-        except (ImportError, RuntimeError) as error:
-            raise RequestError("attention_backend", str(error)) from None
+        except (ImportError, RuntimeError, ValueError) as error:
+            raise RequestError("attention_backend", one_line(error)) from None
     _check_parallel_backend(request)
     _validate_shard_weights(request)
     if not isinstance(request.crf, int) or not 0 <= request.crf <= 51:
         raise RequestError("crf", f"must be an integer in [0, 51] (0 = lossless), got {request.crf!r}")
-    if not isinstance(request.seed, int) or not 0 <= request.seed < 2**63:
-        raise RequestError("seed", f"must be an integer in [0, 2^63), got {request.seed!r}")
+    if not isinstance(request.seed, int) or isinstance(request.seed, bool) or not 0 <= request.seed < 2**63:
+        raise RequestError(
+            "seed",
+            f"must be an integer in [0, {2**63 - 1}] (the generator's range; e.g. --seed {DEFAULT_SEED}), got "
+            f"{request.seed!r}",
+        )
     _check_duration(request)
     _check_model(request)
     if request.transformer is not None:
         _check_transformer_file(request)
+    if request.quantize is not None:
+        try:
+            check_quantization_available(request.quantize, run_device(request.device))
+        except RuntimeError as error:
+            raise RequestError("quantize", one_line(error)) from None
+
+
+#: device types a run can use (torch's others are not GPUs for this package: meta, xla, ...)
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(device: str | None) -> None:
+    """`--device`: a torch device of a kind this machine has (`cuda` with a CUDA GPU, `cuda:N` with N below the GPU
+    count), checked before any model loads. None: CUDA when available, else the CPU."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise RequestError("device", f"must be cpu, cuda or cuda:N (a GPU's index), got {device!r}")
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type)
+    if not backend.is_available():
+        built = " (this PyTorch is built without CUDA)" if parsed.type == "cuda" and torch.version.cuda is None else ""
+        raise RequestError(
+            "device", f"{device}: no {parsed.type.upper()} device is available here{built}; use --device cpu"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise RequestError(
+            "device",
+            f"{device}: this machine has {count} {parsed.type} device(s), {parsed.type}:0 to {parsed.type}:{count - 1}",
+        )
+
+
+def run_device(device: str | None) -> str:
+    """The device a run uses: `--device`, else CUDA when available, else the CPU."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def task_fields(spec: TaskSpec) -> set[str]:
+    """The request fields only some tasks read (every task's `inputs` and `options`), less those of `spec`'s: what a
+    request for `spec` must leave unset."""
+    specific = set().union(*(set(other.inputs) | set(other.options) for other in TASKS.values()))
+    return specific - set(spec.inputs) - set(spec.options)
+
+
+def check_task_fields(request: GenerationRequest) -> None:
+    """A flag of another task (`--resume-dir` for reference-to-video, `--ref-imgs` for the avatar) is refused,
+    naming the tasks that read it: a flag that would do nothing is never silently ignored."""
+    for name in sorted(task_fields(request.spec)):
+        value = getattr(request, name)
+        if value != FIELD_DEFAULTS[name] and value not in (None, ()):
+            readers = [task for task, spec in TASKS.items() if name in (*spec.inputs, *spec.options)]
+            raise RequestError(name, f"does not apply to {request.task} (only to {', '.join(readers)}); drop it")
 
 
 def _check_model(request: GenerationRequest) -> None:
@@ -355,6 +488,8 @@ def uses_component_files(request: GenerationRequest) -> bool:
     folder = Path(request.model)
     if request.model == "tiny" or not folder.is_dir() or (folder / "model_index.json").is_file():
         return False
+    if saved_component_folders(folder):  # a converted folder that lost its model_index.json (its vae/ too)
+        return False
     return any((folder / sub).is_dir() for subs in COMFYUI_FOLDERS.values() for sub in subs)
 
 
@@ -376,14 +511,14 @@ def _check_model_folder(folder: Path, spec: TaskSpec) -> None:
             "model", f"{str(folder)!r} is neither 'tiny', a pipeline folder nor a ComfyUI models folder"
         )
     index = folder / "model_index.json"
-    if not index.is_file():
+    if not index.is_file() and not saved_component_folders(folder):
         raise RequestError(
             "model",
             f"{folder} has no model_index.json (convert the original weights first) and no ComfyUI "
             "models subfolders (diffusion_models/, text_encoders/, vae/, ...)",
         )
     try:
-        entries = read_model_index(folder)  # a damaged model_index.json: one line naming it
+        entries = read_model_index(folder)  # a missing or damaged model_index.json: one line naming it
     except ValueError as error:
         raise RequestError("model", str(error)) from None
     if entries.get("_class_name") != spec.pipeline_class.__name__:
@@ -411,6 +546,8 @@ def _check_transformer_file(request: GenerationRequest) -> None:
     path = find_component_file(models_dir, "transformer", request.transformer)[0] or Path(request.transformer)
     if path.suffix not in TRANSFORMER_FILE_TYPES or not path.is_file():
         raise RequestError("transformer", f"{request.transformer!r} is not a {'/'.join(TRANSFORMER_FILE_TYPES)} file")
+    if path.suffix in (".safetensors", ".pth", ".pt"):
+        _check_transformer_header(path, request.spec.variant)
     if request.quantize is not None and path.suffix == ".safetensors" and _holds_fp8(path):
         raise RequestError("quantize", f"{path.name} is already FP8 (scaled-FP8 file); drop --quantize / --fast")
     if path.suffix == ".gguf":
@@ -422,6 +559,18 @@ def _check_transformer_file(request: GenerationRequest) -> None:
             raise RequestError(
                 "transformer", "GGUF files need the gguf package: pip install 'skyreels-diffusers[gguf]'"
             ) from None
+
+
+def _check_transformer_header(path: Path, variant: str) -> None:
+    """A damaged header or a transformer of the other architecture, from the file's index alone (no weights)."""
+    from ..loaders.single_file import COMFY_PREFIXES, check_architecture
+    from ..loaders.tensor_io import file_index
+
+    with loading("transformer"):
+        keys = list(file_index(path))
+        for prefix in COMFY_PREFIXES:
+            keys = [key.removeprefix(prefix) for key in keys]
+        check_architecture(dict.fromkeys(keys), variant, str(path))
 
 
 def _holds_fp8(path: Path) -> bool:

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
 from .output import check_output_writable, default_output_path, write_or_keep, write_windows
 from .request import (
     COMPONENT_FILE_FLAGS,
     GenerationRequest,
-    as_input_error,
     check_parallel,
-    flagged,
+    loading,
     output_size,
     pipeline_kwargs,
+    reported,
+    run_device,
     uses_component_files,
     validate,
 )
@@ -67,7 +67,8 @@ def load_component_files(request: GenerationRequest, skip: dict) -> dict:
     }
     for name, load in loaders.items():
         if getattr(request, name) is not None and name not in skip:
-            given.update(load(getattr(request, name)))
+            with loading(name):  # a damaged or foreign file: one line under its flag
+                given.update(load(getattr(request, name)))
     return given
 
 
@@ -97,20 +98,23 @@ def load_pipeline(request: GenerationRequest):
         pipe = tiny_pipeline(request.task, seed=0)
         drop_main_only_encoders(pipe)  # under torchrun, rank 0 alone runs the text and audio encoders
     elif uses_component_files(request):
-        pipe = load_pipeline_files(request, encoder_kwargs_to_skip(*world_info()[::-1]))
+        with loading("model"):  # a component's own file is reported under its flag (`InputError`)
+            pipe = load_pipeline_files(request, encoder_kwargs_to_skip(*world_info()[::-1]))
     else:
         from ..loaders.pipeline_folder import load_pipeline_folder
 
         given = encoder_kwargs_to_skip(*world_info()[::-1])
         given.update(load_component_files(request, given))
         if request.transformer is not None:
-            given["transformer"] = load_transformer_file(request)
+            with loading("transformer"):
+                given["transformer"] = load_transformer_file(request)
         # strict: the folder's pipeline class, every file and every weight checked (wav2vec2 in float32, as in the
         # original; the VAE in float32)
-        pipe = load_pipeline_folder(request.model, request.spec.pipeline_class, RUN_DTYPES, **given)
+        with loading("model"):
+            pipe = load_pipeline_folder(request.model, request.spec.pipeline_class, RUN_DTYPES, **given)
     from ..optimization import apply_memory_mode, enable_fast_path, quantize_transformer
 
-    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device(request.device)
     if request.quantize is not None:
         quantize_transformer(pipe.transformer, request.quantize, compute_dtype=pipe.transformer.dtype)
     mode = (
@@ -212,16 +216,12 @@ def run(
 
 @contextmanager
 def arguments_under_their_flags():
-    """An argument refused during the run (e.g. a resume folder) is reported under the flag that sets it."""
+    """An argument refused during the run (e.g. a resume folder) is reported under the flag that sets it; a run that
+    failed on purpose (the NaN guard, out of memory) as a `RunFailure` (one line)."""
     try:
         yield
-    except InputError as error:
-        raise flagged(error) from None
-    except ValueError as error:
-        typed = as_input_error(error)
-        if typed is None:
-            raise
-        raise flagged(typed) from None
+    except (ValueError, FloatingPointError, torch.OutOfMemoryError) as error:
+        raise reported(error) from None
 
 
 def prepare_call(

@@ -313,6 +313,10 @@ def serve_main(args: argparse.Namespace) -> int:
 
         for task, model in settings.deployments.items():  # model folders and presets, before Ray starts
             check_run_options(with_task_defaults(GenerationRequest(task=task, model=model, **settings.options)))
+        if args.address is None:  # a local instance: its HTTP proxy will listen there (a cluster's may already)
+            from .web import check_port
+
+            check_port(settings.host, settings.port)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

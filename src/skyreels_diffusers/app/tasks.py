@@ -121,6 +121,9 @@ class TaskSpec:
     variant: str  # transformer configuration: "reference", "extension" or "avatar"
     defaults: TaskDefaults
     inputs: tuple[str, ...]  # the request fields holding its input files (the web app's upload widgets)
+    # the other request fields only this task reads (`call_kwargs`, the duration): a request of another task that sets
+    # one is refused (a flag that would do nothing)
+    options: tuple[str, ...] = ()
     repo: str  # `scripts/convert_checkpoints.py repo --task` of the original repository holding it
     transformer_folder: str  # where its transformer lies in that repository ("." = the root)
     windowed: bool = False  # generates window by window (`callback_on_window_end`, resumable)
@@ -202,7 +205,8 @@ def _load_reference_images(request) -> Media:
 
     refs = [p.strip() for item in request.ref_imgs for p in str(item).split(",") if p.strip()]
     SkyReelsV3ReferencePipeline.check_reference_count(refs)  # before any of them is opened
-    return Media(ref_images=tuple(load_image(path, name="ref_imgs") for path in refs))
+    drop_alpha = request.reproduce_original  # the original's convert("RGB"): transparent pixels keep their colour
+    return Media(ref_images=tuple(load_image(path, name="ref_imgs", drop_alpha=drop_alpha) for path in refs))
 
 
 #: the most input frames an extension reads (the condition frames; every frame with --return-input-video)
@@ -228,7 +232,7 @@ def _load_portrait_and_speech(request) -> Media:
         if getattr(request, name) is None:
             raise InputError(name, f"is required for {request.task}")
     return Media(
-        portrait=load_image(request.input_image, name="input_image"),
+        portrait=load_image(request.input_image, name="input_image", drop_alpha=request.reproduce_original),
         speech=load_speech(request.input_audio, max_seconds=request.max_audio_seconds, name="input_audio"),
     )
 
@@ -304,6 +308,7 @@ _EXTENSION = dict(
     variant="extension",
     defaults=_EXTENSION_DEFAULTS,
     inputs=("input_video",),
+    options=("duration", "keep_source_fps", "resize_mode", "return_input_video"),
     repo="video_extension",
     scheduler=_flow_unipc,
     bucket=bucket_size,
@@ -331,6 +336,7 @@ TASKS: dict[str, TaskSpec] = {
                 resolution="720P",
             ),
             inputs=("ref_imgs",),
+            options=("duration",),
             repo="reference_to_video",
             transformer_folder="transformer",
             max_frames=MAX_NUM_FRAMES,
@@ -376,6 +382,14 @@ TASKS: dict[str, TaskSpec] = {
                 max_audio_seconds=DEFAULT_MAX_SECONDS,
             ),
             inputs=("input_image", "input_audio"),
+            options=(
+                "window_prompt",
+                "prompt_in_every_window",
+                "clip_from_reference",
+                "output_audio",
+                "max_audio_seconds",
+                "resume_dir",
+            ),
             repo="talking_avatar",
             transformer_folder=".",
             windowed=True,

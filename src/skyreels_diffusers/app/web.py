@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from ..parallel.context_parallel import broadcast_from_main
-from .request import GenerationRequest, RequestError
+from .request import GenerationRequest, RequestError, reported
 from .run import run
 from .tasks import DEFAULT_PROMPT, DEFAULT_SEED, TASKS
 
@@ -332,9 +332,10 @@ def submit_job(
         return str(path), shown, {}
     except Cancelled:
         return None, "", {"general": "Cancelled."}
-    except ValueError as error:
-        return None, "", {error_field(error): f"**Error:** {scrub_paths(str(error))}"}
     except Exception as error:  # noqa: BLE001 (shown to the visitor without a traceback; logged on the server)
+        failure = reported(error)  # raised on purpose: one line, under the input it concerns
+        if failure is not None:
+            return None, "", {error_field(failure): f"**Error:** {scrub_paths(str(failure))}"}
         import traceback
 
         traceback.print_exc()
@@ -575,6 +576,30 @@ def serve_workers(runner: JobRunner) -> None:
             runner.run_worker(request)
         except (ValueError, Cancelled):
             pass  # rank 0 shows the error
+
+
+def check_port(host: str, port: int, flag: str = "port") -> None:
+    """Whether a server can listen on `host`:`port`, before anything is loaded: a port in [1, 65535] that no other
+    program holds (a socket is bound and closed). Raises `RequestError` naming `flag` (or `host`)."""
+    import errno
+    import socket
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise RequestError(flag, f"must be a port number in [1, 65535], got {port!r}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise RequestError("host", f"{host!r} is not an address of this machine ({error})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed port's TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise RequestError(
+                    flag, f"{port} is in use on {host} (another server is running?); pick another with --{flag}"
+                ) from None
+            raise RequestError(flag, f"cannot listen on {host}:{port} ({error.strerror or error})") from None
 
 
 def launch(

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
+
 
 #: component -> its folders in a ComfyUI `models` folder
 COMFYUI_FOLDERS = {
@@ -244,10 +246,14 @@ def load_pipeline_from_files(
     classes, configs = _model_classes(pipeline_class), configs or {}
     for name in sorted(files, key=lambda n: n != "transformer"):  # the transformer first: its check fails fast
         dtype = dtypes.get(name, dtypes.get("default", torch.bfloat16))
-        loaded = _load_file(
-            name, classes.get(name), files[name], dtype, keep_fp8, configs.get(name), transformer_variant
-        )
-        if name == "transformer":
-            _check_transformer_fits(pipeline_class, loaded[name], files[name], "audio_encoder" in names)
+        try:
+            loaded = _load_file(
+                name, classes.get(name), files[name], dtype, keep_fp8, configs.get(name), transformer_variant
+            )
+            if name == "transformer":
+                _check_transformer_fits(pipeline_class, loaded[name], files[name], "audio_encoder" in names)
+        except (ValueError, KeyError, OSError) as error:  # a damaged or foreign file, under its component's name
+            text = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise InputError(name, " ".join(str(text).split())) from None
         ready.update({k: v for k, v in loaded.items() if not _is_object(components.get(k))})  # objects given win
     return pipeline_class(**{name: ready.get(name) for name in names})

@@ -38,6 +38,38 @@ def _fail(folder: Path, component: str | None, file: str | None, what: str) -> V
     return ValueError(f"model folder {folder}: {where}{in_file}: {what}")
 
 
+#: the config file a saved component's subfolder holds (diffusers models, schedulers, transformers models,
+#: processors, tokenizers)
+COMPONENT_CONFIG_FILES = ("config.json", "scheduler_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def saved_component_folders(folder: str | os.PathLike) -> list[str]:
+    """The subfolders of `folder` holding a saved component (one of `COMPONENT_CONFIG_FILES`): a saved pipeline's
+    layout, with or without its `model_index.json` (a ComfyUI models folder holds weight files, no configs)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        sub.name for sub in folder.iterdir() if any((sub / name).is_file() for name in COMPONENT_CONFIG_FILES)
+    )
+
+
+def _missing_index(folder: Path) -> ValueError:
+    saved = saved_component_folders(folder)
+    if saved:
+        listed = ", ".join(f"{name}/" for name in saved[:3]) + (
+            f", ... {len(saved)} subfolders" if len(saved) > 3 else ""
+        )
+        return _fail(
+            folder,
+            None,
+            MODEL_INDEX,
+            f"missing, but the folder holds a saved pipeline's components ({listed}): restore its "
+            f"{MODEL_INDEX} (copy it from the original conversion) or convert the weights again",
+        )
+    return _fail(folder, None, MODEL_INDEX, "missing; not a diffusers pipeline folder")
+
+
 def read_model_index(folder: str | os.PathLike, pipeline_class: type | None = None) -> dict[str, Any]:
     """`model_index.json` of `folder`, checked: a JSON object with a `_class_name` and a `[library, class]` pair
     (or `[null, null]`) per component; with `pipeline_class`, a folder made for another pipeline is refused."""
@@ -48,7 +80,7 @@ def read_model_index(folder: str | os.PathLike, pipeline_class: type | None = No
     try:
         index = json.loads(path.read_text())
     except FileNotFoundError:
-        raise _fail(folder, None, MODEL_INDEX, "missing; not a diffusers pipeline folder") from None
+        raise _missing_index(folder) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _fail(folder, None, MODEL_INDEX, f"unreadable ({error})") from None
     if not isinstance(index, dict):

@@ -270,7 +270,9 @@ def resolve_config(model_class: type, config: Any, variant: str, state: dict) ->
 def convert_checkpoint(
     model_class: type, state: dict, variant: str, config: dict, what: str
 ) -> dict[str, torch.Tensor]:
-    """Original keys -> ours through the converter's table, strictly, with every shape checked."""
+    """Original keys -> ours through the converter's table, strictly, with every shape checked; a transformer of the
+    other architecture (a talking-avatar file for a video pipeline, or the reverse) is named as such."""
+    check_architecture(state, variant, what)
     try:
         mapped = map_keys(list(state), KEY_MAPS[VARIANT_LAYOUT[variant]])
     except KeyError as error:
@@ -282,6 +284,27 @@ def convert_checkpoint(
     if wrong:
         raise ValueError(f"{what}: tensor shapes do not fit the {variant!r} model (got, expected): {wrong}")
     return converted
+
+
+#: model type -> what a user calls a transformer of it
+ARCHITECTURE_NAMES = {
+    "t2v": "a video transformer (reference-to-video / extension: no audio layers)",
+    "i2v": "a talking-avatar transformer (with audio layers)",
+}
+
+
+def check_architecture(state: dict, variant: str, what: str) -> None:
+    """Refuse, in one line, a checkpoint whose keys show the other SkyReels-V3 architecture than `variant`'s."""
+    try:
+        found = detect_variant(state)
+    except ValueError:
+        return  # no marker key: the strict key check names what is missing
+    have, need = VARIANT_MODEL_TYPE[found], VARIANT_MODEL_TYPE[variant]
+    if have != need:
+        raise ValueError(
+            f"{what} holds {ARCHITECTURE_NAMES[have]}; this pipeline needs {ARCHITECTURE_NAMES[need]} (a transformer "
+            "file of another task)"
+        )
 
 
 def _dequantize_non_linear(model: torch.nn.Module, state: dict, shapes: dict) -> None:

@@ -366,13 +366,24 @@ def cross_attention_backend(backend):
 
 def check_attention_backend_available(backend, download: bool = True) -> None:
     """Raise a clear error, before any model loads, where `backend` cannot run here: FA3 missing (naming how to
-    install it), no CUDA GPU, a GPU without FP8 for `fa3_fp8` (Hopper). diffusers' own backends pass (diffusers
-    checks them when they are set). With the Hub's FA3 the kernel is downloaded here (not with `download=False`)."""
+    install it), no CUDA GPU, a GPU without FP8 for `fa3_fp8` (Hopper); an unknown name (`ValueError` listing the
+    known ones) and a diffusers backend whose package is missing (diffusers' own check, `RuntimeError` naming the
+    package). With the Hub's FA3 the kernel is downloaded here (not with `download=False`)."""
+    from diffusers.models.attention_dispatch import _check_attention_backend_requirements
+
     name = _name(backend)
+    if name is None:  # diffusers' default
+        return
+    try:
+        member = AttentionBackendName(name)
+    except ValueError:
+        known = ", ".join(sorted(b.value for b in AttentionBackendName if not b.value.startswith("_")))
+        raise ValueError(f"unknown attention backend {name!r}; the known ones: {known}, _native_cudnn, ...") from None
     if name in TRITON_8BIT_BACKENDS:
         check_8bit_backend_available(name)
         return
     if name not in (FA3, FA3_FP8):
+        _check_attention_backend_requirements(member)  # flash-attn, sageattention, kernels, ... installed
         return
     provider = fa3_provider(hub=download)
     if provider is None:
@@ -399,7 +410,7 @@ def attention_backend_available(backend) -> bool:
     """Whether `backend` can run here (without downloading anything)."""
     try:
         check_attention_backend_available(backend, download=False)
-    except (ImportError, RuntimeError):
+    except (ImportError, RuntimeError, ValueError):
         return False
     return True
 

@@ -156,11 +156,16 @@ class SkyReelsV3ReferencePipeline(
             raise PipelineInputError("ref_images", f"must hold 1 to {MAX_REFERENCES} images, got {len(ref_images)}.")
 
     @staticmethod
-    def load_references(ref_images, resolution: str, height: int | None, width: int | None) -> tuple[list, int, int]:
-        """Open the references (EXIF orientation applied); the output size is the first one's bucket unless given."""
+    def load_references(
+        ref_images, resolution: str, height: int | None, width: int | None, drop_alpha: bool = False
+    ) -> tuple[list, int, int]:
+        """Open the references (EXIF orientation applied; transparent pixels white, or with `drop_alpha` the colour
+        they hide, as the original's `convert("RGB")`); the output size is the first one's bucket unless given."""
         if isinstance(ref_images, (str, bytes, PIL.Image.Image)) or not hasattr(ref_images, "__len__"):
             ref_images = [ref_images]
-        images = [load_image(image, name=f"ref_images[{i}]") for i, image in enumerate(ref_images)]
+        images = [
+            load_image(image, name=f"ref_images[{i}]", drop_alpha=drop_alpha) for i, image in enumerate(ref_images)
+        ]
         if height is None:
             height, width = bucket_size(images[0].height, images[0].width, resolution)
         return images, height, width
@@ -291,7 +296,7 @@ class SkyReelsV3ReferencePipeline(
             output_type,
             callback_on_step_end_tensor_inputs,
         )
-        images, height, width = self.load_references(ref_images, resolution, height, width)
+        images, height, width = self.load_references(ref_images, resolution, height, width, reproduce_original)
         self._start_call(guidance_scale, attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
 

@@ -38,7 +38,7 @@ from .common import (
     check_common_inputs,
     check_guidance_scale,
 )
-from .resume import fingerprint, module_identity, resumable_windows
+from .resume import check_resume_folder, fingerprint, module_identity, resumable_windows
 from .video_io import ImageInput, load_image, pixels_to_uint8
 
 
@@ -158,6 +158,18 @@ def plan_windows(
         kept.append(frames if k == 0 else frames - motion)
     keyframes = [int(i) for i in mapped[1:]]
     return WindowPlan(num_frames=num_frames, video_length=length, keyframes=keyframes, starts=starts, kept=kept)
+
+
+def resume_bytes(num_frames: int, height: int, width: int) -> int:
+    """About what a run's resume folder holds at its end, in bytes: every window's uint8 frames, the keyframes (one
+    float32 frame per window) and the state (the motion frames, twice while it is replaced). 0 without windows (the
+    keyframe clip is the video: nothing is saved)."""
+    plan = plan_windows(num_frames)
+    if not plan.starts:
+        return 0
+    pixels = height * width * 3
+    frames = sum(len(clip.keep) for clip in plan.clips()[1:])
+    return frames * pixels + (len(plan.starts) + 2 * MOTION_FRAMES) * pixels * 4
 
 
 def extend_audio(features: torch.Tensor, length: int) -> torch.Tensor:
@@ -288,6 +300,10 @@ class AvatarRun:
         return AvatarWindow(
             index=clip.index, num_clips=self.num_clips, window=k, frames=frames, first_frame=first_frame
         )
+
+    def resume_bytes(self) -> int:
+        """About what the run's resume folder holds at its end, in bytes (`resume_bytes`)."""
+        return resume_bytes(self.num_frames, self.height, self.width)
 
     def fingerprint(self) -> str:
         """Everything that changes the frames: inputs, embeddings, seed, settings, schedule, weights."""
@@ -431,6 +447,10 @@ class SkyReelsV3TalkingAvatarPipeline(
                     f"covers {len(audio_embeds) / VIDEO_FPS:.1f} s, over the "
                     f"limit of {max_audio_seconds:g} s (`max_audio_seconds`).",
                 )
+        if resume_dir is not None:  # a folder this process can write, with room for the run's files
+            num_frames = len(audio_embeds) if audio_embeds is not None else getattr(audio, "num_frames", None)
+            known = None not in (num_frames, height, width)
+            check_resume_folder(resume_dir, resume_bytes(num_frames, height, width) if known else 0)
 
     @staticmethod
     def check_output(output_type: str, resume_dir) -> None:
@@ -445,10 +465,11 @@ class SkyReelsV3TalkingAvatarPipeline(
 
     @staticmethod
     def load_inputs(
-        image, audio, audio_sample_rate, audio_embeds, max_audio_seconds: float
+        image, audio, audio_sample_rate, audio_embeds, max_audio_seconds: float, drop_alpha: bool = False
     ) -> tuple[PIL.Image.Image, SpeechAudio | None, int]:
-        """The portrait, the decoded speech (None with `audio_embeds`) and the number of video frames."""
-        portrait = load_image(image, name="image", exif_transpose=True)
+        """The portrait (transparent pixels white, or with `drop_alpha` the colour they hide, as the original's
+        `convert("RGB")`), the decoded speech (None with `audio_embeds`) and the number of video frames."""
+        portrait = load_image(image, name="image", exif_transpose=True, drop_alpha=drop_alpha)
         if audio_embeds is not None:
             return portrait, None, len(audio_embeds)
         speech = (
@@ -783,7 +804,7 @@ class SkyReelsV3TalkingAvatarPipeline(
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         portrait, speech, num_frames = self.load_inputs(
-            image, audio, audio_sample_rate, audio_embeds, max_audio_seconds
+            image, audio, audio_sample_rate, audio_embeds, max_audio_seconds, drop_alpha=reproduce_original
         )
         if height is None:
             height, width = avatar_bucket_size(portrait.height, portrait.width, resolution)

@@ -26,8 +26,11 @@ ImageInput = str | os.PathLike | PIL.Image.Image
 VideoInput = str | os.PathLike | np.ndarray | torch.Tensor | Sequence[PIL.Image.Image]
 
 
-def load_image(image: ImageInput, name: str = "image", exif_transpose: bool = True) -> PIL.Image.Image:
-    """Open an image as RGB, applying its EXIF orientation. Raises `ValueError` naming `name` when unreadable."""
+def load_image(
+    image: ImageInput, name: str = "image", exif_transpose: bool = True, drop_alpha: bool = False
+) -> PIL.Image.Image:
+    """Open an image as RGB (`to_rgb`), applying its EXIF orientation. Raises `ValueError` naming `name` when
+    unreadable."""
     if isinstance(image, PIL.Image.Image):
         img = image
     else:
@@ -38,7 +41,7 @@ def load_image(image: ImageInput, name: str = "image", exif_transpose: bool = Tr
     check_image_shape(img.width, img.height, name)
     if exif_transpose:
         img = PIL.ImageOps.exif_transpose(img)
-    return to_rgb(img, name)
+    return to_rgb(img, name, drop_alpha=drop_alpha)
 
 
 #: Pillow modes `convert("RGB")` maps without losing range (8 bits per channel; LAB and CMYK are colour-converted)
@@ -48,13 +51,14 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 FLOAT_SLACK = 1e-3
 
 
-def to_rgb(image: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
+def to_rgb(image: PIL.Image.Image, name: str = "image", drop_alpha: bool = False) -> PIL.Image.Image:
     """Any image Pillow opens -> 8-bit RGB without clipping: 16-bit (`I;16*`) scaled by 255/65535, 32-bit
     integer (`I`) by the smallest of 8, 16 or 31 bits that holds its largest value, float (`F`) from [0, 1] (or
     [0, 255], Pillow's own convention, when its values exceed 1; overshoots within `FLOAT_SLACK` are clipped),
-    transparent pixels (alpha, or a palette's transparent colour) composited over white (the letterbox fill).
-    Negative, non-finite or out-of-range values and unknown modes raise `ValueError` naming `name` (Pillow's own
-    `convert("RGB")` clips 16-bit and float images to white and black).
+    transparent pixels (alpha, or a palette's transparent colour) composited over white (the letterbox fill), or
+    with `drop_alpha` (the original's `convert("RGB")`, which `reproduce_original=True` asks for) the colour they
+    hide. Negative, non-finite or out-of-range values and unknown modes raise `ValueError` naming `name` (Pillow's
+    own `convert("RGB")` clips 16-bit and float images to white and black).
 
     Example:
         >>> import numpy as np, PIL.Image
@@ -63,7 +67,10 @@ def to_rgb(image: PIL.Image.Image, name: str = "image") -> PIL.Image.Image:
         (128, 128, 128)
     """
     mode = image.mode
-    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
+    transparent = mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info)
+    if transparent and drop_alpha:  # Pillow's own conversion (La, which it cannot convert, through RGBA)
+        return (_unpremultiplied(image) if mode == "La" else image).convert("RGB")
+    if transparent:
         rgba = _unpremultiplied(image) if mode in ("RGBa", "La") else image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, rgba).convert("RGB")
