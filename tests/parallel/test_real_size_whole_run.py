@@ -15,12 +15,15 @@ as one process); transformer outputs and latents agree to float32 rounding; a de
 its latents are, else within what the 2-channel test VAE makes of rounding (its RMS norms normalise 2-vectors: a
 1e-7 relative change of the latents moves a few hundred of a clip's values by up to 0.1, on one process too); the
 mp4 likewise. A rank computing with other weights, noise, positions or tiles is off by whole levels on average.
+The avatar's margins depend on the realisation (another portrait, or a second window on motion frames, goes
+past them: `docs/parallel.md`).
 
 All four tasks run in three worker processes (imports once each): the one-process runs in two processes side by
 side (the avatar; the other three), then one torchrun for every task, started as soon as the three are done (its
-ranks wait for the avatar's one-process run). Wall time on 2 idle cores (2026-12-07): 13x s for the four ("ci";
-before: 38 + 57, 88 + 121, 77 + 106 and 113 + 177 s of CPU, one process + two, ~9.5 min serially).
-`-m "slow and not real_size"` leaves them out.
+ranks wait for the avatar's one-process run). On 2 idle cores (2026-12-07, "ci"): 142 s for the four, 275 s of CPU
+(one process + two: reference 5 + 5 s, shot switching 8 + 10 s, extension 22 + 29 s, avatar 68 + 80 s, the rest
+imports and inputs); before, one task at a time with 2-block 24-fps runs: 59, 115, 138 and 169 s (488 s, 690 s of
+CPU, a third of it page faults). `-m "slow and not real_size"` leaves them out.
 """
 
 from __future__ import annotations
