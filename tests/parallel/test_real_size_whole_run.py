@@ -2,11 +2,12 @@
 `skyreels-v3 generate` does) under torchrun with 2 gloo processes (text/audio encoders once on rank 0, Ulysses 2, the
 parallel VAE, `--shard-weights`) against one process with the VAE tiled alike, in float32 on CPU, with the narrow
 components of `tests/parallel/real_size_worker.py` at 720P (reference: 4 reference frames and 3,600 tokens per
-latent frame, 39,600 tokens; extension and shot switching: condition frames and per-frame timesteps, 57,600 tokens;
-28 VAE tiles) and the avatar's 480P windows (keyframe clip + one window: 32,760 tokens per clip, motion frames, CLIP
-on every rank, 15 VAE tiles split 8 + 7). Tiny shapes passed while real-size runs were doubted; these shapes are the
-real ones (fewer frames for the 720P tasks only: the 5-s runs, 126,000 and 144,000 tokens, were compared once, every
-stage bit-identical; `docs/parallel.md`).
+latent frame; extension and shot switching: 25 and 9 condition frames and per-frame timesteps; 28 VAE tiles) and
+the avatar's 480P 81-frame windows (keyframe clip + one window: 32,760 tokens per clip, its pseudo end frames from
+the keyframe clip, 15 VAE tiles split 8 + 7). Tiny shapes passed while real-size runs were doubted; these spatial
+shapes are the real ones. The "ci" profile (default) generates as few frames as each task allows and runs a 1-block
+transformer; `REAL_SIZE_PROFILE=full` runs what this test ran before (1-s reference and extension at 24 fps, a
+2-block transformer), `REAL_SIZE_PROFILE=long` the 5-s runs of `docs/parallel.md`.
 
 Every stage is compared: the inputs of each transformer call (noise, reference/condition latents, timesteps) and
 every embedding must be bit-identical (rank 0's encoders broadcast exact tensors; the parallel VAE encodes exactly
@@ -14,60 +15,96 @@ as one process); transformer outputs and latents agree to float32 rounding; a de
 its latents are, else within what the 2-channel test VAE makes of rounding (its RMS norms normalise 2-vectors: a
 1e-7 relative change of the latents moves a few hundred of a clip's values by up to 0.1, on one process too); the
 mp4 likewise. A rank computing with other weights, noise, positions or tiles is off by whole levels on average.
+The avatar's margins depend on the realisation (another portrait, or a second window on motion frames, goes
+past them: `docs/parallel.md`).
 
-CPU time (2 shared cores, 2026-12-07; one process + two processes): reference 38 + 57 s, extension 88 + 121 s, shot
-switching 77 + 106 s, avatar 113 + 177 s. `-m "slow and not real_size"` leaves them out.
+All four tasks run in three worker processes (imports once each): the one-process runs in two processes side by
+side (the avatar; the other three), then one torchrun for every task, started as soon as the three are done (its
+ranks wait for the avatar's one-process run). On 2 idle cores (2026-12-07, "ci"): 142 s for the four, 275 s of CPU
+(one process + two: reference 5 + 5 s, shot switching 8 + 10 s, extension 22 + 29 s, avatar 68 + 80 s, the rest
+imports and inputs); before, one task at a time with 2-block 24-fps runs: 59, 115, 138 and 169 s (488 s, 690 s of
+CPU, a third of it page faults). `-m "slow and not real_size"` leaves them out.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.parallel.real_size_worker import PROFILES, write_inputs
+from tests.parallel.real_size_worker import PROFILE_ENV, PROFILES
 from tests.parallel.test_context_parallel import free_port
 
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-PROFILE = "ci"
+PROFILE = os.environ.get(PROFILE_ENV, "ci")
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+    "OMP_NUM_THREADS": "1",
+    # glibc keeps freed memory for reuse instead of unmapping it: a third of these runs' CPU went to page faults
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
+}
+#: the one-process runs: two processes side by side, of about the same CPU time
+ONE_PROCESS = (["talking_avatar"], ["reference_to_video", "shot_switching_extension", "single_shot_extension"])
+TIMEOUT_S = 1200
 # inputs every transformer call gets exactly: text and audio embeddings (broadcast once), timesteps
 EXACT_INPUTS = ("in.encoder_hidden_states", "in.audio_embeds", "in.timestep")
 
 
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as sink:  # its own process group: stopped with its torchrun ranks (`stop`)
+        return subprocess.Popen(
+            command, cwd=ROOT, env=ENV, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def finish(process: subprocess.Popen, log: Path) -> None:
+    code = process.wait(timeout=TIMEOUT_S)
+    assert code == 0, f"{' '.join(process.args[2:])} exited with {code}:\n{log.read_text()[-3000:]}"
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """Kill those of `processes` (started here) still running, with their children."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("real_size_inputs")
-    write_inputs(folder)
-    return folder
-
-
-def run_both(task: str, inputs: Path, out: Path) -> list[dict]:
-    worker = ["-m", "tests.parallel.real_size_worker", str(out), str(inputs), task, PROFILE]
-    single = subprocess.run(
-        [sys.executable, *worker], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900, check=False
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        *worker,
-    ]
-    parallel = subprocess.run(torchrun, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900, check=False)
-    assert parallel.returncode == 0, parallel.stderr[-3000:]
-    return [json.loads((out / f"{task}_rank{rank}.json").read_text()) for rank in (0, 1)]
+def summaries(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every task's rank summaries (`real_size_worker.run_task`): the one-process runs in two processes side by
+    side, the torchrun run of every task as soon as the three shorter ones are done (its ranks wait for the
+    avatar's). The stages the one-process runs saved (GBs) are deleted once compared."""
+    out = tmp_path_factory.mktemp("real_size")
+    worker = ["-m", "tests.parallel.real_size_worker", str(out), str(out / "inputs"), PROFILE]
+    logs = [out / "single0.log", out / "single1.log", out / "torchrun.log"]
+    processes = [start([sys.executable, *worker, *tasks], log) for tasks, log in zip(ONE_PROCESS, logs)]
+    tasks = [*ONE_PROCESS[1], *ONE_PROCESS[0]]
+    try:
+        finish(processes[1], logs[1])
+        port = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        processes.append(
+            start(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *port, *worker, *tasks],
+                logs[2],
+            )
+        )
+        finish(processes[0], logs[0])
+        finish(processes[2], logs[2])
+    finally:
+        stop(processes)
+    for task in tasks:
+        shutil.rmtree(out / f"{task}_single")
+    return {task: [json.loads((out / f"{task}_rank{rank}.json").read_text()) for rank in (0, 1)] for task in tasks}
 
 
 def check_stages(summary: dict) -> None:
@@ -77,7 +114,7 @@ def check_stages(summary: dict) -> None:
     for name, row in stages.items():
         if name.startswith("forward.0.in.") or name.endswith(EXACT_INPUTS):
             assert row["max_abs"] == 0, (name, row)  # noise, references, conditions, embeddings, timesteps
-        elif ".in." in name:  # a window's motion latents / frame: through the previous clip's rounding
+        elif ".in." in name:  # a window's condition latents: through the previous clip's rounding
             assert row["max_abs"] <= 1e-5, (name, row)
         elif name.startswith(("forward.", "step.")):  # transformer outputs, latents after each step
             assert row["relative"] <= 1e-6 and row["max_abs"] <= 1e-5, (name, row)
@@ -89,6 +126,8 @@ def check_stages(summary: dict) -> None:
             assert row["max_abs"] == 0, (clip, row)  # the parallel VAE decodes as one process does
         else:
             assert row["mean_abs"] <= 1e-5 and row["relative"] <= 2e-3, (clip, row)
+    if "mp4" not in stages:  # rank 0 alone writes (and compares) the mp4
+        return
     video = stages["mp4"]  # uint8 levels
     if all(stages[f"decoded.{clip}"]["max_abs"] == 0 for clip in range(clips)):
         assert video["max_abs"] == 0, video
@@ -98,11 +137,14 @@ def check_stages(summary: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.real_size
-@pytest.mark.parametrize("task", list(PROFILES[PROFILE]))
-def test_parallel_whole_run_equals_one_process_at_real_size(task, inputs, tmp_path):
-    ranks = run_both(task, inputs, tmp_path)
+@pytest.mark.parametrize("task", list(PROFILES[PROFILE].shapes))
+def test_parallel_whole_run_equals_one_process_at_real_size(task, summaries):
+    ranks = summaries[task]
     for summary in ranks:
         check_stages(summary)
+    assert "mp4" in ranks[0]["stages"]
     first = ranks[0]["stages"]["forward.0.in.hidden_states"]["shape"]
-    height, width, _ = PROFILES[PROFILE][task]
-    assert first[-2:] == [height // 8, width // 8]  # the real latent grid
+    shape = PROFILES[PROFILE].shapes[task]
+    assert first[-2:] == [shape.height // 8, shape.width // 8]  # the real latent grid
+    if task == "talking_avatar":  # the keyframe clip and a window, each decoded
+        assert sum(name.startswith("decoded.") for name in ranks[0]["stages"]) >= 2
