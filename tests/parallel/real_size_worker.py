@@ -95,7 +95,7 @@ PROFILES = {
             "reference_to_video": Shape(720, 1280, 1, frames=5),  # 2 + 4 latent frames, 21,600 tokens
             "shot_switching_extension": Shape(720, 1280, 2, input_fps=4),  # 3 + 3 latent frames, 21,600 tokens
             "single_shot_extension": Shape(720, 1280, 1, input_fps=4),  # 7 + 1 latent frames, 28,800 tokens
-            "talking_avatar": Shape(480, 832, 3.24),  # 81 frames: the keyframe clip and one window
+            "talking_avatar": Shape(480, 832, 3.28),  # the keyframe clip and two windows (motion frames handed over)
         },
         layers=1,
     ),
@@ -105,7 +105,7 @@ PROFILES = {
             "reference_to_video": Shape(32, 48, 1, frames=5),
             "shot_switching_extension": Shape(32, 48, 2, input_fps=4),
             "single_shot_extension": Shape(32, 48, 1, input_fps=4),
-            "talking_avatar": Shape(32, 48, 3.24),
+            "talking_avatar": Shape(32, 48, 3.28),
         },
         layers=1,
     ),

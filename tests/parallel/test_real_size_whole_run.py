@@ -3,8 +3,8 @@
 parallel VAE, `--shard-weights`) against one process with the VAE tiled alike, in float32 on CPU, with the narrow
 components of `tests/parallel/real_size_worker.py` at 720P (reference: 4 reference frames and 3,600 tokens per
 latent frame; extension and shot switching: 25 and 9 condition frames and per-frame timesteps; 28 VAE tiles) and
-the avatar's 480P 81-frame windows (keyframe clip + one window: 32,760 tokens per clip, its pseudo end frames from
-the keyframe clip, 15 VAE tiles split 8 + 7). Tiny shapes passed while real-size runs were doubted; these spatial
+the avatar's 480P 81-frame windows (keyframe clip + two windows, the second on the first one's motion frames:
+32,760 tokens per clip, the pseudo end frames from the keyframe clip, 15 VAE tiles split 8 + 7). Tiny shapes passed while real-size runs were doubted; these spatial
 shapes are the real ones. The "ci" profile (default) generates as few frames as each task allows and runs a 1-block
 transformer; `REAL_SIZE_PROFILE=full` runs what this test ran before (1-s reference and extension at 24 fps, a
 2-block transformer), `REAL_SIZE_PROFILE=long` the 5-s runs of `docs/parallel.md`.
@@ -15,8 +15,8 @@ as one process); transformer outputs and latents agree to float32 rounding; a de
 its latents are, else within what the 2-channel test VAE makes of rounding (its RMS norms normalise 2-vectors: a
 1e-7 relative change of the latents moves a few hundred of a clip's values by up to 0.1, on one process too); the
 mp4 likewise. A rank computing with other weights, noise, positions or tiles is off by whole levels on average.
-The avatar's margins depend on the realisation (another portrait, or a second window on motion frames, goes
-past them: `docs/parallel.md`).
+Since the avatar's audio attention attends run by run under sharding (as one process does), every stage of every
+task is in fact bit-identical (2026-12-07); the tolerances stay for platforms whose kernels round a slice otherwise.
 
 All four tasks run in three worker processes (imports once each): the one-process runs in two processes side by
 side (the avatar; the other three), then one torchrun for every task, started as soon as the three are done (its

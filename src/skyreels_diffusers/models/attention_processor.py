@@ -175,8 +175,10 @@ class SkyReelsV3AudioAttnProcessor:
     The visual tokens of latent frame `f` (queries) attend only to the audio tokens of frame `f` (keys/values). On
     a whole sequence the token axis is regrouped as `[B * frames, tokens_per_frame]` (one batched attention call).
     Under context parallelism a rank holds a contiguous slice of the tokens that may start and end inside a frame:
-    it takes the audio tokens of the frames it touches and masks each query to its own frame. No q/k norm and no
-    RoPE (single speaker), exactly like the original.
+    its tokens are cut into at most three runs (the end of a frame, whole frames, the start of a frame), each
+    attending to its own frames' audio tokens without a mask, so every query sees the keys, in the order, that it
+    sees in one process (the same bits, where a masked call over all touched frames differed by float rounding). No
+    q/k norm and no RoPE (single speaker), exactly like the original.
     """
 
     _attention_backend = None
@@ -201,7 +203,7 @@ class SkyReelsV3AudioAttnProcessor:
         tokens_per_frame: int | None = None,
     ) -> torch.Tensor:
         batch_size, seq_len, _ = hidden_states.shape
-        _, num_frames, num_audio_tokens, _ = audio_hidden_states.shape
+        num_frames = audio_hidden_states.shape[1]
         tokens_per_frame = tokens_per_frame or seq_len // num_frames
         total = num_frames * tokens_per_frame
         sharded = self._parallel_config is not None and seq_len != total
@@ -210,36 +212,46 @@ class SkyReelsV3AudioAttnProcessor:
                 f"The token count {seq_len} is not {num_frames} frames of {tokens_per_frame} tokens; the audio "
                 "attention needs the same number of tokens in every frame."
             )
-        dtype = hidden_states.dtype
         query = attn.to_q(hidden_states)
-        if not sharded:
-            query = query.reshape(batch_size * num_frames, tokens_per_frame, attn.heads, -1)
-            audio = audio_hidden_states.flatten(0, 1).to(dtype)
-            mask = None
-        else:
-            offset = self._shard_offset(seq_len, total)
-            first, last = offset // tokens_per_frame, (offset + seq_len - 1) // tokens_per_frame
-            query = query.unflatten(2, (attn.heads, -1))
-            audio = audio_hidden_states[:, first : last + 1].flatten(1, 2).to(dtype)
-            token_frame = (torch.arange(seq_len, device=query.device) + offset) // tokens_per_frame - first
-            key_frame = torch.arange(audio.shape[1], device=query.device) // num_audio_tokens
-            mask = (token_frame[:, None] == key_frame[None, :])[None, None]
+        offset = self._shard_offset(seq_len, total) if sharded else 0
+        outputs = [
+            self._attend(attn, query[:, start:end], audio_hidden_states[:, first:last], hidden_states.dtype)
+            for start, end, first, last in frame_runs(offset, seq_len, tokens_per_frame)
+        ]
+        hidden_states = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+    def _attend(
+        self, attn: "SkyReelsV3AudioAttention", query: torch.Tensor, audio: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Queries `[B, n * t, inner]` of `n` consecutive frames (t tokens each) on those frames' audio tokens
+        `[B, n, A, audio_dim]`: one attention call over `B * n` frames -> `[B, n * t, inner]` in `dtype` (the
+        hidden states')."""
+        batch_size, num_tokens, _ = query.shape
+        num_frames = audio.shape[1]
+        query = query.reshape(batch_size * num_frames, num_tokens // num_frames, attn.heads, -1)
+        audio = audio.flatten(0, 1).to(dtype)
         if getattr(attn, "fused_projections", False):
             key, value = attn.to_kv(audio).chunk(2, dim=-1)
         else:
             key, value = attn.to_k(audio), attn.to_v(audio)
         key, value = key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
         hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=mask,
-            backend=cross_attention_backend(self._attention_backend),
-            parallel_config=None,
+            query, key, value, backend=cross_attention_backend(self._attention_backend), parallel_config=None
         )
-        hidden_states = hidden_states.reshape(batch_size, seq_len, -1).to(dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        return attn.to_out[1](hidden_states)
+        return hidden_states.reshape(batch_size, num_tokens, -1).to(dtype)
+
+
+def frame_runs(offset: int, seq_len: int, tokens_per_frame: int) -> list[tuple[int, int, int, int]]:
+    """Tokens `offset ... offset + seq_len` of a sequence of frames of `tokens_per_frame` tokens, cut into runs that
+    each hold part of one frame or whole frames: `(start, end, first_frame, last_frame + 1)`, start and end local
+    (0 = the token at `offset`). The whole sequence is one run of whole frames."""
+    begin, stop = offset, offset + seq_len
+    head_end = min(stop, -(-begin // tokens_per_frame) * tokens_per_frame)  # the first frame boundary >= begin
+    body_end = head_end + (stop - head_end) // tokens_per_frame * tokens_per_frame
+    cuts = [(a, b) for a, b in ((begin, head_end), (head_end, body_end), (body_end, stop)) if b > a]
+    return [(a - offset, b - offset, a // tokens_per_frame, (b - 1) // tokens_per_frame + 1) for a, b in cuts]
 
 
 class SkyReelsV3AudioAttention(nn.Module, AttentionModuleMixin):
