@@ -167,81 +167,86 @@ def runs(tmp_path_factory):
     return RunCache(lambda task: builders[task](tmp_path_factory.mktemp(task)))
 
 
-def test_reference_to_video_matches_the_original_pipeline(runs):
-    case, run = runs("reference_to_video")
-    pipe, recorder = run.pipe, run.recorder
-    refs = [load_image(PIPELINES / "inputs" / name) for name in case.meta["spec"]["refs"]]
-    height, width = case.meta["info"]["height_width"]
-    for i, ref in enumerate(refs):  # the letterboxed references, exactly
-        np.testing.assert_array_equal(
-            np.asarray(letterbox(ref, width, height)), case.tensors[f"input.ref{i}_letterboxed"]
+class TestReferenceToVideo:
+    """The reference-to-video case (a class: pytest-xdist's `loadscope` gives each case's tests, which share one
+    run, their own worker, so that the two cases' runs go in parallel)."""
+
+    def test_reference_to_video_matches_the_original_pipeline(self, runs):
+        case, run = runs("reference_to_video")
+        pipe, recorder = run.pipe, run.recorder
+        refs = [load_image(PIPELINES / "inputs" / name) for name in case.meta["spec"]["refs"]]
+        height, width = case.meta["info"]["height_width"]
+        for i, ref in enumerate(refs):  # the letterboxed references, exactly
+            np.testing.assert_array_equal(
+                np.asarray(letterbox(ref, width, height)), case.tensors[f"input.ref{i}_letterboxed"]
+            )
+
+        frames = run.video.frames
+
+        assert pipe.scheduler.timesteps.tolist() == case.meta["info"]["timesteps"]
+        noise_frames = case.meta["info"]["noise_shape"][2]
+        first = recorder.first_call["hidden_states"]  # cat([noise, references], time)
+        assert_latents_close(first[:, :, :1], case.tensors["noise.frame0"], "noise")
+        assert_latents_close(first[:, :, noise_frames:], case.tensors["condition"], "condition")
+        assert_steps_match(recorder, case)
+        assert_latents_close(recorder.steps[-1][..., ::2, ::2], case.tensors["final_latents.sub"], "final latents")
+        video = to_uint8(frames)  # the original rounded its [0, 1] frames
+        assert_frames_close(video[:, ::8, ::8], case.tensors["frames.sub"], "frames")
+        assert_frames_close(video[:1], case.tensors["frames.first"], "first frame")
+        assert_frames_close(video[-1:], case.tensors["frames.last"], "last frame")
+
+    def test_front_door_reference_to_video_reproduces_the_original(self, runs):
+        """`skyreels-v3 generate --task reference_to_video --reproduce-original` with only the case's flags: the
+        original's settings reach the pipeline and its frames come out."""
+        case, run = runs("reference_to_video")
+        assert_original_call(run, "reference_to_video")
+        assert run.kwargs["num_frames"] == case.meta["info"]["num_frames"]  # --duration 1 at 24 fps
+        assert len(run.recorder.steps) == len(case.meta["tensors"]["_per_step_latents"])
+        video = to_uint8(run.video.frames)
+        assert_frames_close(video[:, ::8, ::8], case.tensors["frames.sub"], "frames")
+        assert_frames_close(video[:1], case.tensors["frames.first"], "first frame")
+        assert_frames_close(video[-1:], case.tensors["frames.last"], "last frame")
+
+
+class TestShotSwitching:
+    """The shot-switching case."""
+
+    def test_shot_switching_matches_the_original_pipeline(self, runs):
+        case, run = runs("shot_switching_extension")
+        pipe, recorder = run.pipe, run.recorder
+        spec, chunk = case.meta["spec"], case.meta["info"]["chunks"][0]
+        height, width = case.meta["info"]["height_width"]
+        video_in, _ = load_video(PIPELINES / "inputs" / spec["video"])
+        num_condition = SHOT_NUM_CONDITION_FRAMES_MAP[spec["duration"]]
+        prefix = resize_frames(video_in[-num_condition:], height, width, "nearest")[0].permute(1, 2, 3, 0)
+        prefix = np.rint(((prefix + 1) * 127.5).numpy()).astype(np.uint8)  # nearest resizing keeps the input's levels
+        np.testing.assert_array_equal(prefix[:, ::8, ::8], case.tensors["input.prefix_video_uint8.sub"])
+        np.testing.assert_array_equal(prefix[-1:], case.tensors["input.prefix_video_uint8.last"])
+
+        frames = run.video.frames
+
+        assert pipe.scheduler.timesteps.tolist() == [t for t, _ in chunk["timesteps_per_call"]]
+        first = recorder.first_call
+        assert_latents_close(first["hidden_states"][0, :, :1], case.tensors["noise.frame0"], "noise")
+        assert_latents_close(
+            first["condition_hidden_states"][..., ::2, ::2], case.tensors["condition_latent.sub"], "condition latents"
         )
+        assert_steps_match(recorder, case)
+        assert_latents_close(recorder.steps[-1][0][..., ::2, ::2], case.tensors["final_latents.sub"], "final latents")
+        video = to_uint8(frames)  # our [0, 1] output holds the truncated levels exactly
+        assert len(video) == case.meta["info"]["num_output_frames"]
+        assert_frames_close(video[:, ::8, ::8], case.tensors["new_frames.sub"], "frames")
+        assert_frames_close(video[:1], case.tensors["new_frames.first"], "first frame")
+        assert_frames_close(video[-1:], case.tensors["new_frames.last"], "last frame")
 
-    frames = run.video.frames
-
-    assert pipe.scheduler.timesteps.tolist() == case.meta["info"]["timesteps"]
-    noise_frames = case.meta["info"]["noise_shape"][2]
-    first = recorder.first_call["hidden_states"]  # cat([noise, references], time)
-    assert_latents_close(first[:, :, :1], case.tensors["noise.frame0"], "noise")
-    assert_latents_close(first[:, :, noise_frames:], case.tensors["condition"], "condition")
-    assert_steps_match(recorder, case)
-    assert_latents_close(recorder.steps[-1][..., ::2, ::2], case.tensors["final_latents.sub"], "final latents")
-    video = to_uint8(frames)  # the original rounded its [0, 1] frames
-    assert_frames_close(video[:, ::8, ::8], case.tensors["frames.sub"], "frames")
-    assert_frames_close(video[:1], case.tensors["frames.first"], "first frame")
-    assert_frames_close(video[-1:], case.tensors["frames.last"], "last frame")
-
-
-def test_shot_switching_matches_the_original_pipeline(runs):
-    case, run = runs("shot_switching_extension")
-    pipe, recorder = run.pipe, run.recorder
-    spec, chunk = case.meta["spec"], case.meta["info"]["chunks"][0]
-    height, width = case.meta["info"]["height_width"]
-    video_in, _ = load_video(PIPELINES / "inputs" / spec["video"])
-    num_condition = SHOT_NUM_CONDITION_FRAMES_MAP[spec["duration"]]
-    prefix = resize_frames(video_in[-num_condition:], height, width, "nearest")[0].permute(1, 2, 3, 0)
-    prefix = np.rint(((prefix + 1) * 127.5).numpy()).astype(np.uint8)  # nearest resizing keeps the input's levels
-    np.testing.assert_array_equal(prefix[:, ::8, ::8], case.tensors["input.prefix_video_uint8.sub"])
-    np.testing.assert_array_equal(prefix[-1:], case.tensors["input.prefix_video_uint8.last"])
-
-    frames = run.video.frames
-
-    assert pipe.scheduler.timesteps.tolist() == [t for t, _ in chunk["timesteps_per_call"]]
-    first = recorder.first_call
-    assert_latents_close(first["hidden_states"][0, :, :1], case.tensors["noise.frame0"], "noise")
-    assert_latents_close(
-        first["condition_hidden_states"][..., ::2, ::2], case.tensors["condition_latent.sub"], "condition latents"
-    )
-    assert_steps_match(recorder, case)
-    assert_latents_close(recorder.steps[-1][0][..., ::2, ::2], case.tensors["final_latents.sub"], "final latents")
-    video = to_uint8(frames)  # our [0, 1] output holds the truncated levels exactly
-    assert len(video) == case.meta["info"]["num_output_frames"]
-    assert_frames_close(video[:, ::8, ::8], case.tensors["new_frames.sub"], "frames")
-    assert_frames_close(video[:1], case.tensors["new_frames.first"], "first frame")
-    assert_frames_close(video[-1:], case.tensors["new_frames.last"], "last frame")
-
-
-def test_front_door_reference_to_video_reproduces_the_original(runs):
-    """`skyreels-v3 generate --task reference_to_video --reproduce-original` with only the case's flags: the
-    original's settings reach the pipeline and its frames come out."""
-    case, run = runs("reference_to_video")
-    assert_original_call(run, "reference_to_video")
-    assert run.kwargs["num_frames"] == case.meta["info"]["num_frames"]  # --duration 1 at 24 fps
-    assert len(run.recorder.steps) == len(case.meta["tensors"]["_per_step_latents"])
-    video = to_uint8(run.video.frames)
-    assert_frames_close(video[:, ::8, ::8], case.tensors["frames.sub"], "frames")
-    assert_frames_close(video[:1], case.tensors["frames.first"], "first frame")
-    assert_frames_close(video[-1:], case.tensors["frames.last"], "last frame")
-
-
-def test_front_door_shot_switching_reproduces_the_original(runs):
-    """`skyreels-v3 generate --task shot_switching_extension --reproduce-original` with only the case's flags."""
-    case, run = runs("shot_switching_extension")
-    assert_original_call(run, "shot_switching_extension")
-    assert run.kwargs["duration"] == case.meta["spec"]["duration"] and run.kwargs["resize_mode"] is None
-    assert len(run.recorder.steps) == len(case.meta["tensors"]["_per_step_latents"])
-    video = to_uint8(run.video.frames)
-    assert len(video) == case.meta["info"]["num_output_frames"]
-    assert_frames_close(video[:, ::8, ::8], case.tensors["new_frames.sub"], "frames")
-    assert_frames_close(video[:1], case.tensors["new_frames.first"], "first frame")
-    assert_frames_close(video[-1:], case.tensors["new_frames.last"], "last frame")
+    def test_front_door_shot_switching_reproduces_the_original(self, runs):
+        """`skyreels-v3 generate --task shot_switching_extension --reproduce-original` with only the case's flags."""
+        case, run = runs("shot_switching_extension")
+        assert_original_call(run, "shot_switching_extension")
+        assert run.kwargs["duration"] == case.meta["spec"]["duration"] and run.kwargs["resize_mode"] is None
+        assert len(run.recorder.steps) == len(case.meta["tensors"]["_per_step_latents"])
+        video = to_uint8(run.video.frames)
+        assert len(video) == case.meta["info"]["num_output_frames"]
+        assert_frames_close(video[:, ::8, ::8], case.tensors["new_frames.sub"], "frames")
+        assert_frames_close(video[:1], case.tensors["new_frames.first"], "first frame")
+        assert_frames_close(video[-1:], case.tensors["new_frames.last"], "last frame")
