@@ -87,8 +87,13 @@ def _runs_kernel(query, key, value, attn_mask, dropout_p: float, is_causal: bool
     )
 
 
-def _make_backend(name: str):
-    qk, pv, rotate = BACKENDS[name]
+def register_inference_backend(name: str, run, takes, *, returns_lse: bool, takes_what: str):
+    """Register `name` with diffusers' attention registry as an inference-only backend that supports context
+    parallelism: `run(query, key, value, scale, return_lse)` computes the calls `takes(query, key, value, attn_mask,
+    dropout_p, is_causal, enable_gqa)` accepts (and, unless `returns_lse`, that ask for no log-sum-exp); diffusers'
+    `native` backend gets every other call unchanged. Under context parallelism diffusers' templated attention calls
+    `run` on the exchanged tensors (Ulysses: this rank's heads over the whole sequence; ring: one key/value chunk at a
+    time, with `return_lse`), and refuses a call it cannot take, saying it takes `takes_what`."""
 
     def forward_op(
         ctx,
@@ -104,15 +109,14 @@ def _make_backend(name: str):
         _save_ctx=True,
         _parallel_config=None,
     ):
-        """diffusers' templated context-parallel attention calls this with the exchanged (full-sequence) tensors."""
-        if return_lse:
+        if return_lse and not returns_lse:
             raise NotImplementedError(
                 f"attention backend {name!r} returns no log-sum-exp, which ring attention "
                 "needs: use Ulysses (--ulysses-degree) with it, or another backend for ring"
             )
-        if not _runs_kernel(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-            raise ValueError(f"attention backend {name!r} under context parallelism takes self-attention only")
-        return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv, rotate)
+        if not takes(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+            raise ValueError(f"attention backend {name!r} under context parallelism takes {takes_what}")
+        return run(query, key, value, scale, return_lse)
 
     def backward_op(ctx, grad_out, *args, **kwargs):
         raise NotImplementedError(f"attention backend {name!r} is inference-only (no backward)")
@@ -130,7 +134,9 @@ def _make_backend(name: str):
         return_lse: bool = False,
         _parallel_config=None,
     ) -> torch.Tensor:
-        if not _runs_kernel(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) or return_lse:
+        if not takes(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) or (
+            return_lse and not returns_lse
+        ):
             native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
             return native(
                 query,
@@ -144,10 +150,8 @@ def _make_backend(name: str):
                 return_lse=return_lse,
                 _parallel_config=_parallel_config,
             )
-        from ..kernels import attention_8bit  # noqa: F401  (registers torch.ops.skyreels.attention_8bit)
-
         if _parallel_config is None:
-            return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv, rotate)
+            return run(query, key, value, scale, return_lse)
         return _templated_context_parallel_attention(
             query,
             key,
@@ -165,6 +169,17 @@ def _make_backend(name: str):
 
     attention.__name__ = f"_{name}_attention"
     return attention
+
+
+def _make_backend(name: str):
+    qk, pv, rotate = BACKENDS[name]
+
+    def run(query, key, value, scale, return_lse: bool):
+        from ..kernels import attention_8bit  # noqa: F401  (registers torch.ops.skyreels.attention_8bit)
+
+        return torch.ops.skyreels.attention_8bit(query, key, value, scale, qk, pv, rotate)
+
+    return register_inference_backend(name, run, _runs_kernel, returns_lse=False, takes_what="self-attention only")
 
 
 for _name in BACKENDS:

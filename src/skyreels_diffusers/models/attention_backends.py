@@ -34,12 +34,11 @@ import torch
 from diffusers.models.attention_dispatch import (
     AttentionBackendName,
     _AttentionBackendRegistry,
-    _templated_context_parallel_attention,
 )
 
 from ..kernels.rotation import rotate
 from .attention_8bit_backend import BACKENDS as TRITON_8BIT_BACKENDS
-from .attention_8bit_backend import _add_backend_name, check_8bit_backend_available
+from .attention_8bit_backend import _add_backend_name, check_8bit_backend_available, register_inference_backend
 
 
 FA3 = "fa3"
@@ -269,82 +268,9 @@ def _run_fa3_fp8(query, key, value, scale, return_lse: bool):
     return (out, lse.permute(0, 2, 1)) if return_lse else out
 
 
-def _register(name: str, run) -> None:
-    def forward_op(
-        ctx,
-        query,
-        key,
-        value,
-        attn_mask=None,
-        dropout_p=0.0,
-        is_causal=False,
-        scale=None,
-        enable_gqa=False,
-        return_lse=False,
-        _save_ctx=True,
-        _parallel_config=None,
-    ):
-        """diffusers' templated context-parallel attention calls this with the exchanged tensors (Ulysses: this
-        rank's heads, the whole sequence; ring: one key/value chunk at a time, `return_lse=True`)."""
-        if not _takes(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-            raise ValueError(
-                f"attention backend {name!r} under context parallelism takes unmasked bf16/fp16 attention"
-            )
-        return run(query, key, value, scale, return_lse)
-
-    def backward_op(ctx, grad_out, *args, **kwargs):
-        raise NotImplementedError(f"attention backend {name!r} is inference-only (no backward)")
-
-    @_AttentionBackendRegistry.register(_add_backend_name(name), supports_context_parallel=True)
-    def attention(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        enable_gqa: bool = False,
-        return_lse: bool = False,
-        _parallel_config=None,
-    ) -> torch.Tensor:
-        if not _takes(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
-            native = _AttentionBackendRegistry._backends[AttentionBackendName.NATIVE]
-            return native(
-                query,
-                key,
-                value,
-                attn_mask=attn_mask,
-                dropout_p=dropout_p,
-                is_causal=is_causal,
-                scale=scale,
-                enable_gqa=enable_gqa,
-                return_lse=return_lse,
-                _parallel_config=_parallel_config,
-            )
-        if _parallel_config is None:
-            return run(query, key, value, scale, return_lse)
-        return _templated_context_parallel_attention(
-            query,
-            key,
-            value,
-            attn_mask,
-            dropout_p,
-            is_causal,
-            scale,
-            enable_gqa,
-            return_lse,
-            forward_op=forward_op,
-            backward_op=backward_op,
-            _parallel_config=_parallel_config,
-        )
-
-    attention.__name__ = f"_{name}_attention"
-
-
 for _backend, _run in ((FA3, _run_fa3), (FA3_FP8, _run_fa3_fp8)):
     if _add_backend_name(_backend) not in _AttentionBackendRegistry._backends:
-        _register(_backend, _run)
+        register_inference_backend(_backend, _run, _takes, returns_lse=True, takes_what="unmasked bf16/fp16 attention")
 # members, so that code `torch.compile` traces (the processors' `cross_attention_backend`) never calls the Enum
 _FA3_MEMBER = AttentionBackendName(FA3)
 _NATIVE_MEMBER = AttentionBackendName.NATIVE
