@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -92,3 +94,27 @@ def random_video(frames: int = 30, height: int = 32, width: int = 48, seed: int 
 
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a test's own servers and torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(*args: str, nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` with `nproc` processes on this machine, its rendezvous on a free loopback
+    port, then `args` (a script, or `-m` and a module, and their arguments)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]

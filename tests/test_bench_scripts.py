@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.parallel.test_context_parallel import free_port
+from tests.helpers import torchrun_command
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -495,16 +495,7 @@ def test_bench_e2e_two_processes_with_sharded_weights(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
             str(ROOT / "bench" / "bench_e2e.py"),
             "--tiny",
             "--device",
@@ -518,7 +509,7 @@ def test_bench_e2e_two_processes_with_sharded_weights(tmp_path):
             str(frames),
             "--json",
             str(out),
-        ],
+        ),
         cwd=ROOT,
         env=env,
         capture_output=True,

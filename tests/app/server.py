@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from tests.helpers import free_port, torchrun_command
+
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(folder: Path, nproc: int = 1) -> tuple[subprocess.Popen, str]:
@@ -35,23 +30,10 @@ def start_app(folder: Path, nproc: int = 1) -> tuple[subprocess.Popen, str]:
         "--output-dir",
         str(folder / "results"),
     ]
+    command = [sys.executable, *command]
     if nproc > 1:
-        command = [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            *command,
-            "--ulysses-degree",
-            str(nproc),
-        ]
-    process = subprocess.Popen(
-        [sys.executable, *command], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+        command = torchrun_command(*command[1:], "--ulysses-degree", str(nproc), nproc=nproc)
+    process = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     for _ in range(240):
         try:

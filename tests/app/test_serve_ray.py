@@ -29,15 +29,12 @@ import psutil  # noqa: E402
 
 from skyreels_diffusers.app.api import ServeSettings  # noqa: E402
 from tests.app.serve_helpers import assert_same_video, cli_error, run_cli  # noqa: E402
+from tests.helpers import free_port, random_image, random_video  # noqa: E402
 
 
 #: CPU threads of each replica below (Ray sets OMP_NUM_THREADS to an actor's num_cpus, at least 1): the CLI's
 #: reference videos are computed with as many
 REPLICA_THREADS = 1
-from tests.helpers import random_image, random_video  # noqa: E402
-from tests.parallel.test_context_parallel import free_port  # noqa: E402
-
-
 KEY_A, KEY_B = "serve-test-key-a", "serve-test-key-b"
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 #: wall-clock bound of any wait (the machine may be shared); counts are bounded by it and the poll period

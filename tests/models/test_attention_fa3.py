@@ -314,24 +314,11 @@ def test_context_parallel_ulysses_and_ring_on_fa3(tmp_path):
     import json
     import subprocess
 
-    from tests.parallel.test_context_parallel import free_port
+    from tests.helpers import torchrun_command
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "tests.models.fa3_cp_worker",
-        str(tmp_path),
-    ]
+    command = torchrun_command("-m", "tests.models.fa3_cp_worker", str(tmp_path))
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     diff = json.loads((tmp_path / "fa3_cp.json").read_text())

@@ -8,7 +8,6 @@ supports and gloo does not ("ProcessGroupGloo::allgather: invalid tensor size"):
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,10 @@ import pytest
 import torch
 
 from skyreels_diffusers.parallel.context_parallel import check_degrees
+from tests.helpers import torchrun_command
 
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +35,7 @@ def outputs(tmp_path_factory):
         timeout=600,
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "tests.parallel.cp_worker",
-        str(out),
-    ]
+    torchrun = torchrun_command("-m", "tests.parallel.cp_worker", str(out))
     parallel = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     return {name: torch.load(out / f"out_{name}.pt", weights_only=True) for name in ("single", 0, 1)}
@@ -109,21 +90,7 @@ def test_degree_errors():
 
 def torchrun(args, tmp_path, nproc=2):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "skyreels_diffusers.app.cli",
-        "generate",
-        *args,
-    ]
+    command = torchrun_command("-m", "skyreels_diffusers.app.cli", "generate", *args, nproc=nproc)
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -208,18 +175,7 @@ def test_8bit_backend_under_ulysses_equals_one_process(tmp_path):
     worker = ["-m", "tests.parallel.attn8_worker", str(tmp_path)]
     single = subprocess.run([sys.executable, *worker], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        *worker,
-    ]
+    torchrun = torchrun_command(*worker)
     parallel = subprocess.run(torchrun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     one, two = (torch.load(tmp_path / f"attn8_{name}.pt", weights_only=True).float() for name in ("single", 0))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.parallel.test_context_parallel import free_port
+from tests.helpers import free_port
 
 
 ROOT = Path(__file__).resolve().parents[2]

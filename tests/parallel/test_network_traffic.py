@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.parallel.test_context_parallel import free_port
+from tests.helpers import torchrun_command
 from tests.test_bench_scripts import load_bench_script
 
 
@@ -27,20 +26,7 @@ FSDP_GATHER = "c10d._allgather_base_.default"
 def counted(tmp_path_factory):
     out = tmp_path_factory.mktemp("traffic")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "tests.parallel.traffic_worker",
-        str(out),
-    ]
+    command = torchrun_command("-m", "tests.parallel.traffic_worker", str(out))
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads((out / f"traffic_{rank}.json").read_text()) for rank in (0, 1)]

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import torchrun_command
 from tests.parallel.real_size_worker import PROFILE_ENV, PROFILES
-from tests.parallel.test_context_parallel import free_port
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,13 +91,7 @@ def summaries(tmp_path_factory) -> dict[str, list[dict]]:
     tasks = [*ONE_PROCESS[1], *ONE_PROCESS[0]]
     try:
         finish(processes[1], logs[1])
-        port = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-        processes.append(
-            start(
-                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *port, *worker, *tasks],
-                logs[2],
-            )
-        )
+        processes.append(start(torchrun_command(*worker, *tasks), logs[2]))
         finish(processes[0], logs[0])
         finish(processes[2], logs[2])
     finally:

@@ -16,8 +16,7 @@ import torch
 
 from skyreels_diffusers.app.request import GenerationRequest, validate
 from skyreels_diffusers.parallel.sharding import sharding_plan
-from tests.helpers import tiny_transformer
-from tests.parallel.test_context_parallel import free_port
+from tests.helpers import tiny_transformer, torchrun_command
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,20 +27,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "tests.parallel.whole_run_worker",
-        str(out),
-    ]
+    command = torchrun_command("-m", "tests.parallel.whole_run_worker", str(out))
     done = subprocess.run(command, check=False, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"whole_{rank}.pt", weights_only=True) for rank in (0, 1)]
@@ -250,16 +236,7 @@ def test_torchrun_cli_with_shard_weights_matches_one_process(tmp_path):
     )
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
+        torchrun_command(
             "-m",
             "skyreels_diffusers.app.cli",
             "generate",
@@ -269,7 +246,7 @@ def test_torchrun_cli_with_shard_weights_matches_one_process(tmp_path):
             "--shard-weights",
             "--output",
             str(tmp_path / "two.mp4"),
-        ],
+        ),
         check=False,
         cwd=tmp_path,
         env=ENV,
