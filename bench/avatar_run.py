@@ -145,11 +145,12 @@ def build(args, device: torch.device):
         from skyreels_diffusers.optimization import FAST_PRESET, enable_fast_path, quantize_transformer
 
         quantize_transformer(pipe.transformer, FAST_PRESET["quantize"])
-        enable_fast_path(pipe, compile=True, attention_backend=FAST_PRESET["attention_backend"])
+        backend = args.attention_backend or FAST_PRESET["attention_backend"]
+        enable_fast_path(pipe, compile=True, attention_backend=backend)
     elif args.preset == "compile":
         from skyreels_diffusers.optimization import enable_fast_path
 
-        enable_fast_path(pipe, compile=True)
+        enable_fast_path(pipe, compile=True, attention_backend=args.attention_backend)
     return pipe
 
 
@@ -269,6 +270,9 @@ def run(args, device: torch.device) -> dict:
                 }
             )
             last = now
+            print(json.dumps(clips[-1]), flush=True)
+            if args.json:  # what a run cut short by a time limit still leaves behind
+                write_json(str(Path(args.json).with_suffix(".partial.json")), {"load_s": load_s, "clips": clips})
         finish_s = None
         if writer is not None:
             finish_begin = time.perf_counter()
@@ -277,6 +281,15 @@ def run(args, device: torch.device) -> dict:
     total_s = time.perf_counter() - start
     row = summarise(args, run_, clips, writer, exact, load_s, prepare_s, finish_s, total_s)
     return {"api": "windows", **row, "host_rss_before_gib": rss_before}
+
+
+def pipe_backend(args) -> str | None:
+    """The attention backend the preset ran with, as asked (None: the preset's default, resolved on the machine)."""
+    if args.preset == "fast":
+        from skyreels_diffusers.optimization import FAST_PRESET
+
+        return args.attention_backend or FAST_PRESET["attention_backend"]
+    return args.attention_backend
 
 
 def summarise(args, run_, clips, writer, exact, load_s, prepare_s, finish_s, total_s) -> dict:
@@ -288,6 +301,7 @@ def summarise(args, run_, clips, writer, exact, load_s, prepare_s, finish_s, tot
         first_playable = next((w["done_at_s"] for w in writer.windows if w["frames"] >= run_.fps), None)
     row = {
         "preset": args.preset,
+        "attention_backend": pipe_backend(args),
         "resolution": args.resolution,
         "size": [run_.height, run_.width],
         "audio_s": args.seconds,
@@ -325,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=30.0, help="audio seconds (30: the keyframe clip + 12 windows)"
     )
     parser.add_argument("--check-exact", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--attention-backend",
+        help="compile / fast presets: this attention backend instead of the preset's (compile: fa3 on Hopper with "
+        "FA3, else cuDNN; fast: optimization.FAST_PRESET's)",
+    )
     parser.add_argument(
         "--api",
         default="windows",

@@ -15,6 +15,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 from skyreels_diffusers.pipelines.video_io import (
     GrowingVideoWriter,
@@ -267,3 +268,20 @@ def test_ctrl_c_during_a_growing_run_says_where_the_video_is(monkeypatch, capsys
         assert main(["generate", "--task", "talking_avatar", "--model", "tiny", *extra]) == 130
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("interrupted: the video so far is in ") and line.endswith(tail), line
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_tensor_frames_become_the_same_uint8_as_numpy_frames(truncate):
+    """`to_uint8` converts a tensor on its own device (a quarter of the bytes cross to the host); the levels are the
+    NumPy path's, half-level ties (rounded to even) and out-of-range values included."""
+    from skyreels_diffusers.pipelines.video_io import to_uint8
+
+    generator = torch.Generator().manual_seed(0)
+    ties = torch.arange(511, dtype=torch.float32) / 2 / 255  # every k / 2 level
+    frames = torch.cat([torch.rand(4096, generator=generator) * 1.2 - 0.1, ties, torch.tensor([-0.0, 1.0, 1e-9])])
+    scaled = frames.numpy() * np.float32(255.0)
+    expected = np.clip(scaled if truncate else np.rint(scaled), 0, 255).astype(np.uint8)
+    ours = to_uint8(frames, truncate=truncate)
+    assert ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, expected)
+    np.testing.assert_array_equal(to_uint8(frames.numpy(), truncate=truncate), expected)

@@ -682,7 +682,7 @@ class SkyReelsV3TalkingAvatarPipeline(
         """`[F, 3, H, W]` in [-1, 1] -> uint8 `[F, H, W, 3]` (rounded; the original's `(x + 1) * 127.5` truncated
         with `reproduce_original`)."""
         if run.reproduce_original:
-            return ((pixels.permute(0, 2, 3, 1).float() + 1) * 127.5).clamp(0, 255).cpu().numpy().astype(np.uint8)
+            return ((pixels.permute(0, 2, 3, 1).float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
         return pixels_to_uint8(pixels.permute(0, 2, 3, 1))
 
     def finish_clip(
