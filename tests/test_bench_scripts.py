@@ -361,7 +361,7 @@ def test_fa3_suite_parts_pass_their_scripts_parsers(tmp_path):
     they accept, writes its JSON to the device's output folder and stays under the call limit."""
     text = (ROOT / "bench" / "fa3_suite.sh").read_text()
     parts = re.findall(r"^  ([a-z0-9_]+)\)", text, flags=re.MULTILINE)
-    assert parts == ["kernels_reference", "avatar", "extension", "extra"]
+    assert parts == ["reference", "avatar", "extension", "extra", "kernels"]
     for fast in ("fast_fa3fp8", "fast_triton", "fast"):
         env = {**os.environ, "FA3_SUITE_DRY_RUN": "1", "OUT": str(tmp_path), "FAST": fast}
         for part in parts:
@@ -386,6 +386,32 @@ def test_fa3_suite_parts_pass_their_scripts_parsers(tmp_path):
                     load_bench_script("bench_transformer.py").check_shapes(args.variants, args.resolutions)
                     assert fast in args.modes and "compile" in args.modes  # the baseline in the same call
                 assert str(tmp_path) in (args.json or ""), command
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("attention", ["", "fa3_fp8"])
+def test_avatar_suite_rows_pass_avatar_run_parser(tmp_path, attention):
+    """Every row of bench/avatar_suite.sh (one GPU call each) asks avatar_run.py only for arguments it accepts, with
+    the row's preset and size, under the call limit, its JSON in the device's output folder."""
+    text = (ROOT / "bench" / "avatar_suite.sh").read_text()
+    rows = [name for line in re.findall(r"^  ([a-z0-9_|]+)\)", text, flags=re.MULTILINE) for name in line.split("|")]
+    assert rows == ["fast", "compile", "default", "720p_fast", "720p_compile", "720p_default"]
+    script = load_bench_script("avatar_run.py")
+    env = {**os.environ, "AVATAR_SUITE_DRY_RUN": "1", "OUT": str(tmp_path), "ATTENTION": attention}
+    for row in rows:
+        done = subprocess.run(
+            ["bash", "bench/avatar_suite.sh", row], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, (row, done.stderr)
+        command = shlex.split(done.stdout)
+        assert (
+            command[0] == "timeout" and int(command[1]) <= 560 and command[2:4] == ["python3", "bench/avatar_run.py"]
+        )
+        args = script.build_parser().parse_args(command[4:])
+        assert args.preset == row.removeprefix("720p_")
+        assert (args.resolution, args.seconds) == (("720P", 5.8) if row.startswith("720p") else ("480P", 30.0))
+        assert args.attention_backend == (attention or None)
+        assert args.json == str(tmp_path / f"avatar_{row}.json")
     assert not list(tmp_path.iterdir())
 
 

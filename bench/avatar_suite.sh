@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Whole talking-avatar runs on one GPU, one row per device call (each under the 600-s limit), in the order of their
+# value: bench/avatar_run.py with random weights at real size, written as the CLI writes it.
+#   bash bench/avatar_suite.sh ROW
+#     fast | compile | default   a whole 30-s 480P run (the keyframe clip + 12 windows) with that preset
+#     720p_fast | 720p_compile | 720p_default
+#                                a 720P keyframe clip + 2 windows (5.8 s of audio)
+# carry: .whl/ (diffusers, torchao; fa3-fwd when the compile row should run on FA3) and .whl_av/ (PyAV, pyloudnorm,
+# soxr, ftfy: without PyAV the writing columns stay empty); both install to .site/ (git-ignored: a warm machine keeps
+# it for the next row). ATTENTION=<backend> runs the compile / fast presets on that attention backend. JSON (and a
+# .partial.json after every clip, what a time limit leaves) goes to $OUT (else bench_out/). AVATAR_SUITE_DRY_RUN=1
+# prints the command instead (tests/test_bench_scripts.py checks it against avatar_run.py's parser).
+set -uo pipefail
+row=${1:?row: fast, compile, default, 720p_fast, 720p_compile or 720p_default}
+out=${OUT:-bench_out}
+dry=${AVATAR_SUITE_DRY_RUN:-}
+case $row in
+  fast|compile|default) preset=$row; size=(--seconds 30); limit=560 ;;
+  720p_fast|720p_compile|720p_default) preset=${row#720p_}; size=(--resolution 720P --seconds 5.8); limit=520 ;;
+  *) echo "unknown row $row" >&2 && exit 2 ;;
+esac
+attention=()
+[[ -n ${ATTENTION:-} ]] && attention=(--attention-backend "$ATTENTION")
+command=(timeout "$limit" python3 bench/avatar_run.py --preset "$preset" "${size[@]}" "${attention[@]}" --no-check-exact
+  --json "$out/avatar_${row}.json")
+if [[ -n $dry ]]; then
+  echo "${command[*]}"
+  exit 0
+fi
+mkdir -p "$out"
+for folder in .whl .whl_av; do
+  if ls "$folder"/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site "$folder"/*.whl
+  fi
+done
+export PYTHONPATH=$PWD/.site:src:. PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null
+"${command[@]}" 2>&1 | grep -v '^Warn\|Attention backends'
