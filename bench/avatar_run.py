@@ -134,6 +134,16 @@ class TimedWriter(GrowingVideoWriter):
         self.windows.append({"write_s": end - begin, "done_at_s": end - self.start, "frames": self.frames_written})
 
 
+def attention_backend(args) -> str | None:
+    """The attention backend of the compile / fast preset, as asked (None: `enable_fast_path`'s default, resolved on
+    the machine: fa3 on Hopper with FA3, else cuDNN)."""
+    if args.preset == "fast":
+        from skyreels_diffusers.optimization import FAST_PRESET
+
+        return args.attention_backend or FAST_PRESET["attention_backend"]
+    return args.attention_backend
+
+
 def build(args, device: torch.device):
     components = tiny_components("talking_avatar") if args.tiny else real_components("talking_avatar", device)
     pipe = SkyReelsV3TalkingAvatarPipeline(**components)
@@ -141,16 +151,12 @@ def build(args, device: torch.device):
         if isinstance(component, torch.nn.Module):
             component.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if args.preset == "fast":
+    if args.preset != "default":
         from skyreels_diffusers.optimization import FAST_PRESET, enable_fast_path, quantize_transformer
 
-        quantize_transformer(pipe.transformer, FAST_PRESET["quantize"])
-        backend = args.attention_backend or FAST_PRESET["attention_backend"]
-        enable_fast_path(pipe, compile=True, attention_backend=backend)
-    elif args.preset == "compile":
-        from skyreels_diffusers.optimization import enable_fast_path
-
-        enable_fast_path(pipe, compile=True, attention_backend=args.attention_backend)
+        if args.preset == "fast":
+            quantize_transformer(pipe.transformer, FAST_PRESET["quantize"])
+        enable_fast_path(pipe, compile=True, attention_backend=attention_backend(args))
     return pipe
 
 
@@ -283,15 +289,6 @@ def run(args, device: torch.device) -> dict:
     return {"api": "windows", **row, "host_rss_before_gib": rss_before}
 
 
-def pipe_backend(args) -> str | None:
-    """The attention backend the preset ran with, as asked (None: the preset's default, resolved on the machine)."""
-    if args.preset == "fast":
-        from skyreels_diffusers.optimization import FAST_PRESET
-
-        return args.attention_backend or FAST_PRESET["attention_backend"]
-    return args.attention_backend
-
-
 def summarise(args, run_, clips, writer, exact, load_s, prepare_s, finish_s, total_s) -> dict:
     windows = [c for c in clips if c["clip"] > 0]
     typical = statistics.median(c["s"] for c in windows) if windows else None
@@ -301,7 +298,7 @@ def summarise(args, run_, clips, writer, exact, load_s, prepare_s, finish_s, tot
         first_playable = next((w["done_at_s"] for w in writer.windows if w["frames"] >= run_.fps), None)
     row = {
         "preset": args.preset,
-        "attention_backend": pipe_backend(args),
+        "attention_backend": attention_backend(args),
         "resolution": args.resolution,
         "size": [run_.height, run_.width],
         "audio_s": args.seconds,
