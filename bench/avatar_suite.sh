@@ -6,8 +6,8 @@
 #     720p_fast | 720p_compile | 720p_default
 #                                a 720P keyframe clip + 2 windows (5.8 s of audio)
 # carry: .whl/ (diffusers, torchao; fa3-fwd when the compile row should run on FA3) and .whl_av/ (PyAV, pyloudnorm,
-# soxr, ftfy: without PyAV the writing columns stay empty); both install to .site/ (git-ignored: a warm machine keeps
-# it for the next row). ATTENTION=<backend> runs the compile / fast presets on that attention backend. JSON (and a
+# soxr, ftfy: without PyAV the writing columns stay empty); both install to .site/ (bench/device_env.sh: a warm machine
+# keeps it for the next row). ATTENTION=<backend> runs the compile / fast presets on that attention backend. JSON (and a
 # .partial.json after every clip, what a time limit leaves) goes to $OUT (else bench_out/). AVATAR_SUITE_DRY_RUN=1
 # prints the command instead (tests/test_bench_scripts.py checks it against avatar_run.py's parser).
 set -uo pipefail
@@ -28,11 +28,8 @@ if [[ -n $dry ]]; then
   exit 0
 fi
 mkdir -p "$out"
-for folder in .whl .whl_av; do
-  if ls "$folder"/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site "$folder"/*.whl
-  fi
-done
-export PYTHONPATH=$PWD/.site:src:. PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+source bench/device_env.sh
+install_wheels .whl_av
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null
 "${command[@]}" 2>&1 | grep -v '^Warn\|Attention backends'

@@ -32,13 +32,9 @@ esac
 frames=/tmp/e2e_frames/$case_
 if [[ -z $dry ]]; then
   mkdir -p "$out" "$frames"
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:src
-  else
-    export PYTHONPATH=src
-  fi
-  export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  source bench/device_env.sh
+  install_wheels
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 fi
 common=(--cases "$case_" --presets "$bench_preset" "${extra[@]}" --save-frames "$frames")
 run python3 bench/bench_e2e.py "${common[@]}" --vae-tiling --json "$out/e2e_${case_}_${preset}_1gpu.json"

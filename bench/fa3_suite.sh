@@ -14,7 +14,7 @@
 # compile), fast_triton (our Triton kernel, the preset measured before) or fast (as optimization.fast_preset resolves).
 # Steps build 10 of the 40 blocks (`--layers 10`; the ratios between modes are those of the whole step) and time one
 # forward after one warm-up; compiling the FP8-dynamic linears takes 130-280 s per process, hence one FP8 mode a part.
-# carry: .whl/ with the diffusers, torchao and fa3-fwd wheels (installed to /tmp/site). JSON results go to $OUT when
+# carry: .whl/ with the diffusers, torchao and fa3-fwd wheels (installed to .site/ by bench/device_env.sh). JSON results go to $OUT when
 # set (the device tool's output folder), else to bench_out/. FA3_SUITE_DRY_RUN=1 prints the commands instead
 # (tests/test_bench_scripts.py checks every part's arguments against the scripts' parsers that way).
 set -uo pipefail
@@ -24,13 +24,11 @@ fast=${FAST:-fast_fa3fp8}
 dry=${FA3_SUITE_DRY_RUN:-}
 run() { if [[ -n $dry ]]; then echo "$*"; else "$@" 2>&1 | grep -v '^{\|Warn\|Attention backends'; fi; }
 [[ -n $dry ]] || mkdir -p "$out"
-if [[ -z $dry ]] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:src:.
-else
-  export PYTHONPATH=src:.
+if [[ -z $dry ]]; then
+  source bench/device_env.sh
+  install_wheels
 fi
-export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 kernels() {  # seconds, json name, bench_attention arguments...
   local limit=$1 name=$2
   shift 2

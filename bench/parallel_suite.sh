@@ -10,14 +10,8 @@ set -euo pipefail
 stage=${1:?stage: reference or extension_avatar}
 results=${RESULTS:-/tmp/bench_parallel}
 mkdir -p "$results"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl $(ls .whl_xfuser/*.whl 2>/dev/null || true)
-  export PYTHONPATH=/tmp/site:src
-else
-  export PYTHONPATH=src
-fi
-export PYTHONUNBUFFERED=1
+source bench/device_env.sh
+install_wheels .whl_xfuser
 one() { python3 bench/bench_parallel.py --out "$results" "$@"; }
 many() { local n=$1; shift; python3 -m torch.distributed.run --nproc_per_node "$n" bench/bench_parallel.py --out "$results" "$@"; }
 

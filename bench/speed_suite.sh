@@ -20,14 +20,11 @@ out=${OUT:-bench_out}
 dry=${SPEED_SUITE_DRY_RUN:-}
 run() { if [[ -n $dry ]]; then echo "$*"; else "$@"; fi; }
 [[ -n $dry ]] || mkdir -p "$out"
-if [[ -z $dry ]] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl $(ls .whl_xfuser/*.whl 2>/dev/null || true)
-  export PYTHONPATH=/tmp/site:src:.
-else
-  export PYTHONPATH=src:.
+if [[ -z $dry ]]; then
+  source bench/device_env.sh
+  install_wheels .whl_xfuser
 fi
-export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 transformer() { run python3 bench/bench_transformer.py --warmup 1 --repeats 2 "$@"; }
 
 case $stage in
