@@ -57,11 +57,18 @@ def server(tmp_path_factory):
     """Ray on 127.0.0.1 and the application: reference_to_video x2, single_shot_extension x1, talking_avatar x1."""
     from skyreels_diffusers.app.serve import APP_NAME, init_ray, start
 
-    previous = {
-        name: os.environ.get(name)
-        for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S")
+    # Ray reads these when its processes start; the machine may be busy (CI runs two test workers on two cores),
+    # so Serve's controller waits longer for its HTTP proxy before calling it unhealthy and killing it (Ray's 5-s
+    # ready check once killed the proxy before its worker process had started: every test here then errored)
+    environment = {
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # Serve's controller polls less often: less CPU
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
     }
-    os.environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] = "0.5"  # Serve's controller polls less often: less CPU
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"))
+    for name, value in environment.items():
+        patch.setenv(name, value)
     init_ray(None, num_cpus=4, log_to_driver=False, _system_config={"worker_register_timeout_seconds": 300})
     port = free_port()
     settings = ServeSettings(
@@ -94,9 +101,7 @@ def server(tmp_path_factory):
 
     serve.shutdown()
     ray.shutdown()
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
+    patch.undo()
 
 
 def wait_for(client, job: str, done=lambda v: v["status"] in ("completed", "failed"), poll: float = POLL_S) -> dict:
