@@ -1,16 +1,23 @@
 #!/usr/bin/env python
-"""Wan2.1 VAE decode of one 5-s video (31 latent frames) with and without tiling: time and peak GPU memory, to
-choose the low-VRAM preset's VAE setting (random weights; decode cost does not depend on them).
+"""Wan2.1 VAE encode and decode at real size (random weights: the cost does not depend on them): time, peak GPU
+memory and, per dtype, the difference to the float32 VAE on the same input. Chooses the low-VRAM preset's tiling and
+measures what a bfloat16 VAE (or cuDNN's autotuner) would save the talking avatar's windows.
 
     PYTHONPATH=src python bench/bench_vae.py --resolutions 540P 720P --tilings none default 512 --json vae.json
+    PYTHONPATH=src python bench/bench_vae.py --avatar --resolutions 480P 720P --encode-frames 81 --frames 18 \
+        --dtypes float32 bfloat16 --cudnn-benchmark off on --json vae_avatar.json
 
-`default` = diffusers' tiles (256 px, stride 192); `512` = 512 px tiles with stride 448.
+`default` = diffusers' tiles (256 px, stride 192); `512` = 512 px tiles with stride 448. `--avatar`: the talking
+avatar's sizes (480 x 832 at 480P); one of its windows encodes an 81-frame conditioning video and decodes 18 latent
+frames. The error columns are relative L2 and max |difference| against the float32 VAE without the autotuner (on
+[-1, 1] pixels for decode, on latents for encode); random weights give an order of magnitude, not the trained VAE's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,58 +26,127 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pipeline import SIZES  # noqa: E402
-from bench_transformer import add_run_arguments, sync, write_json  # noqa: E402
+from bench_pipeline import AVATAR_SIZES, SIZES  # noqa: E402
+from bench_transformer import add_run_arguments, device_name, sync, write_json  # noqa: E402
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TINY_SIZE = (32, 48)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolutions", nargs="+", default=["540P", "720P"], choices=sorted(SIZES))
+    parser.add_argument("--avatar", action="store_true", help="the talking avatar's sizes (480 x 832 at 480P)")
+    parser.add_argument("--tilings", nargs="+", default=["none", "default", "512"])
+    parser.add_argument("--frames", type=int, default=31, help="latent frames to decode (31 = 121 video frames)")
+    parser.add_argument("--encode-frames", type=int, default=0, help="video frames to encode (0: no encode)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
+    parser.add_argument("--cudnn-benchmark", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats after one warm-up (median reported)")
+    add_run_arguments(parser, tiny=True)
+    return parser
+
+
+def set_tiling(vae, tiling: str) -> None:
+    if tiling == "none":
+        vae.disable_tiling()
+    elif tiling == "default":
+        vae.enable_tiling()
+    else:
+        size = int(tiling)
+        vae.enable_tiling(
+            tile_sample_min_height=size,
+            tile_sample_min_width=size,
+            tile_sample_stride_height=size - 64,
+            tile_sample_stride_width=size - 64,
+        )
+
+
+def timed(work, device: torch.device, repeats: int) -> tuple[torch.Tensor, float, float | None]:
+    """`work()`'s output (float32), the median seconds of `repeats` runs after a warm-up, and its peak GiB."""
+    with torch.no_grad():
+        output = work()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        seconds = []
+        for _ in range(max(repeats, 1)):
+            sync(device)
+            start = time.perf_counter()
+            output = work()
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return output.float(), statistics.median(seconds), peak
+
+
+def difference(output: torch.Tensor, reference: torch.Tensor | None) -> dict:
+    if reference is None:
+        return {}
+    delta = (output - reference).float()
+    return {
+        "rel_l2": float(delta.norm() / reference.norm().clamp_min(1e-12)),
+        "max_abs": float(delta.abs().max()),
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolutions", nargs="+", default=["540P", "720P"])
-    parser.add_argument("--tilings", nargs="+", default=["none", "default", "512"])
-    parser.add_argument("--frames", type=int, default=31, help="latent frames (31 = 121 video frames)")
-    add_run_arguments(parser, tiny=False)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from diffusers import AutoencoderKLWan
 
     device = torch.device(args.device)
-    vae = AutoencoderKLWan().to(device).eval().requires_grad_(False)
-    rows = []
+    if args.tiny:
+        from skyreels_diffusers.app.tiny import tiny_vae
+
+        vae = tiny_vae().to(device)
+    else:
+        vae = AutoencoderKLWan().to(device).eval()
+    vae.requires_grad_(False)
+    sizes = AVATAR_SIZES if args.avatar else SIZES
+    generator = torch.Generator(device).manual_seed(0)
+    rows, references = [], {}
     for resolution in args.resolutions:
-        height, width = SIZES[resolution]
-        latents = torch.randn(1, 16, args.frames, height // 8, width // 8, device=device)
+        height, width = TINY_SIZE if args.tiny else sizes[resolution]
+        latents = torch.randn(
+            1, vae.config.z_dim, args.frames, height // 8, width // 8, device=device, generator=generator
+        )
+        video = torch.rand(1, 3, max(args.encode_frames, 1), height, width, device=device, generator=generator) * 2 - 1
+        works = {"decode": lambda: vae.decode(latents.to(vae.dtype)).sample}
+        if args.encode_frames:
+            works["encode"] = lambda: vae.encode(video.to(vae.dtype)).latent_dist.mode()
         for tiling in args.tilings:
-            if tiling == "none":
-                vae.disable_tiling()
-            elif tiling == "default":
-                vae.enable_tiling()
-            else:
-                size = int(tiling)
-                vae.enable_tiling(
-                    tile_sample_min_height=size,
-                    tile_sample_min_width=size,
-                    tile_sample_stride_height=size - 64,
-                    tile_sample_stride_width=size - 64,
-                )
-            sync(device)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            with torch.no_grad():
-                vae.decode(latents).sample
-            sync(device)
-            rows.append(
-                dict(
-                    resolution=resolution,
-                    size=[height, width],
-                    latent_frames=args.frames,
-                    tiling=tiling,
-                    s=round(time.perf_counter() - start, 2),
-                    peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-                    date=time.strftime("%Y-%m-%d"),
-                )
-            )
-            print(json.dumps(rows[-1]), flush=True)
+            set_tiling(vae, tiling)
+            for dtype in args.dtypes:
+                vae.to(DTYPES[dtype])
+                for benchmark in args.cudnn_benchmark:
+                    torch.backends.cudnn.benchmark = benchmark == "on"
+                    for name, work in works.items():
+                        output, seconds, peak = timed(work, device, args.repeats)
+                        key = (resolution, tiling, name)
+                        is_reference = (dtype, benchmark) == ("float32", "off")
+                        if is_reference:
+                            references[key] = (output, seconds)
+                        reference, reference_s = references.get(key, (None, None))
+                        rows.append(
+                            dict(
+                                resolution=resolution,
+                                size=[height, width],
+                                work=name,
+                                frames=args.frames if name == "decode" else args.encode_frames,
+                                tiling=tiling,
+                                dtype=dtype,
+                                cudnn_benchmark=benchmark,
+                                s=round(seconds, 3),
+                                peak_gib=None if peak is None else round(peak, 2),
+                                speedup=None if reference_s is None else round(reference_s / seconds, 3),
+                                **({} if is_reference else difference(output, reference)),
+                                card=device_name(device),
+                                date=time.strftime("%Y-%m-%d"),
+                            )
+                        )
+                        print(json.dumps(rows[-1]), flush=True)
+    torch.backends.cudnn.benchmark = False
     write_json(args.json, rows)
     return 0
 

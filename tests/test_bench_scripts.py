@@ -395,7 +395,7 @@ def test_avatar_suite_rows_pass_avatar_run_parser(tmp_path, attention):
     the row's preset and size, under the call limit, its JSON in the device's output folder."""
     text = (ROOT / "bench" / "avatar_suite.sh").read_text()
     rows = [name for line in re.findall(r"^  ([a-z0-9_|]+)\)", text, flags=re.MULTILINE) for name in line.split("|")]
-    assert rows == ["fast", "compile", "default", "720p_fast", "720p_compile", "720p_default"]
+    assert rows == ["fast", "compile", "default", "720p_fast", "720p_compile", "720p_default", "vae"]
     script = load_bench_script("avatar_run.py")
     env = {**os.environ, "AVATAR_SUITE_DRY_RUN": "1", "OUT": str(tmp_path), "ATTENTION": attention}
     for row in rows:
@@ -404,6 +404,17 @@ def test_avatar_suite_rows_pass_avatar_run_parser(tmp_path, attention):
         )
         assert done.returncode == 0, (row, done.stderr)
         command = shlex.split(done.stdout)
+        if row == "vae":
+            assert (
+                command[0] == "timeout"
+                and int(command[1]) <= 560
+                and command[2:4] == ["python3", "bench/bench_vae.py"]
+            )
+            args = load_bench_script("bench_vae.py").build_parser().parse_args(command[4:])
+            assert args.avatar and args.encode_frames == 81 and args.frames == 18
+            assert args.dtypes[0] == "float32" and args.cudnn_benchmark[0] == "off"  # the reference row first
+            assert args.json == str(tmp_path / "avatar_vae.json")
+            continue
         assert (
             command[0] == "timeout" and int(command[1]) <= 560 and command[2:4] == ["python3", "bench/avatar_run.py"]
         )
@@ -478,6 +489,25 @@ def test_bench_e2e_stages_and_projections(tmp_path):
     assert avatar["frames"] == 100 and len(avatar["step_s"]) == 3 and len(avatar["window_s"]) == 2  # keyframe + 2
     assert avatar["windows_200s"] == 78 and avatar["projected_200s_s"] > avatar["keyframe_s"]
     assert avatar["vae_encode_compute_s"] > 0 and avatar["vae_decode_compute_s"] > 0
+
+
+def test_bench_vae_dtypes_and_autotuner_against_the_float32_vae(tmp_path):
+    """bench_vae.py on the tiny VAE: a row per resolution x work x dtype x autotuner setting; the float32 rows without
+    the autotuner are the references (speedup 1, no error columns), float32 with it is the same output on the CPU
+    (cuDNN's switch does nothing there) and bfloat16 differs."""
+    out = tmp_path / "vae.json"
+    run_script(
+        "bench_vae.py", "--tiny", "--device", "cpu", "--avatar", "--resolutions", "480P", "--encode-frames", "5",
+        "--frames", "2", "--tilings", "none", "--dtypes", "float32", "bfloat16", "--cudnn-benchmark", "off", "on",
+        "--json", str(out),
+    )  # fmt: skip
+    rows = {(r["work"], r["dtype"], r["cudnn_benchmark"]): r for r in json.loads(out.read_text())}
+    assert len(rows) == 8 and {r["frames"] for k, r in rows.items() if k[0] == "encode"} == {5}
+    for work in ("decode", "encode"):
+        reference = rows[(work, "float32", "off")]
+        assert reference["speedup"] == 1.0 and "rel_l2" not in reference and reference["s"] > 0
+        assert rows[(work, "float32", "on")]["rel_l2"] == 0.0
+        assert 0 < rows[(work, "bfloat16", "off")]["rel_l2"] < 1 and rows[(work, "bfloat16", "on")]["max_abs"] > 0
 
 
 @pytest.mark.slow
