@@ -1,21 +1,23 @@
 #!/usr/bin/env python
 """Wan2.1 VAE encode and decode at real size (random weights: the cost does not depend on them): time, peak GPU
 memory and, per dtype, the difference to the float32 VAE on the same input. Chooses the low-VRAM preset's tiling and
-measures what a bfloat16 VAE (or cuDNN's autotuner) would save the talking avatar's windows.
+measures what a bfloat16 VAE, cuDNN's autotuner or channels-last (NDHWC) tensors would save the talking avatar's
+windows.
 
     PYTHONPATH=src python bench/bench_vae.py --resolutions 540P 720P --tilings none default 512 --json vae.json
     PYTHONPATH=src python bench/bench_vae.py --avatar --resolutions 480P 720P --encode-frames 81 --frames 18 \
-        --dtypes float32 bfloat16 --cudnn-benchmark off on --json vae_avatar.json
+        --dtypes float32 bfloat16 --cudnn-benchmark off on --channels-last off on --json vae_avatar.json
 
 `default` = diffusers' tiles (256 px, stride 192); `512` = 512 px tiles with stride 448. `--avatar`: the talking
 avatar's sizes (480 x 832 at 480P); one of its windows encodes an 81-frame conditioning video and decodes 18 latent
-frames. The error columns are relative L2 and max |difference| against the float32 VAE without the autotuner (on
+frames. The error columns are relative L2 and max |difference| against the float32 VAE (no autotuner, NCDHW) (on
 [-1, 1] pixels for decode, on latents for encode); random weights give an order of magnitude, not the trained VAE's.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -43,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encode-frames", type=int, default=0, help="video frames to encode (0: no encode)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=list(DTYPES))
     parser.add_argument("--cudnn-benchmark", nargs="+", default=["off"], choices=["off", "on"])
+    parser.add_argument(
+        "--channels-last", nargs="+", default=["off"], choices=["off", "on"], help="NDHWC weights/inputs"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats after one warm-up (median reported)")
     add_run_arguments(parser, tiny=True)
     return parser
@@ -91,6 +96,17 @@ def difference(output: torch.Tensor, reference: torch.Tensor | None) -> dict:
     }
 
 
+def configure(vae, tiling: str, dtype: str, benchmark: str, channels_last: str) -> torch.memory_format:
+    """Set the VAE up for one setting; returns the memory format its inputs take."""
+    set_tiling(vae, tiling)
+    torch.backends.cudnn.benchmark = benchmark == "on"
+    vae.to(DTYPES[dtype])
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d} if channels_last == "on" else {}
+    for parameter in vae.parameters():  # Module.to would give 4-D weights the 5-D format too
+        parameter.data = parameter.data.contiguous(memory_format=formats.get(parameter.dim(), torch.contiguous_format))
+    return formats.get(5, torch.contiguous_format)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from diffusers import AutoencoderKLWan
@@ -105,47 +121,49 @@ def main(argv=None) -> int:
     vae.requires_grad_(False)
     sizes = AVATAR_SIZES if args.avatar else SIZES
     generator = torch.Generator(device).manual_seed(0)
+    settings = list(itertools.product(args.tilings, args.dtypes, args.cudnn_benchmark, args.channels_last))
     rows, references = [], {}
     for resolution in args.resolutions:
         height, width = TINY_SIZE if args.tiny else sizes[resolution]
-        latents = torch.randn(
-            1, vae.config.z_dim, args.frames, height // 8, width // 8, device=device, generator=generator
-        )
-        video = torch.rand(1, 3, max(args.encode_frames, 1), height, width, device=device, generator=generator) * 2 - 1
-        works = {"decode": lambda: vae.decode(latents.to(vae.dtype)).sample}
+        shape = (1, vae.config.z_dim, args.frames, height // 8, width // 8)
+        inputs = {"decode": torch.randn(shape, device=device, generator=generator)}
         if args.encode_frames:
-            works["encode"] = lambda: vae.encode(video.to(vae.dtype)).latent_dist.mode()
-        for tiling in args.tilings:
-            set_tiling(vae, tiling)
-            for dtype in args.dtypes:
-                vae.to(DTYPES[dtype])
-                for benchmark in args.cudnn_benchmark:
-                    torch.backends.cudnn.benchmark = benchmark == "on"
-                    for name, work in works.items():
-                        output, seconds, peak = timed(work, device, args.repeats)
-                        key = (resolution, tiling, name)
-                        is_reference = (dtype, benchmark) == ("float32", "off")
-                        if is_reference:
-                            references[key] = (output, seconds)
-                        reference, reference_s = references.get(key, (None, None))
-                        rows.append(
-                            dict(
-                                resolution=resolution,
-                                size=[height, width],
-                                work=name,
-                                frames=args.frames if name == "decode" else args.encode_frames,
-                                tiling=tiling,
-                                dtype=dtype,
-                                cudnn_benchmark=benchmark,
-                                s=round(seconds, 3),
-                                peak_gib=None if peak is None else round(peak, 2),
-                                speedup=None if reference_s is None else round(reference_s / seconds, 3),
-                                **({} if is_reference else difference(output, reference)),
-                                card=device_name(device),
-                                date=time.strftime("%Y-%m-%d"),
-                            )
-                        )
-                        print(json.dumps(rows[-1]), flush=True)
+            shape = (1, 3, args.encode_frames, height, width)
+            inputs["encode"] = torch.rand(shape, device=device, generator=generator) * 2 - 1
+        for tiling, dtype, benchmark, channels_last in settings:
+            layout = configure(vae, tiling, dtype, benchmark, channels_last)
+            for name, tensor in inputs.items():
+                tensor = tensor.to(vae.dtype, memory_format=layout)
+                work = (
+                    (lambda: vae.decode(tensor).sample)
+                    if name == "decode"
+                    else (lambda: vae.encode(tensor).latent_dist.mode())
+                )
+                output, seconds, peak = timed(work, device, args.repeats)
+                key = (resolution, tiling, name)
+                is_reference = (dtype, benchmark, channels_last) == ("float32", "off", "off")
+                if is_reference:
+                    references[key] = (output, seconds)
+                reference, reference_s = references.get(key, (None, None))
+                rows.append(
+                    dict(
+                        resolution=resolution,
+                        size=[height, width],
+                        work=name,
+                        frames=tensor.shape[2],
+                        tiling=tiling,
+                        dtype=dtype,
+                        cudnn_benchmark=benchmark,
+                        channels_last=channels_last,
+                        s=round(seconds, 3),
+                        peak_gib=None if peak is None else round(peak, 2),
+                        speedup=None if reference_s is None else round(reference_s / seconds, 3),
+                        **({} if is_reference else difference(output, reference)),
+                        card=device_name(device),
+                        date=time.strftime("%Y-%m-%d"),
+                    )
+                )
+                print(json.dumps(rows[-1]), flush=True)
     torch.backends.cudnn.benchmark = False
     write_json(args.json, rows)
     return 0
