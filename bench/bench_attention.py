@@ -21,7 +21,8 @@ input suite (`--suites`):
   probability, effective keys, sink mass) are printed and stored.
 
 Modes: `fa3` (FA3 bf16, exact), `fa3_fp8_naive` (FA3 FP8, plain cast, descale 1), `fa3_fp8_scaled` (per-head
-descales, K and V smoothed), `fa3_fp8` (also Q/K Hadamard-rotated: the `fa3_fp8` backend), and ours `QK_PV[_rot]`
+descales, K and V smoothed), `fa3_fp8` (also Q/K Hadamard-rotated: the `fa3_fp8` backend; `fa3_fp8_compiled`: the
+same under `torch.compile`, its preparation fused as under `--fast`), and ours `QK_PV[_rot]`
 (`int8_fp8` = `triton_8bit`, `int8_bf16` = `triton_8bit_accurate`; `_rot`: Q/K Hadamard-rotated; `_exp16`, `_mulp`,
 `_nocomp`: older variants). A mode that cannot run (FA3 not installed) gets a row with its error.
 
@@ -39,6 +40,7 @@ on the first `--error-queries` queries of two heads: what the kernels should giv
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -70,6 +72,7 @@ FA3_MODES = {  # mode -> fa3_fp8_attention options (None: FA3 in bf16)
     "fa3_fp8_naive": dict(scaled=False, smooth_k=False, rotate_qk=False, smooth_v=False),
     "fa3_fp8_scaled": dict(scaled=True, smooth_k=True, rotate_qk=False, smooth_v=True),
     "fa3_fp8": None,  # the backend's own options (attention_backends.FA3_FP8_OPTIONS), filled in at use
+    "fa3_fp8_compiled": None,  # the same under torch.compile: the preparation fused by Inductor, as under --fast
 }
 OUR_MODES = (
     "int8_fp8",
@@ -232,10 +235,11 @@ def kernel_calls(mode: str, config=None):
         if mode == "fa3":
             return (lambda q, k, v: fa3.fa3_attention(q, k, v)[0]), None
         options = FA3_MODES[mode] or fa3.FA3_FP8_OPTIONS
-        return (
-            lambda q, k, v: fa3.fa3_fp8_attention(q, k, v, **options)[0],
-            lambda q, k, v: fa3.quantize_fp8_inputs(q, k, v, **options),
-        )
+        call = functools.partial(fa3.fa3_fp8_attention, **options)
+        prepare = functools.partial(fa3.quantize_fp8_inputs, **options)
+        if mode.endswith("_compiled"):
+            call, prepare = (torch.compile(f, fullgraph=True) for f in (call, prepare))
+        return (lambda q, k, v: call(q, k, v)[0]), prepare
     from skyreels_diffusers.kernels.attention_8bit import attention_8bit_impl, quantize_qkv
 
     options = mode_options(mode)

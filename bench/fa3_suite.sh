@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # FlashAttention-3 and the 8-bit path on one Hopper GPU, one part per device call (each under the 600-s limit), in
 # the order of their value (the 75,600-token kernel table, measured 2026-12-07, is the last part):
-#   bash bench/fa3_suite.sh reference   # (~6.5 min) reference 720P step: --compile (cuDNN) vs --compile with fa3 vs
-#                                       # --fast (FAST below)
+#   bash bench/fa3_suite.sh reference   # (~8 min) reference 720P step: --compile (cuDNN) vs --compile with fa3 vs
+#                                       # --fast (FAST below); then fa3_fp8 at 75,600 tokens eager and compiled
+#                                       # (its input preparation fused by Inductor, as inside --fast)
 #   bash bench/fa3_suite.sh avatar      # (~7 min) avatar 720P step: the same three modes
 #   bash bench/fa3_suite.sh extension   # (~8 min) extension 720P step: the same three modes
 #   bash bench/fa3_suite.sh extra       # (~9 min) kernel table at 32,760 and 126,000 tokens; our tile configs with
@@ -40,7 +41,9 @@ step() {  # variant, seconds: --compile (cuDNN), --compile with fa3, the --fast 
     --modes compile compile_fa3 "$fast" --layers 10 --warmup 1 --repeats 1 --json "$out/step_${1}720.json"
 }
 case $part in
-  reference) step reference 400 ;;
+  reference)
+    step reference 400
+    kernels 120 kernels_compiled --tokens 75600 --suites gaussian trained --modes fa3 fa3_fp8 fa3_fp8_compiled ;;
   avatar) step avatar 540 ;;
   extension) step extension 550 ;;
   extra)

@@ -184,7 +184,7 @@ def test_bench_attention_kernel_table(tmp_path, monkeypatch):
         pytest.skip("needs Triton's interpreter (set by conftest on CPU machines)")
     bench = load_bench_script("bench_attention.py")
     out = tmp_path / "k.json"
-    modes = ["fa3", "fa3_fp8_naive", "fa3_fp8", "int8_fp8"]
+    modes = ["fa3", "fa3_fp8_naive", "fa3_fp8", "fa3_fp8_compiled", "int8_fp8"]
     args = ["--device", "cpu", "--tokens", "130", "--heads", "1", "--repeats", "1", "--error-queries", "32"]
     monkeypatch.syspath_prepend(str(ROOT / "tests" / "models" / "fa3_stub"))
     monkeypatch.delitem(sys.modules, "fa3_fwd_interface", raising=False)

@@ -206,7 +206,29 @@ def quantize_fp8_inputs(
     return out
 
 
-@torch.library.custom_op("skyreels::fa3_fp8_attention", mutates_args=())
+@torch.library.custom_op("skyreels::fa3_fp8_kernel", mutates_args=())
+def fa3_fp8_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-3's FP8 kernel alone on float8_e4m3fn `(B, L, H, D)` tensors and their `(B, H)` descales: the
+    output in bf16 (FA3's choice for FP8) and each query's log-sum-exp `(B, H, L)`. The only opaque op of
+    `fa3_fp8_attention`: its preparation is plain PyTorch, which `torch.compile` fuses (with the ops before it)."""
+    return _fa3_call(query, key, value, scale, q_descale, k_descale, v_descale)
+
+
+@fa3_fp8_kernel.register_fake
+def _(query, key, value, scale, q_descale=None, k_descale=None, v_descale=None):
+    batch, tokens, heads, _ = query.shape
+    out = query.new_empty((batch, tokens, heads, value.shape[-1]), dtype=torch.bfloat16)
+    return out, query.new_empty((batch, heads, tokens), dtype=torch.float32)
+
+
 def fa3_fp8_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -220,9 +242,10 @@ def fa3_fp8_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-3 in FP8 on bf16/fp16 `(B, L, H, D)` tensors, inputs prepared by `quantize_fp8_inputs`:
     the output in the input dtype and, with `with_lse`, each query's log-sum-exp of the unsmoothed scores `(B, H, L)`
-    (an empty tensor without it)."""
+    (an empty tensor without it). Under `torch.compile` the preparation (a few passes over Q, K and V in eager
+    mode) is traced and fused; only the kernel (`fa3_fp8_kernel`) is opaque."""
     pre = quantize_fp8_inputs(query, key, value, scale, scaled, smooth_k, rotate_qk, smooth_v, with_lse)
-    out, lse = _fa3_call(
+    out, lse = fa3_fp8_kernel(
         pre["q"], pre["k"], pre["v"], pre["softmax_scale"], pre["q_descale"], pre["k_descale"], pre["v_descale"]
     )
     out = out.to(query.dtype)
@@ -230,13 +253,6 @@ def fa3_fp8_attention(
         out = out + pre["v_mean"]
     lse = lse + pre["lse_shift"] if with_lse else lse.new_empty(0)
     return out, lse
-
-
-@fa3_fp8_attention.register_fake
-def _(query, key, value, scale=None, scaled=True, smooth_k=True, rotate_qk=True, smooth_v=True, with_lse=False):
-    batch, tokens, heads, _ = query.shape
-    lse_shape = (batch, heads, tokens) if with_lse else (0,)
-    return query.new_empty(query.shape), query.new_empty(lse_shape, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- the backends
