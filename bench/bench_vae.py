@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     vae.requires_grad_(False)
     sizes = AVATAR_SIZES if args.avatar else SIZES
     generator = torch.Generator(device).manual_seed(0)
+    works = {"decode": lambda x: vae.decode(x).sample, "encode": lambda x: vae.encode(x).latent_dist.mode()}
     settings = list(itertools.product(args.tilings, args.dtypes, args.cudnn_benchmark, args.channels_last))
     rows, references = [], {}
     for resolution in args.resolutions:
@@ -134,12 +135,7 @@ def main(argv=None) -> int:
             layout = configure(vae, tiling, dtype, benchmark, channels_last)
             for name, tensor in inputs.items():
                 tensor = tensor.to(vae.dtype, memory_format=layout)
-                work = (
-                    (lambda: vae.decode(tensor).sample)
-                    if name == "decode"
-                    else (lambda: vae.encode(tensor).latent_dist.mode())
-                )
-                output, seconds, peak = timed(work, device, args.repeats)
+                output, seconds, peak = timed(lambda: works[name](tensor), device, args.repeats)
                 key = (resolution, tiling, name)
                 is_reference = (dtype, benchmark, channels_last) == ("float32", "off", "off")
                 if is_reference:

@@ -64,9 +64,9 @@ def server(tmp_path_factory):
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # Serve's controller polls less often: less CPU
         "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
         "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # what init_ray sets: here so that the end of the module undoes it
     }
     patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"))
     for name, value in environment.items():
         patch.setenv(name, value)
     init_ray(None, num_cpus=4, log_to_driver=False, _system_config={"worker_register_timeout_seconds": 300})

@@ -242,7 +242,7 @@ def fa3_fp8_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-3 in FP8 on bf16/fp16 `(B, L, H, D)` tensors, inputs prepared by `quantize_fp8_inputs`:
     the output in the input dtype and, with `with_lse`, each query's log-sum-exp of the unsmoothed scores `(B, H, L)`
-    (an empty tensor without it). Under `torch.compile` the preparation (a few passes over Q, K and V in eager
+    (an empty tensor without it). Under `torch.compile` the preparation (about twenty passes over Q, K and V in eager
     mode) is traced and fused; only the kernel (`fa3_fp8_kernel`) is opaque."""
     pre = quantize_fp8_inputs(query, key, value, scale, scaled, smooth_k, rotate_qk, smooth_v, with_lse)
     out, lse = fa3_fp8_kernel(
