@@ -69,21 +69,23 @@ def set_tiling(vae, tiling: str) -> None:
 
 
 def timed(work, device: torch.device, repeats: int) -> tuple[torch.Tensor, float, float | None]:
-    """`work()`'s output (float32), the median seconds of `repeats` runs after a warm-up, and its peak GiB."""
+    """`work()`'s output (float32, on the host), the median seconds of `repeats` runs after a warm-up, and its peak
+    GiB: that of one call alone (no earlier output is held on the device while it runs)."""
     with torch.no_grad():
-        output = work()
+        work()  # warm-up, its output dropped
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         seconds = []
         for _ in range(max(repeats, 1)):
+            output = None
             sync(device)
             start = time.perf_counter()
             output = work()
             sync(device)
             seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return output.float(), statistics.median(seconds), peak
+    return output.float().cpu(), statistics.median(seconds), peak
 
 
 def difference(output: torch.Tensor, reference: torch.Tensor | None) -> dict:
