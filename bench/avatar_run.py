@@ -353,7 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.attention_backend and args.preset == "default":
+        parser.error("--attention-backend applies to --preset compile or fast (default runs diffusers' attention)")
     device = torch.device(args.device)
     row = run(args, device) if args.api == "windows" else run_whole_call(args, device)
     row.update(

@@ -24,7 +24,7 @@ case $row in
   *) echo "unknown row $row" >&2 && exit 2 ;;
 esac
 attention=()
-[[ -n ${ATTENTION:-} ]] && attention=(--attention-backend "$ATTENTION")
+[[ -n ${ATTENTION:-} && ${preset:-} != default ]] && attention=(--attention-backend "$ATTENTION")
 if [[ $row == vae ]]; then
   command=(timeout "$limit" python3 bench/bench_vae.py --avatar --resolutions 480P 720P --encode-frames 81 --frames 18
     --tilings none --dtypes float32 bfloat16 --cudnn-benchmark off on --channels-last off on --json "$out/avatar_vae.json")
