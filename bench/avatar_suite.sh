@@ -6,8 +6,8 @@
 #     720p_fast | 720p_compile | 720p_default
 #                                a 720P keyframe clip + 2 windows (5.8 s of audio)
 #     vae                        one window's VAE work (encode 81 frames, decode 18 latent frames) at 480P and 720P,
-#                                float32 / bfloat16, cuDNN's autotuner off / on, NCDHW / NDHWC: the window's time outside
-#                                the transformer is mostly this
+#                                float32 / bfloat16, cuDNN's autotuner off / on, NCDHW / NDHWC: the window's time
+#                                outside the transformer is mostly this
 # carry: .whl/ (diffusers, torchao; fa3-fwd when the compile row should run on FA3) and .whl_av/ (PyAV, pyloudnorm,
 # soxr, ftfy: without PyAV the writing columns stay empty); both install to .site/ (bench/device_env.sh: a warm machine
 # keeps it for the next row). ATTENTION=<backend> runs the compile / fast presets on that attention backend. JSON (and a
@@ -27,7 +27,8 @@ attention=()
 [[ -n ${ATTENTION:-} && ${preset:-} != default ]] && attention=(--attention-backend "$ATTENTION")
 if [[ $row == vae ]]; then
   command=(timeout "$limit" python3 bench/bench_vae.py --avatar --resolutions 480P 720P --encode-frames 81 --frames 18
-    --tilings none --dtypes float32 bfloat16 --cudnn-benchmark off on --channels-last off on --json "$out/avatar_vae.json")
+    --tilings none --dtypes float32 bfloat16 --cudnn-benchmark off on --channels-last off on
+    --json "$out/avatar_vae.json")
 else
   command=(timeout "$limit" python3 bench/avatar_run.py --preset "$preset" "${size[@]}" "${attention[@]}"
     --no-check-exact --json "$out/avatar_${row}.json")

@@ -16,8 +16,8 @@
 # Steps build 10 of the 40 blocks (`--layers 10`; the ratios between modes are those of the whole step) and time one
 # forward after one warm-up; compiling the FP8-dynamic linears takes 130-280 s per process, hence one FP8 mode a part.
 # carry: .whl/ with the diffusers, torchao and fa3-fwd wheels (installed to .site/ by bench/device_env.sh). JSON
-# results go to $OUT when set (the device tool's output folder), else to bench_out/. FA3_SUITE_DRY_RUN=1 prints the commands instead
-# (tests/test_bench_scripts.py checks every part's arguments against the scripts' parsers that way).
+# results go to $OUT when set (the device tool's output folder), else to bench_out/. FA3_SUITE_DRY_RUN=1 prints the
+# commands instead (tests/test_bench_scripts.py checks every part's arguments against the scripts' parsers that way).
 set -uo pipefail
 part=${1:?reference, avatar, extension, extra or kernels}
 out=${OUT:-bench_out}
